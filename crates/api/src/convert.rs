@@ -1,0 +1,171 @@
+//! Conversions between protobuf messages and domain types, all in one place.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+use prost_types::value::Kind;
+use prost_types::{ListValue, Struct, Timestamp, Value};
+use zapflow_core::{ActionSpec, RunStatus, StepStatus, ZapStatus};
+use zapflow_proto::v1 as pb;
+
+use crate::error::{ApiError, Result};
+
+pub fn timestamp(time: DateTime<Utc>) -> Timestamp {
+    Timestamp::from(SystemTime::from(time))
+}
+
+pub fn json_to_value(json: &serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(json_to_struct(map)),
+    };
+    Value { kind: Some(kind) }
+}
+
+pub fn json_to_struct(map: &serde_json::Map<String, serde_json::Value>) -> Struct {
+    Struct {
+        fields: map
+            .iter()
+            .map(|(key, value)| (key.clone(), json_to_value(value)))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+pub fn value_to_json(value: &Value) -> serde_json::Value {
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::ListValue(list)) => list.values.iter().map(value_to_json).collect(),
+        Some(Kind::StructValue(s)) => serde_json::Value::Object(struct_to_json(s)),
+    }
+}
+
+pub fn struct_to_json(s: &Struct) -> serde_json::Map<String, serde_json::Value> {
+    s.fields
+        .iter()
+        .map(|(key, value)| (key.clone(), value_to_json(value)))
+        .collect()
+}
+
+pub fn actions_from_proto(actions: &[pb::Action]) -> Vec<ActionSpec> {
+    actions
+        .iter()
+        .map(|action| ActionSpec {
+            action_type: action.r#type.clone(),
+            config: action.config.as_ref().map(struct_to_json).unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn action_to_proto(action: &ActionSpec) -> pb::Action {
+    pb::Action {
+        r#type: action.action_type.clone(),
+        config: Some(json_to_struct(&action.config)),
+    }
+}
+
+pub fn zap_to_proto(zap: &zapflow_store::Zap) -> pb::Zap {
+    pb::Zap {
+        id: zap.id.to_string(),
+        name: zap.name.clone(),
+        actions: zap.actions.iter().map(action_to_proto).collect(),
+        status: match zap.status {
+            ZapStatus::Active => pb::ZapStatus::Active,
+            ZapStatus::Paused => pb::ZapStatus::Paused,
+        } as i32,
+        create_time: Some(timestamp(zap.created_at)),
+        update_time: Some(timestamp(zap.updated_at)),
+    }
+}
+
+pub fn run_to_proto(run: &zapflow_store::Run) -> pb::Run {
+    pb::Run {
+        id: run.id.to_string(),
+        zap_id: run.zap_id.to_string(),
+        status: match run.status {
+            RunStatus::Pending => pb::RunStatus::Pending,
+            RunStatus::Running => pb::RunStatus::Running,
+            RunStatus::Succeeded => pb::RunStatus::Succeeded,
+            RunStatus::Failed => pb::RunStatus::Failed,
+        } as i32,
+        trigger: Some(json_to_value(&run.trigger)),
+        steps: run.steps.iter().map(step_to_proto).collect(),
+        create_time: Some(timestamp(run.created_at)),
+        update_time: Some(timestamp(run.updated_at)),
+        finish_time: run.finished_at.map(timestamp),
+    }
+}
+
+fn step_to_proto(step: &zapflow_store::Step) -> pb::Step {
+    pb::Step {
+        index: step.index,
+        action_type: step.action_type.clone(),
+        status: match step.status {
+            StepStatus::Pending => pb::StepStatus::Pending,
+            StepStatus::Running => pb::StepStatus::Running,
+            StepStatus::Retrying => pb::StepStatus::Retrying,
+            StepStatus::Succeeded => pb::StepStatus::Succeeded,
+            StepStatus::Failed => pb::StepStatus::Failed,
+        } as i32,
+        attempts: step.attempts,
+        error: step.error.clone().unwrap_or_default(),
+        output: step.output.as_ref().and_then(|output| match output {
+            serde_json::Value::Object(map) => Some(json_to_struct(map)),
+            _ => None,
+        }),
+        start_time: step.started_at.map(timestamp),
+        finish_time: step.finished_at.map(timestamp),
+    }
+}
+
+pub fn action_type_to_proto(kind: &zapflow_actions::ActionType) -> pb::ActionType {
+    pb::ActionType {
+        r#type: kind.name.into(),
+        description: kind.description.into(),
+        fields: kind
+            .fields
+            .iter()
+            .map(|field| pb::ActionField {
+                name: field.name.into(),
+                description: field.description.into(),
+                required: field.required,
+                templated: field.templated,
+            })
+            .collect(),
+    }
+}
+
+/// Parses an id field of a request. A malformed id cannot name anything the
+/// caller owns, so it is reported like an unknown one.
+pub fn parse_id(text: &str, what: &'static str) -> Result<uuid::Uuid> {
+    uuid::Uuid::parse_str(text).map_err(|_| ApiError::NotFound(what))
+}
+
+/// Parses a page token (the id to continue after), empty for the first page.
+pub fn parse_page_token(text: &str) -> Result<Option<uuid::Uuid>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    uuid::Uuid::parse_str(text)
+        .map(Some)
+        .map_err(|_| ApiError::invalid("page_token", "not a token from a previous page"))
+}
+
+/// The page size to use: 50 by default, at most 500.
+pub fn page_size(requested: i32) -> Result<u32> {
+    match requested {
+        0 => Ok(50),
+        1..=500 => Ok(requested as u32),
+        _ => Err(ApiError::invalid("page_size", "must be between 1 and 500")),
+    }
+}

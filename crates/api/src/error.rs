@@ -1,0 +1,62 @@
+//! The errors of the gRPC services and the one table that turns them into
+//! gRPC status codes.
+
+use tonic::{Code, Status};
+use zapflow_store::StoreError;
+
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or invalid API key")]
+    Unauthenticated,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    #[error("the database is unavailable; try again")]
+    Unavailable,
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Maps a store error, naming what was looked for when it is missing.
+    /// Database details are logged, never sent.
+    pub fn from_store(error: StoreError, what: &'static str) -> Self {
+        match error {
+            StoreError::NotFound => Self::NotFound(what),
+            StoreError::AlreadyExists => Self::AlreadyExists(what),
+            StoreError::Db(error) => {
+                tracing::error!(%error, "database error");
+                match error {
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => Self::Unavailable,
+                    _ => Self::Internal,
+                }
+            }
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        let code = match &error {
+            ApiError::Unauthenticated => Code::Unauthenticated,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::InvalidArgument { .. } => Code::InvalidArgument,
+            ApiError::AlreadyExists(_) => Code::AlreadyExists,
+            ApiError::Unavailable => Code::Unavailable,
+            ApiError::Internal => Code::Internal,
+        };
+        Status::new(code, error.to_string())
+    }
+}

@@ -1,0 +1,112 @@
+//! IngestService: one webhook delivery becomes one run.
+//!
+//! Deliveries that arrive together share a database commit: each request
+//! joins a queue, and a few committer tasks each take everything queued,
+//! write it in one transaction and answer every waiting request.
+
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+use zapflow_core::{ZapStatus, secret};
+use zapflow_proto::v1 as pb;
+use zapflow_proto::v1::ingest_service_server::IngestService;
+use zapflow_store::{NewRun, Store};
+
+use crate::error::ApiError;
+
+/// Most runs written in one transaction.
+const MAX_BATCH: usize = 256;
+/// Transactions in flight at once.
+const COMMITTERS: usize = 4;
+
+type Reply = oneshot::Sender<Result<(Uuid, bool), ApiError>>;
+
+#[derive(Clone)]
+pub struct IngestApi {
+    store: Store,
+    queue: mpsc::Sender<(NewRun, Reply)>,
+}
+
+impl IngestApi {
+    /// Starts the committer tasks; they stop once every handle is dropped.
+    pub fn new(store: Store) -> Self {
+        let (queue, receiver) = mpsc::channel(MAX_BATCH * COMMITTERS);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..COMMITTERS {
+            tokio::spawn(commit_batches(store.clone(), receiver.clone()));
+        }
+        Self { store, queue }
+    }
+
+    /// Records a delivery; returns the run id and whether it repeated an
+    /// earlier delivery's idempotency key.
+    pub async fn ingest(&self, request: &pb::IngestRequest) -> Result<(Uuid, bool), ApiError> {
+        // One answer for every way a URL can be wrong: nothing tells a
+        // prober which part was.
+        const NOT_FOUND: ApiError = ApiError::NotFound("webhook");
+        let zap_id = Uuid::parse_str(&request.zap_id).map_err(|_| NOT_FOUND)?;
+        let zap = self
+            .store
+            .zap_for_ingest(zap_id)
+            .await
+            .map_err(|error| ApiError::from_store(error, "webhook"))?
+            .ok_or(NOT_FOUND)?;
+        if !secret::verify(&request.token, &zap.token_hash) || zap.status != ZapStatus::Active {
+            return Err(NOT_FOUND);
+        }
+        let trigger: serde_json::Value = serde_json::from_slice(&request.body)
+            .map_err(|error| ApiError::invalid("body", format!("not valid JSON: {error}")))?;
+        let run = NewRun {
+            id: Uuid::now_v7(),
+            zap_id,
+            owner_id: zap.owner_id,
+            trigger,
+            headers: serde_json::to_value(&request.headers).unwrap_or_default(),
+            query: serde_json::to_value(&request.query).unwrap_or_default(),
+            actions: zap.actions,
+            idempotency_key: Some(request.idempotency_key.clone()).filter(|key| !key.is_empty()),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.queue.send((run, reply)).await.map_err(|_| ApiError::Unavailable)?;
+        answer.await.map_err(|_| ApiError::Unavailable)?
+    }
+}
+
+async fn commit_batches(store: Store, receiver: Arc<Mutex<mpsc::Receiver<(NewRun, Reply)>>>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        {
+            let mut receiver = receiver.lock().await;
+            if receiver.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return;
+            }
+        }
+        let (runs, replies): (Vec<NewRun>, Vec<Reply>) = batch.drain(..).unzip();
+        match store.insert_runs(&runs).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(error) => {
+                let error = ApiError::from_store(error, "run");
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestApi {
+    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
+        let (run_id, duplicate) = IngestApi::ingest(self, request.get_ref()).await?;
+        Ok(Response::new(pb::IngestResponse {
+            run_id: run_id.to_string(),
+            duplicate,
+        }))
+    }
+}

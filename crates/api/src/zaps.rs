@@ -1,0 +1,220 @@
+//! ZapService: zaps and runs, for their owner only.
+
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+use zapflow_core::{ZapStatus, secret};
+use zapflow_proto::v1 as pb;
+use zapflow_proto::v1::zap_service_server::ZapService;
+use zapflow_store::Store;
+
+use crate::convert::{
+    action_type_to_proto, actions_from_proto, page_size, parse_id, parse_page_token, run_to_proto,
+    zap_to_proto,
+};
+use crate::error::{ApiError, Result};
+
+#[derive(Clone)]
+pub struct ZapApi {
+    store: Store,
+    /// Where webhooks are reached from outside, without a trailing slash.
+    public_url: String,
+}
+
+impl ZapApi {
+    pub fn new(store: Store, public_url: &str) -> Self {
+        Self {
+            store,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The caller's user id, from `authorization: Bearer <api key>`.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Uuid> {
+        let key = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(|text| secret::ApiKey::parse(text.trim()))
+            .ok_or(ApiError::Unauthenticated)?;
+        self.store
+            .authenticate(&key)
+            .await
+            .map_err(|error| ApiError::from_store(error, "api key"))?
+            .ok_or(ApiError::Unauthenticated)
+    }
+
+    fn webhook_url(&self, zap_id: Uuid, token: &str) -> String {
+        format!("{}/hooks/catch/{zap_id}/{token}", self.public_url)
+    }
+
+    fn validate(name: &str, actions: &[pb::Action]) -> Result<Vec<zapflow_core::ActionSpec>> {
+        if name.trim().is_empty() {
+            return Err(ApiError::invalid("name", "must not be empty"));
+        }
+        if name.len() > 200 {
+            return Err(ApiError::invalid("name", "at most 200 bytes"));
+        }
+        let actions = actions_from_proto(actions);
+        zapflow_actions::validate_actions(&actions)
+            .map_err(|error| ApiError::invalid(error.field, error.message))?;
+        Ok(actions)
+    }
+
+    async fn set_status(&self, request: Request<pb::PauseZapRequest>, status: ZapStatus) -> Result<pb::Zap> {
+        let owner = self.authenticate(&request).await?;
+        let id = parse_id(&request.get_ref().id, "zap")?;
+        let zap = self
+            .store
+            .set_zap_status(owner, id, status)
+            .await
+            .map_err(|error| ApiError::from_store(error, "zap"))?;
+        Ok(zap_to_proto(&zap))
+    }
+}
+
+fn zap_error(error: zapflow_store::StoreError) -> ApiError {
+    ApiError::from_store(error, "zap")
+}
+
+fn run_error(error: zapflow_store::StoreError) -> ApiError {
+    ApiError::from_store(error, "run")
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl ZapService for ZapApi {
+    async fn create_zap(&self, request: Request<pb::CreateZapRequest>) -> Reply<pb::CreateZapResponse> {
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let actions = Self::validate(&body.name, &body.actions)?;
+        let token = secret::random_token();
+        let zap = self
+            .store
+            .create_zap(owner, body.name.trim(), &actions, &secret::hash(&token))
+            .await
+            .map_err(zap_error)?;
+        tracing::info!(zap_id = %zap.id, "zap created");
+        Ok(Response::new(pb::CreateZapResponse {
+            webhook_url: self.webhook_url(zap.id, &token),
+            zap: Some(zap_to_proto(&zap)),
+        }))
+    }
+
+    async fn get_zap(&self, request: Request<pb::GetZapRequest>) -> Reply<pb::GetZapResponse> {
+        let owner = self.authenticate(&request).await?;
+        let id = parse_id(&request.get_ref().id, "zap")?;
+        let zap = self.store.get_zap(owner, id).await.map_err(zap_error)?;
+        Ok(Response::new(pb::GetZapResponse {
+            zap: Some(zap_to_proto(&zap)),
+        }))
+    }
+
+    async fn list_zaps(&self, request: Request<pb::ListZapsRequest>) -> Reply<pb::ListZapsResponse> {
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let limit = page_size(body.page_size)?;
+        let after = parse_page_token(&body.page_token)?;
+        let mut zaps = self.store.list_zaps(owner, after, limit + 1).await.map_err(zap_error)?;
+        let more = zaps.len() > limit as usize;
+        zaps.truncate(limit as usize);
+        let next_page_token = match (more, zaps.last()) {
+            (true, Some(last)) => last.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListZapsResponse {
+            zaps: zaps.iter().map(zap_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_zap(&self, request: Request<pb::UpdateZapRequest>) -> Reply<pb::UpdateZapResponse> {
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let id = parse_id(&body.id, "zap")?;
+        let actions = Self::validate(&body.name, &body.actions)?;
+        let zap = self
+            .store
+            .update_zap(owner, id, body.name.trim(), &actions)
+            .await
+            .map_err(zap_error)?;
+        Ok(Response::new(pb::UpdateZapResponse {
+            zap: Some(zap_to_proto(&zap)),
+        }))
+    }
+
+    async fn delete_zap(&self, request: Request<pb::DeleteZapRequest>) -> Reply<pb::DeleteZapResponse> {
+        let owner = self.authenticate(&request).await?;
+        let id = parse_id(&request.get_ref().id, "zap")?;
+        self.store.delete_zap(owner, id).await.map_err(zap_error)?;
+        Ok(Response::new(pb::DeleteZapResponse {}))
+    }
+
+    async fn pause_zap(&self, request: Request<pb::PauseZapRequest>) -> Reply<pb::PauseZapResponse> {
+        let zap = self.set_status(request, ZapStatus::Paused).await?;
+        Ok(Response::new(pb::PauseZapResponse { zap: Some(zap) }))
+    }
+
+    async fn resume_zap(&self, request: Request<pb::ResumeZapRequest>) -> Reply<pb::ResumeZapResponse> {
+        let (metadata, extensions, body) = request.into_parts();
+        let request = Request::from_parts(metadata, extensions, pb::PauseZapRequest { id: body.id });
+        let zap = self.set_status(request, ZapStatus::Active).await?;
+        Ok(Response::new(pb::ResumeZapResponse { zap: Some(zap) }))
+    }
+
+    async fn rotate_webhook_token(
+        &self,
+        request: Request<pb::RotateWebhookTokenRequest>,
+    ) -> Reply<pb::RotateWebhookTokenResponse> {
+        let owner = self.authenticate(&request).await?;
+        let id = parse_id(&request.get_ref().id, "zap")?;
+        let token = secret::random_token();
+        self.store
+            .set_zap_token(owner, id, &secret::hash(&token))
+            .await
+            .map_err(zap_error)?;
+        Ok(Response::new(pb::RotateWebhookTokenResponse {
+            webhook_url: self.webhook_url(id, &token),
+        }))
+    }
+
+    async fn list_action_types(
+        &self,
+        request: Request<pb::ListActionTypesRequest>,
+    ) -> Reply<pb::ListActionTypesResponse> {
+        self.authenticate(&request).await?;
+        Ok(Response::new(pb::ListActionTypesResponse {
+            action_types: zapflow_actions::catalog().iter().map(action_type_to_proto).collect(),
+        }))
+    }
+
+    async fn list_runs(&self, request: Request<pb::ListRunsRequest>) -> Reply<pb::ListRunsResponse> {
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let zap_id = match body.zap_id.as_str() {
+            "" => None,
+            id => Some(parse_id(id, "zap")?),
+        };
+        let limit = page_size(body.page_size)?;
+        let before = parse_page_token(&body.page_token)?;
+        let page = self
+            .store
+            .list_runs(owner, zap_id, before, limit)
+            .await
+            .map_err(run_error)?;
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: page.runs.iter().map(run_to_proto).collect(),
+            next_page_token: page.next_before.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_run(&self, request: Request<pb::GetRunRequest>) -> Reply<pb::GetRunResponse> {
+        let owner = self.authenticate(&request).await?;
+        let id = parse_id(&request.get_ref().id, "run")?;
+        let run = self.store.owned_run(owner, id).await.map_err(run_error)?;
+        Ok(Response::new(pb::GetRunResponse {
+            run: Some(run_to_proto(&run)),
+        }))
+    }
+}

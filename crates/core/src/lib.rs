@@ -1,0 +1,9 @@
+//! The zapflow domain: what a zap, a run and a step are, independent of
+//! storage and transport.
+
+pub mod model;
+pub mod retry;
+pub mod secret;
+pub mod template;
+
+pub use model::{ActionSpec, RunStatus, StepStatus, ZapStatus};

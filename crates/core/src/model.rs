@@ -1,0 +1,80 @@
+//! Zaps, runs and steps as the rest of the system sees them.
+
+use serde::{Deserialize, Serialize};
+
+/// One configured action of a zap: its type and its (templated) fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionSpec {
+    #[serde(rename = "type")]
+    pub action_type: String,
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// The stored spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownStatus;
+            fn from_str(text: &str) -> Result<Self, Self::Err> {
+                match text {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(UnknownStatus(other.to_owned())),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+/// A status string in the database that this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+string_enum!(
+    /// Whether a zap's webhook accepts deliveries.
+    ZapStatus { Active => "active", Paused => "paused" }
+);
+
+string_enum!(
+    /// Where a run is in its life.
+    RunStatus {
+        Pending => "pending",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+    }
+);
+
+string_enum!(
+    /// Where one step of a run is in its life.
+    StepStatus {
+        Pending => "pending",
+        Running => "running",
+        Retrying => "retrying",
+        Succeeded => "succeeded",
+        Failed => "failed",
+    }
+);
+
+impl RunStatus {
+    /// Whether the run will not change any more on its own.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}

@@ -1,0 +1,64 @@
+//! When a failed attempt is tried again.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Exponential backoff with full jitter, capped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub multiplier: f64,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_delay: Duration::from_secs(2),
+            multiplier: 3.0,
+            max_delay: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before the attempt after `attempt` (counted from 1), or
+    /// `None` once the attempts are used up.
+    pub fn delay_after(&self, attempt: u32) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let exponent = attempt.saturating_sub(1).min(64) as i32;
+        let ceiling = self.initial_delay.as_secs_f64() * self.multiplier.powi(exponent);
+        let ceiling = ceiling.min(self.max_delay.as_secs_f64());
+        // Half fixed, half random: spreads a burst of failures without ever
+        // retrying immediately.
+        let jittered = ceiling / 2.0 + rand::rng().random_range(0.0..=ceiling / 2.0);
+        Some(Duration::from_secs_f64(jittered))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_stay_within_bounds_and_stop() {
+        let policy = RetryPolicy::default();
+        let mut previous_ceiling = 0.0;
+        for attempt in 1..policy.max_attempts {
+            let ceiling = (2.0 * 3f64.powi(attempt as i32 - 1)).min(600.0);
+            for _ in 0..100 {
+                let delay = policy.delay_after(attempt).unwrap().as_secs_f64();
+                assert!(delay >= ceiling / 2.0 && delay <= ceiling, "{attempt}: {delay}");
+            }
+            assert!(ceiling >= previous_ceiling);
+            previous_ceiling = ceiling;
+        }
+        assert_eq!(policy.delay_after(policy.max_attempts), None);
+    }
+}

@@ -1,0 +1,70 @@
+//! Action fields are minijinja templates rendered against the run.
+//!
+//! Rendering is strict: a template that names a field the payload does not
+//! have fails with an error that says which, instead of rendering empty.
+
+use minijinja::{Environment, UndefinedBehavior};
+
+/// A template that did not parse or did not render.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TemplateError(String);
+
+impl From<minijinja::Error> for TemplateError {
+    fn from(error: minijinja::Error) -> Self {
+        // The first line is the message; the rest is a source excerpt that
+        // would only clutter a step error.
+        let text = error.to_string();
+        Self(text.lines().next().unwrap_or_default().to_owned())
+    }
+}
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env
+}
+
+/// Checks that `source` parses, without rendering it.
+pub fn check(source: &str) -> Result<(), TemplateError> {
+    environment().template_from_str(source)?;
+    Ok(())
+}
+
+/// Renders `source` with `context` (a JSON object whose keys become the
+/// template's variables).
+pub fn render(source: &str, context: &serde_json::Value) -> Result<String, TemplateError> {
+    Ok(environment().render_str(source, minijinja::value::Serde(context))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn renders_nested_payload_fields() {
+        let context = json!({"trigger": {"comment": {"email": "a@example.com", "n": 3}}});
+        let text = render("to {{ trigger.comment.email }} x{{ trigger.comment.n }}", &context);
+        assert_eq!(text.unwrap(), "to a@example.com x3");
+    }
+
+    #[test]
+    fn a_missing_field_is_an_error_naming_it() {
+        let error = render("{{ trigger.nope.deeper }}", &json!({"trigger": {}})).unwrap_err();
+        assert!(error.to_string().contains("undefined"), "{error}");
+    }
+
+    #[test]
+    fn a_default_filter_makes_a_field_optional() {
+        let text = render("{{ trigger.name | default('friend') }}", &json!({"trigger": {}}));
+        assert_eq!(text.unwrap(), "friend");
+    }
+
+    #[test]
+    fn syntax_errors_are_caught_by_check() {
+        assert!(check("{{ unclosed").is_err());
+        assert!(check("plain {{ trigger.x }}").is_ok());
+    }
+}

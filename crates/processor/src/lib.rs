@@ -1,0 +1,120 @@
+//! The outbox relay: moves due `zap_run_outbox` rows to Kafka and deletes
+//! each row only once the broker acknowledged it.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+use zapflow_bus::{BusSettings, encode, event_for};
+use zapflow_store::{OUTBOX_CHANNEL, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Rows claimed per pass.
+    pub batch_size: u32,
+    /// How often to look for due rows without a notification (delayed
+    /// retries become due without one; a dropped LISTEN connection too).
+    pub poll_interval: Duration,
+}
+
+/// One relay; run several against one database to share the work.
+pub struct Relay {
+    store: Store,
+    producer: FutureProducer,
+    bus: BusSettings,
+    settings: RelaySettings,
+}
+
+impl Relay {
+    pub fn new(store: Store, producer: FutureProducer, bus: BusSettings, settings: RelaySettings) -> Self {
+        Self {
+            store,
+            producer,
+            bus,
+            settings,
+        }
+    }
+
+    /// One pass: claims a batch of due rows, produces them, waits for every
+    /// delivery report and deletes the acknowledged rows. Rows whose delivery
+    /// failed stay for a later pass. Returns how many rows were delivered and
+    /// how many were claimed.
+    pub async fn relay_once(&self) -> Result<(usize, usize), StoreError> {
+        let claim = self.store.claim_due_outbox_rows(self.settings.batch_size).await?;
+        let messages: Vec<(i64, &str, String, Vec<u8>)> = claim
+            .rows
+            .iter()
+            .map(|row| {
+                let topic = self.bus.topic_for(row.kind);
+                (row.id, topic, row.run_id.to_string(), encode(&event_for(row)))
+            })
+            .collect();
+        let reports = join_all(messages.iter().map(|(id, topic, key, payload)| async move {
+            let record = FutureRecord::to(topic).key(key).payload(payload);
+            match self.producer.send(record, Timeout::Never).await {
+                Ok(_) => Some(*id),
+                Err((error, _)) => {
+                    tracing::warn!(outbox_id = id, %error, "delivery failed; row kept");
+                    None
+                }
+            }
+        }))
+        .await;
+        let delivered: Vec<i64> = reports.into_iter().flatten().collect();
+        let claimed = claim.rows.len();
+        claim.finish(&delivered).await?;
+        Ok((delivered.len(), claimed))
+    }
+
+    /// Relays until `shutdown`: drains due rows, then sleeps until a
+    /// notification or the poll interval. A pass under way when shutdown
+    /// comes finishes (its delivery reports are awaited), so only
+    /// acknowledged rows are ever deleted.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut listener = self.listen().await;
+        while !shutdown.is_cancelled() {
+            loop {
+                match self.relay_once().await {
+                    Ok((delivered, claimed)) if claimed == self.settings.batch_size as usize && delivered == claimed => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "relay pass failed");
+                        break;
+                    }
+                }
+            }
+            let wake = async {
+                match listener.as_mut() {
+                    Some(listener) => {
+                        if let Err(error) = listener.recv().await {
+                            tracing::warn!(%error, "outbox notifications lost; polling");
+                            tokio::time::sleep(self.settings.poll_interval).await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = wake => {}
+                () = tokio::time::sleep(self.settings.poll_interval) => {
+                    if listener.is_none() {
+                        listener = self.listen().await;
+                    }
+                }
+            }
+        }
+        if let Err(error) = self.producer.flush(Timeout::After(Duration::from_secs(10))) {
+            tracing::warn!(%error, "producer flush at shutdown");
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut listener = PgListener::connect_with(self.store.pool()).await.ok()?;
+        listener.listen(OUTBOX_CHANNEL).await.ok()?;
+        Some(listener)
+    }
+}

@@ -1,0 +1,133 @@
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::{Result, Store};
+
+/// The channel on which every outbox insert is announced (see the
+/// statement trigger in the migrations).
+pub const OUTBOX_CHANNEL: &str = "zap_run_outbox";
+
+/// What an outbox row announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// Run action `stage` of the run.
+    Step,
+    /// The run failed for good; tell whoever watches the dead-letter topic.
+    DeadLetter,
+}
+
+impl OutboxKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Step => "step",
+            Self::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub run_id: Uuid,
+    pub zap_id: Uuid,
+    pub stage: u32,
+    pub kind: OutboxKind,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Rows claimed by one relay pass, locked until the pass commits.
+pub struct OutboxClaim {
+    tx: Transaction<'static, Postgres>,
+    pub rows: Vec<OutboxRow>,
+}
+
+impl OutboxClaim {
+    /// Deletes the rows the broker acknowledged and releases the others,
+    /// which stay due for the next pass.
+    pub async fn finish(mut self, delivered: &[i64]) -> Result<()> {
+        if !delivered.is_empty() {
+            sqlx::query("DELETE FROM zap_run_outbox WHERE id = ANY($1)")
+                .bind(delivered)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Locks up to `limit` due rows, skipping rows another relay holds, so
+    /// several processors share the work without relaying a row twice at once.
+    /// Oldest first, but without an "id > last seen" cursor: a row whose
+    /// transaction committed late is still found.
+    pub async fn claim_due_outbox_rows(&self, limit: u32) -> Result<OutboxClaim> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, Uuid, Uuid, Uuid, i32, String, Option<String>, DateTime<Utc>)> =
+            sqlx::query_as(
+                "SELECT id, event_id, run_id, zap_id, stage, kind, reason, created_at
+                 FROM zap_run_outbox WHERE available_at <= now()
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        let rows = rows
+            .into_iter()
+            .map(|(id, event_id, run_id, zap_id, stage, kind, reason, created_at)| OutboxRow {
+                id,
+                event_id,
+                run_id,
+                zap_id,
+                stage: stage as u32,
+                kind: if kind == "dead_letter" {
+                    OutboxKind::DeadLetter
+                } else {
+                    OutboxKind::Step
+                },
+                reason,
+                created_at,
+            })
+            .collect();
+        Ok(OutboxClaim { tx, rows })
+    }
+
+    /// Counts rows not yet relayed (due or not).
+    pub async fn outbox_len(&self) -> Result<i64> {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count)
+    }
+}
+
+/// Adds an outbox row inside the caller's transaction.
+pub(crate) async fn enqueue(
+    tx: &mut Transaction<'_, Postgres>,
+    run_id: Uuid,
+    zap_id: Uuid,
+    stage: u32,
+    kind: OutboxKind,
+    reason: Option<&str>,
+    delay: Duration,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at)
+         VALUES ($1, $2, $3, $4, $5, $6, now() + $7)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(run_id)
+    .bind(zap_id)
+    .bind(stage as i32)
+    .bind(kind.as_str())
+    .bind(reason)
+    .bind(delay)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,254 @@
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::AssertSqlSafe;
+use sqlx::types::Json;
+use uuid::Uuid;
+use zapflow_core::{ActionSpec, RunStatus, StepStatus};
+
+use crate::zaps::parse_status as parse_stored_status;
+use crate::{Result, Store};
+
+/// A webhook delivery to record as a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewRun {
+    pub id: Uuid,
+    pub zap_id: Uuid,
+    pub owner_id: Uuid,
+    pub trigger: serde_json::Value,
+    pub headers: serde_json::Value,
+    pub query: serde_json::Value,
+    pub actions: Vec<ActionSpec>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A run with its steps (every action of the run, started or not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: Uuid,
+    pub zap_id: Uuid,
+    pub owner_id: Uuid,
+    pub status: RunStatus,
+    pub trigger: serde_json::Value,
+    pub headers: serde_json::Value,
+    pub query: serde_json::Value,
+    pub actions: Vec<ActionSpec>,
+    pub steps: Vec<Step>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub index: u32,
+    pub action_type: String,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub output: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One page of runs, newest first, and the id to continue before.
+#[derive(Debug, Clone)]
+pub struct RunPage {
+    pub runs: Vec<Run>,
+    pub next_before: Option<Uuid>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: Uuid,
+    zap_id: Uuid,
+    owner_id: Uuid,
+    status: String,
+    trigger: Json<serde_json::Value>,
+    headers: Json<serde_json::Value>,
+    query: Json<serde_json::Value>,
+    actions: Json<Vec<ActionSpec>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StepRow {
+    step: i32,
+    action_type: String,
+    status: String,
+    attempts: i32,
+    output: Option<Json<serde_json::Value>>,
+    error: Option<String>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+const RUN_COLUMNS: &str = "id, zap_id, owner_id, status, trigger, headers, query, actions, \
+                           created_at, updated_at, finished_at";
+
+impl RunRow {
+    fn into_run(self, step_rows: Vec<StepRow>) -> Result<Run> {
+        let mut recorded: HashMap<i32, StepRow> =
+            step_rows.into_iter().map(|row| (row.step, row)).collect();
+        let steps = (0..self.actions.0.len())
+            .map(|index| match recorded.remove(&(index as i32)) {
+                Some(row) => Ok(Step {
+                    index: index as u32,
+                    action_type: row.action_type,
+                    status: parse_stored_status(&row.status)?,
+                    attempts: row.attempts as u32,
+                    output: row.output.map(|json| json.0),
+                    error: row.error,
+                    started_at: row.started_at,
+                    finished_at: row.finished_at,
+                }),
+                None => Ok(Step {
+                    index: index as u32,
+                    action_type: self.actions.0[index].action_type.clone(),
+                    status: StepStatus::Pending,
+                    attempts: 0,
+                    output: None,
+                    error: None,
+                    started_at: None,
+                    finished_at: None,
+                }),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Run {
+            id: self.id,
+            zap_id: self.zap_id,
+            owner_id: self.owner_id,
+            status: parse_stored_status(&self.status)?,
+            trigger: self.trigger.0,
+            headers: self.headers.0,
+            query: self.query.0,
+            actions: self.actions.0,
+            steps,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+        })
+    }
+}
+
+impl Store {
+    /// Records a batch of webhook deliveries in one transaction: each new run
+    /// together with the outbox row for its first step. Returns, in input
+    /// order, the run id and whether it was a repeat of an idempotency key
+    /// already recorded (then the earlier run's id, and nothing is written).
+    pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<(Uuid, bool)>> {
+        let mut tx = self.pool.begin().await?;
+        let inserted: Vec<(Uuid,)> = sqlx::query_as(
+            "WITH input AS (
+                 SELECT * FROM jsonb_to_recordset($1) AS r(
+                     id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
+                     query jsonb, actions jsonb, idempotency_key text)
+             ), inserted AS (
+                 INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
+                                       actions, idempotency_key)
+                 SELECT id, zap_id, owner_id, 'pending', trigger, headers, query, actions,
+                        idempotency_key
+                 FROM input
+                 ON CONFLICT (zap_id, idempotency_key) DO NOTHING
+                 RETURNING id, zap_id
+             ), outbox AS (
+                 INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind)
+                 SELECT gen_random_uuid(), id, zap_id, 0, 'step' FROM inserted
+             )
+             SELECT id FROM inserted",
+        )
+        .bind(Json(runs))
+        .fetch_all(&mut *tx)
+        .await?;
+        let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+
+        let mut results = Vec::with_capacity(runs.len());
+        for run in runs {
+            if inserted.contains(&run.id) {
+                results.push((run.id, false));
+                continue;
+            }
+            // Lost to an earlier delivery with the same key (committed, or
+            // earlier in this very batch).
+            let (existing,): (Uuid,) = sqlx::query_as(
+                "SELECT id FROM zap_runs WHERE zap_id = $1 AND idempotency_key = $2",
+            )
+            .bind(run.zap_id)
+            .bind(&run.idempotency_key)
+            .fetch_one(&mut *tx)
+            .await?;
+            results.push((existing, true));
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// A run with its steps, whoever owns it (for workers).
+    pub async fn run(&self, id: Uuid) -> Result<Option<Run>> {
+        self.fetch_run(id, None).await
+    }
+
+    /// A run with its steps, if `owner_id` owns it.
+    pub async fn owned_run(&self, owner_id: Uuid, id: Uuid) -> Result<Run> {
+        self.fetch_run(id, Some(owner_id))
+            .await?
+            .ok_or(crate::StoreError::NotFound)
+    }
+
+    async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
+        let row: Option<RunRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM zap_runs
+             WHERE id = $1 AND ($2::uuid IS NULL OR owner_id = $2)"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let steps: Vec<StepRow> = sqlx::query_as(
+            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at
+             FROM zap_run_steps WHERE run_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        row.into_run(steps).map(Some)
+    }
+
+    /// Runs of an owner (optionally of one zap), newest first, without steps.
+    pub async fn list_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<RunPage> {
+        let rows: Vec<RunRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM zap_runs
+             WHERE owner_id = $1 AND ($2::uuid IS NULL OR zap_id = $2)
+               AND ($3::uuid IS NULL OR id < $3)
+             ORDER BY id DESC LIMIT $4"
+        )))
+        .bind(owner_id)
+        .bind(zap_id)
+        .bind(before)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let more = rows.len() > limit as usize;
+        let runs = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|row| {
+                let mut run = row.into_run(Vec::new())?;
+                run.steps.clear();
+                Ok(run)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let next_before = more.then(|| runs.last().map(|run| run.id)).flatten();
+        Ok(RunPage { runs, next_before })
+    }
+}

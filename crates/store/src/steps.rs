@@ -1,0 +1,187 @@
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use uuid::Uuid;
+use zapflow_core::RunStatus;
+
+use crate::outbox::{OutboxKind, enqueue};
+use crate::{Result, Run, Store};
+
+/// The answer to "may I run step `stage` of this run now?".
+#[derive(Debug)]
+pub enum StepClaim {
+    /// Yes: the step is leased to the caller for this attempt.
+    Claimed(ClaimedStep),
+    /// The step already succeeded or failed: a redelivery, nothing to do.
+    AlreadyDone,
+    /// Another worker holds the step until its lease expires.
+    Busy { lease_until: DateTime<Utc> },
+    /// The run is over (succeeded or failed).
+    RunFinished,
+    /// No such run, or no such step in it.
+    Unknown,
+}
+
+#[derive(Debug)]
+pub struct ClaimedStep {
+    /// The run as it was when claimed, earlier steps' outputs included.
+    pub run: Run,
+    pub stage: u32,
+    /// This attempt's number, from 1. Finishing the step only counts while
+    /// the step is still at this attempt: a worker whose lease was taken over
+    /// cannot overwrite its successor's result.
+    pub attempt: u32,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    Succeeded(serde_json::Value),
+    /// A transient failure: try again after `delay`.
+    Retry { error: String, delay: Duration },
+    /// A permanent failure (or the last attempt): the run fails.
+    Failed(String),
+}
+
+impl Store {
+    /// Leases step `stage` of a run for `lease`, unless it is done or held.
+    pub async fn claim_step(&self, run_id: Uuid, stage: u32, lease: Duration) -> Result<StepClaim> {
+        let Some(run) = self.run(run_id).await? else {
+            return Ok(StepClaim::Unknown);
+        };
+        if run.status.is_final() {
+            return Ok(StepClaim::RunFinished);
+        }
+        let Some(action) = run.actions.get(stage as usize) else {
+            return Ok(StepClaim::Unknown);
+        };
+
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO zap_run_steps (run_id, step, action_type, status)
+             VALUES ($1, $2, $3, 'pending') ON CONFLICT DO NOTHING",
+        )
+        .bind(run_id)
+        .bind(stage as i32)
+        .bind(&action.action_type)
+        .execute(&mut *tx)
+        .await?;
+        let claimed: Option<(i32,)> = sqlx::query_as(
+            "UPDATE zap_run_steps
+             SET status = 'running', attempts = attempts + 1, lease_until = now() + $3,
+                 started_at = coalesce(started_at, now())
+             WHERE run_id = $1 AND step = $2
+               AND (status IN ('pending', 'retrying')
+                    OR (status = 'running' AND lease_until < now()))
+             RETURNING attempts",
+        )
+        .bind(run_id)
+        .bind(stage as i32)
+        .bind(lease)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((attempt,)) = claimed else {
+            let (status, lease_until): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+                "SELECT status, lease_until FROM zap_run_steps WHERE run_id = $1 AND step = $2",
+            )
+            .bind(run_id)
+            .bind(stage as i32)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(match (status.as_str(), lease_until) {
+                ("running", Some(lease_until)) => StepClaim::Busy { lease_until },
+                _ => StepClaim::AlreadyDone,
+            });
+        };
+        sqlx::query(
+            "UPDATE zap_runs SET status = 'running', updated_at = now()
+             WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(StepClaim::Claimed(ClaimedStep {
+            run,
+            stage,
+            attempt: attempt as u32,
+        }))
+    }
+
+    /// Records how an attempt ended and, in the same transaction, announces
+    /// what follows: the next step, a delayed retry, or a dead letter.
+    /// Returns false (and changes nothing) when the lease was lost.
+    pub async fn finish_step(&self, step: &ClaimedStep, outcome: &StepOutcome) -> Result<bool> {
+        let run = &step.run;
+        let mut tx = self.pool.begin().await?;
+        let (status, output, error) = match outcome {
+            StepOutcome::Succeeded(output) => ("succeeded", Some(Json(output)), None),
+            StepOutcome::Retry { error, .. } => ("retrying", None, Some(error.as_str())),
+            StepOutcome::Failed(error) => ("failed", None, Some(error.as_str())),
+        };
+        let updated = sqlx::query(
+            "UPDATE zap_run_steps
+             SET status = $4, output = $5, error = $6, lease_until = NULL,
+                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE now() END
+             WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'",
+        )
+        .bind(run.id)
+        .bind(step.stage as i32)
+        .bind(step.attempt as i32)
+        .bind(status)
+        .bind(output)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
+        }
+
+        let next_stage = step.stage + 1;
+        let run_status = match outcome {
+            StepOutcome::Succeeded(_) if (next_stage as usize) < run.actions.len() => {
+                enqueue(&mut tx, run.id, run.zap_id, next_stage, OutboxKind::Step, None, Duration::ZERO).await?;
+                RunStatus::Running
+            }
+            StepOutcome::Succeeded(_) => RunStatus::Succeeded,
+            StepOutcome::Retry { delay, .. } => {
+                enqueue(&mut tx, run.id, run.zap_id, step.stage, OutboxKind::Step, None, *delay).await?;
+                RunStatus::Running
+            }
+            StepOutcome::Failed(reason) => {
+                enqueue(&mut tx, run.id, run.zap_id, step.stage, OutboxKind::DeadLetter, Some(reason), Duration::ZERO).await?;
+                RunStatus::Failed
+            }
+        };
+        sqlx::query(
+            "UPDATE zap_runs
+             SET status = $2, updated_at = now(),
+                 finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN now() END
+             WHERE id = $1",
+        )
+        .bind(run.id)
+        .bind(run_status.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Announces step `stage` again after `delay` (for a step another worker
+    /// holds: if that worker vanished, its lease will have expired by then).
+    pub async fn reschedule_step(&self, run_id: Uuid, zap_id: Uuid, stage: u32, delay: Duration) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        enqueue(&mut tx, run_id, zap_id, stage, OutboxKind::Step, None, delay).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Dead-letters an event that cannot be processed at all.
+    pub async fn dead_letter(&self, run_id: Uuid, zap_id: Uuid, stage: u32, reason: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        enqueue(&mut tx, run_id, zap_id, stage, OutboxKind::DeadLetter, Some(reason), Duration::ZERO).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

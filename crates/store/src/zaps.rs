@@ -1,0 +1,207 @@
+use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
+use sqlx::types::Json;
+use uuid::Uuid;
+use zapflow_core::{ActionSpec, ZapStatus};
+
+use crate::{Result, Store, StoreError};
+
+/// A zap as its owner sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Zap {
+    pub id: Uuid,
+    pub owner_id: Uuid,
+    pub name: String,
+    pub actions: Vec<ActionSpec>,
+    pub status: ZapStatus,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What ingestion needs to know about a zap.
+#[derive(Debug, Clone)]
+pub struct ZapForIngest {
+    pub owner_id: Uuid,
+    pub token_hash: Vec<u8>,
+    pub status: ZapStatus,
+    pub actions: Vec<ActionSpec>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ZapRow {
+    id: Uuid,
+    owner_id: Uuid,
+    name: String,
+    actions: Json<Vec<ActionSpec>>,
+    status: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<ZapRow> for Zap {
+    type Error = StoreError;
+
+    fn try_from(row: ZapRow) -> Result<Self> {
+        Ok(Self {
+            id: row.id,
+            owner_id: row.owner_id,
+            name: row.name,
+            actions: row.actions.0,
+            status: parse_status(&row.status)?,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+pub(crate) fn parse_status<T: std::str::FromStr<Err = zapflow_core::model::UnknownStatus>>(
+    text: &str,
+) -> Result<T> {
+    text.parse()
+        .map_err(|error| StoreError::Db(sqlx::Error::Decode(Box::new(error))))
+}
+
+const ZAP_COLUMNS: &str = "id, owner_id, name, actions, status, created_at, updated_at";
+
+impl Store {
+    pub async fn create_zap(
+        &self,
+        owner_id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+        token_hash: &[u8],
+    ) -> Result<Zap> {
+        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
+            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status)
+             VALUES ($1, $2, $3, $4, $5, 'active') RETURNING {ZAP_COLUMNS}"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(owner_id)
+        .bind(name)
+        .bind(Json(actions))
+        .bind(token_hash)
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
+        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {ZAP_COLUMNS} FROM zaps
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    /// Up to `limit` zaps in creation order, after the zap `after`.
+    pub async fn list_zaps(
+        &self,
+        owner_id: Uuid,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Zap>> {
+        let rows: Vec<ZapRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {ZAP_COLUMNS} FROM zaps
+             WHERE owner_id = $1 AND deleted_at IS NULL AND ($2::uuid IS NULL OR id > $2)
+             ORDER BY id LIMIT $3"
+        )))
+        .bind(owner_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Zap::try_from).collect()
+    }
+
+    pub async fn update_zap(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+    ) -> Result<Zap> {
+        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE zaps SET name = $3, actions = $4, updated_at = now()
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL
+             RETURNING {ZAP_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .bind(name)
+        .bind(Json(actions))
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    pub async fn set_zap_status(&self, owner_id: Uuid, id: Uuid, status: ZapStatus) -> Result<Zap> {
+        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE zaps SET status = $3, updated_at = now()
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL
+             RETURNING {ZAP_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .bind(status.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    pub async fn set_zap_token(&self, owner_id: Uuid, id: Uuid, token_hash: &[u8]) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE zaps SET token_hash = $3, updated_at = now()
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .bind(token_hash)
+        .execute(&self.pool)
+        .await?;
+        found(done.rows_affected())
+    }
+
+    pub async fn delete_zap(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE zaps SET deleted_at = now()
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .execute(&self.pool)
+        .await?;
+        found(done.rows_affected())
+    }
+
+    /// A live zap by id alone: the webhook token is the caller's credential.
+    pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
+        let row: Option<(Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>)> = sqlx::query_as(
+            "SELECT owner_id, token_hash, status, actions FROM zaps
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(owner_id, token_hash, status, actions)| {
+            Ok(ZapForIngest {
+                owner_id,
+                token_hash,
+                status: parse_status(&status)?,
+                actions: actions.0,
+            })
+        })
+        .transpose()
+    }
+}
+
+pub(crate) fn found(rows_affected: u64) -> Result<()> {
+    if rows_affected == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! Configuration: flags, each with a `ZAPFLOW_*` environment variable and a
+//! default that runs on one machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use zapflow_actions::EmailSettings;
+use zapflow_api::ApiSettings;
+use zapflow_bus::BusSettings;
+use zapflow_gateway::GatewaySettings;
+use zapflow_processor::RelaySettings;
+use zapflow_worker::WorkerSettings;
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "ZAPFLOW_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/zapflow")]
+    pub database_url: String,
+    /// Connections each role keeps to the database.
+    #[arg(long, env = "ZAPFLOW_DATABASE_POOL", default_value_t = 16)]
+    pub database_pool: u32,
+
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "ZAPFLOW_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Topic carrying step events.
+    #[arg(long, env = "ZAPFLOW_EVENTS_TOPIC", default_value = "zap-events")]
+    pub events_topic: String,
+    /// Topic receiving the events of failed runs and undecodable events.
+    #[arg(long, env = "ZAPFLOW_DEAD_LETTER_TOPIC", default_value = "zap-events-dlq")]
+    pub dead_letter_topic: String,
+    /// Partitions of the topics zapflow creates when they are missing.
+    #[arg(long, env = "ZAPFLOW_TOPIC_PARTITIONS", default_value_t = 6)]
+    pub topic_partitions: i32,
+    /// Consumer group of the workers.
+    #[arg(long, env = "ZAPFLOW_CONSUMER_GROUP", default_value = "zapflow-workers")]
+    pub consumer_group: String,
+
+    /// Where the gRPC API listens.
+    #[arg(long, env = "ZAPFLOW_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: SocketAddr,
+    /// Where the webhook gateway listens.
+    #[arg(long, env = "ZAPFLOW_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// The API as the gateway reaches it.
+    #[arg(long, env = "ZAPFLOW_API_URL", default_value = "http://127.0.0.1:50051")]
+    pub api_url: String,
+    /// The gateway as webhook senders reach it; webhook URLs start with it.
+    #[arg(long, env = "ZAPFLOW_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
+    pub public_url: String,
+    /// Largest webhook body in bytes.
+    #[arg(long, env = "ZAPFLOW_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_limit: usize,
+    /// Largest gRPC request message in bytes.
+    #[arg(long, env = "ZAPFLOW_GRPC_MAX_MESSAGE", default_value_t = 4 * 1024 * 1024)]
+    pub grpc_max_message: usize,
+
+    /// SMTP server for the email action: smtp://host:port (plain),
+    /// smtp://user:pass@host:587?tls=required (STARTTLS), smtps://host (TLS).
+    /// Unset: messages are written as .eml files under DATA_DIR/mailbox.
+    #[arg(long, env = "ZAPFLOW_SMTP_URL")]
+    pub smtp_url: Option<String>,
+    /// Sender address of every email.
+    #[arg(long, env = "ZAPFLOW_SMTP_FROM", default_value = "zapflow <zapflow@localhost>")]
+    pub smtp_from: String,
+    /// Where local state lives (the mailbox without SMTP).
+    #[arg(long, env = "ZAPFLOW_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Steps one worker runs at once.
+    #[arg(long, env = "ZAPFLOW_WORKER_CONCURRENCY", default_value_t = 64)]
+    pub worker_concurrency: usize,
+    /// Bound on one action, in seconds.
+    #[arg(long, env = "ZAPFLOW_ACTION_TIMEOUT", default_value_t = 30)]
+    pub action_timeout: u64,
+    /// How often the processor looks for due outbox rows without a
+    /// notification, in milliseconds.
+    #[arg(long, env = "ZAPFLOW_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+}
+
+impl Config {
+    pub fn bus(&self) -> BusSettings {
+        BusSettings {
+            brokers: self.kafka_brokers.clone(),
+            events_topic: self.events_topic.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            partitions: self.topic_partitions,
+        }
+    }
+
+    pub fn api(&self) -> ApiSettings {
+        ApiSettings {
+            public_url: self.public_url.clone(),
+            max_message_bytes: self.grpc_max_message,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn gateway(&self) -> GatewaySettings {
+        GatewaySettings {
+            body_limit: self.body_limit,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn relay(&self) -> RelaySettings {
+        RelaySettings {
+            batch_size: 500,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+        }
+    }
+
+    pub fn worker(&self) -> WorkerSettings {
+        let action_timeout = Duration::from_secs(self.action_timeout);
+        WorkerSettings {
+            action_timeout,
+            lease: action_timeout * 2,
+            concurrency: self.worker_concurrency,
+            ..WorkerSettings::default()
+        }
+    }
+
+    pub fn email(&self) -> EmailSettings {
+        EmailSettings {
+            smtp_url: self.smtp_url.clone(),
+            mailbox_dir: self.data_dir.join("mailbox"),
+            from: self.smtp_from.clone(),
+            timeout: Duration::from_secs(self.action_timeout),
+        }
+    }
+}
