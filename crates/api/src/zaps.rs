@@ -194,7 +194,12 @@ impl ZapService for ZapApi {
         let body = request.get_ref();
         let zap_id = match body.zap_id.as_str() {
             "" => None,
-            id => Some(parse_id(id, "zap")?),
+            id => {
+                let id = parse_id(id, "zap")?;
+                // Another user's zap id answers NOT_FOUND, not an empty list.
+                self.store.get_zap(owner, id).await.map_err(zap_error)?;
+                Some(id)
+            }
         };
         let limit = page_size(body.page_size)?;
         let before = parse_page_token(&body.page_token)?;

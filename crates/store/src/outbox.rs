@@ -118,7 +118,7 @@ pub(crate) async fn enqueue(
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at)
-         VALUES ($1, $2, $3, $4, $5, $6, now() + $7)",
+         VALUES ($1, $2, $3, $4, $5, $6, now() + $7 * interval '1 microsecond')",
     )
     .bind(Uuid::new_v4())
     .bind(run_id)
@@ -126,8 +126,13 @@ pub(crate) async fn enqueue(
     .bind(stage as i32)
     .bind(kind.as_str())
     .bind(reason)
-    .bind(delay)
+    .bind(micros(delay))
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// A duration as whole microseconds, PostgreSQL's interval precision.
+pub(crate) fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }

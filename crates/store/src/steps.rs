@@ -5,7 +5,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 use zapflow_core::RunStatus;
 
-use crate::outbox::{OutboxKind, enqueue};
+use crate::outbox::{OutboxKind, enqueue, micros};
 use crate::{Result, Run, Store};
 
 /// The answer to "may I run step `stage` of this run now?".
@@ -69,7 +69,7 @@ impl Store {
         .await?;
         let claimed: Option<(i32,)> = sqlx::query_as(
             "UPDATE zap_run_steps
-             SET status = 'running', attempts = attempts + 1, lease_until = now() + $3,
+             SET status = 'running', attempts = attempts + 1, lease_until = now() + $3 * interval '1 microsecond',
                  started_at = coalesce(started_at, now())
              WHERE run_id = $1 AND step = $2
                AND (status IN ('pending', 'retrying')
@@ -78,7 +78,7 @@ impl Store {
         )
         .bind(run_id)
         .bind(stage as i32)
-        .bind(lease)
+        .bind(micros(lease))
         .fetch_optional(&mut *tx)
         .await?;
         let Some((attempt,)) = claimed else {

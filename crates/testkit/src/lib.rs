@@ -1,1 +1,93 @@
+//! What zapflow's tests stand on: real services, each test with its own data.
+//!
+//! - PostgreSQL: a fresh database per test (`ZAPFLOW_TEST_DATABASE_URL`,
+//!   default `postgres://postgres@127.0.0.1:5432`).
+//! - A Kafka-protocol broker: fresh topic and group names per test
+//!   (`ZAPFLOW_TEST_KAFKA_BROKERS`, default `127.0.0.1:19092`).
+//! - SMTP: [`SmtpSink`], a real SMTP server on a loopback port.
+//!
+//! A service that cannot be reached fails the test with how to start it.
 
+mod smtp;
+mod stack;
+
+use std::time::Duration;
+
+use sqlx::Connection;
+use zapflow_bus::BusSettings;
+use zapflow_store::Store;
+
+pub use smtp::{Mail, SmtpSink};
+pub use stack::{Stack, StackOptions, with_key};
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A short random suffix for names that must not collide across tests.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A migrated, empty database of this test's own.
+pub async fn test_store() -> Store {
+    let server = env_or("ZAPFLOW_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432");
+    let name = unique("zapflow_test").replace('-', "_");
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "cannot reach PostgreSQL at {server} ({error}). Start it with \
+                 `pg_ctlcluster --skip-systemctl-redirect 15 main start` or point \
+                 ZAPFLOW_TEST_DATABASE_URL at a server (user with CREATEDB)."
+            )
+        });
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("creating the test database");
+    let store = Store::connect_lazy(&format!("{server}/{name}"), 20).expect("database URL");
+    store.migrate().await.expect("migrating the test database");
+    store
+}
+
+/// Topic and group names of this test's own on the test broker, with the
+/// topics created.
+pub async fn test_bus(partitions: i32) -> BusSettings {
+    let brokers = env_or("ZAPFLOW_TEST_KAFKA_BROKERS", "127.0.0.1:19092");
+    let bus = BusSettings {
+        brokers: brokers.clone(),
+        events_topic: unique("zap-events"),
+        dead_letter_topic: unique("zap-events-dlq"),
+        partitions,
+    };
+    let reachable = tokio::time::timeout(Duration::from_secs(10), bus.ping()).await;
+    if !matches!(reachable, Ok(Ok(()))) {
+        panic!(
+            "cannot reach a Kafka-protocol broker at {brokers}. Start one with \
+             `bash scripts/start-broker.sh` (tansu on 127.0.0.1:19092) or point \
+             ZAPFLOW_TEST_KAFKA_BROKERS at one."
+        );
+    }
+    bus.ensure_topics().await.expect("creating test topics");
+    bus
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with
+/// `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,188 @@
+//! A small but real SMTP server for tests: it speaks the protocol on a
+//! loopback socket and keeps every message it accepts.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// One accepted message.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub from: String,
+    pub recipients: Vec<String>,
+    /// The message as sent after DATA (headers, blank line, body).
+    pub data: String,
+}
+
+impl Mail {
+    /// The first header of that name (case-insensitive), unfolded.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.data.split("\r\n\r\n").next()?;
+        let mut value: Option<String> = None;
+        for line in head.split("\r\n") {
+            if let Some(current) = value.as_mut() {
+                if line.starts_with([' ', '\t']) {
+                    current.push_str(line);
+                    continue;
+                }
+                break;
+            }
+            if let Some((key, rest)) = line.split_once(':')
+                && key.eq_ignore_ascii_case(name)
+            {
+                value = Some(rest.trim().to_owned());
+            }
+        }
+        value
+    }
+
+    /// The body, after the headers.
+    pub fn body(&self) -> &str {
+        self.data.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    mails: Mutex<Vec<Mail>>,
+    /// When set, the reply to every RCPT TO (for example "451 try later").
+    reject_rcpt: Mutex<Option<String>>,
+    arrived: Notify,
+}
+
+/// The SMTP server; it stops when dropped.
+pub struct SmtpSink {
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SmtpSink {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the SMTP sink");
+        let address = listener.local_addr().expect("local address");
+        let shared = Arc::new(Shared::default());
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(serve(stream, shared.clone()));
+                }
+            }
+        });
+        Self { address, shared, task }
+    }
+
+    /// `smtp://127.0.0.1:<port>`, for `EmailSettings::smtp_url`.
+    pub fn url(&self) -> String {
+        format!("smtp://{}", self.address)
+    }
+
+    /// Answers every RCPT TO with `reply` (e.g. `451 4.3.0 busy`), or
+    /// accepts again with `None`.
+    pub fn reject_recipients(&self, reply: Option<&str>) {
+        *self.shared.reject_rcpt.lock().unwrap() = reply.map(str::to_owned);
+    }
+
+    pub fn mails(&self) -> Vec<Mail> {
+        self.shared.mails.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `count` messages arrived; panics after `timeout`.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Mail> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.shared.arrived.notified();
+            let mails = self.mails();
+            if mails.len() >= count {
+                return mails;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                panic!("expected {count} emails within {timeout:?}, got {}: {mails:#?}", mails.len());
+            }
+        }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    writer.write_all(b"220 zapflow-test-sink ESMTP\r\n").await?;
+    let (mut from, mut recipients) = (String::new(), Vec::new());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let command = line.trim_end().to_owned();
+        let verb = command.split_whitespace().next().unwrap_or_default().to_ascii_uppercase();
+        let reply: String = match verb.as_str() {
+            "EHLO" => "250-zapflow-test-sink\r\n250-8BITMIME\r\n250 SMTPUTF8".into(),
+            "HELO" => "250 zapflow-test-sink".into(),
+            "MAIL" => {
+                from = address_of(&command);
+                recipients.clear();
+                "250 OK".into()
+            }
+            "RCPT" => match shared.reject_rcpt.lock().unwrap().clone() {
+                Some(reply) => reply,
+                None => {
+                    recipients.push(address_of(&command));
+                    "250 OK".into()
+                }
+            },
+            "DATA" => {
+                writer.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await?;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                    // Undo dot-stuffing.
+                    data.push_str(line.strip_prefix('.').filter(|_| line.starts_with("..")).unwrap_or(&line));
+                }
+                let data = data.strip_suffix("\r\n").unwrap_or(&data).to_owned();
+                shared.mails.lock().unwrap().push(Mail {
+                    from: std::mem::take(&mut from),
+                    recipients: std::mem::take(&mut recipients),
+                    data,
+                });
+                shared.arrived.notify_waiters();
+                "250 OK queued".into()
+            }
+            "RSET" => {
+                from.clear();
+                recipients.clear();
+                "250 OK".into()
+            }
+            "NOOP" => "250 OK".into(),
+            "QUIT" => {
+                writer.write_all(b"221 bye\r\n").await?;
+                return Ok(());
+            }
+            _ => "502 command not implemented".into(),
+        };
+        writer.write_all(format!("{reply}\r\n").as_bytes()).await?;
+    }
+}
+
+fn address_of(command: &str) -> String {
+    let start = command.find('<').map_or(0, |i| i + 1);
+    let end = command[start..].find('>').map_or(command.len(), |i| start + i);
+    command[start..end].to_owned()
+}

@@ -1,0 +1,166 @@
+//! Every role of zapflow inside the test process, on ports chosen by the OS.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::Request;
+use tonic::transport::Channel;
+use zapflow_actions::{EmailSettings, Executor, Mailer};
+use zapflow_api::ApiSettings;
+use zapflow_bus::BusSettings;
+use zapflow_gateway::GatewaySettings;
+use zapflow_processor::{Relay, RelaySettings};
+use zapflow_proto::v1::zap_service_client::ZapServiceClient;
+use zapflow_store::Store;
+use zapflow_worker::{DeadLetters, Worker, WorkerSettings};
+
+/// What a test may change about the stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub smtp_url: Option<String>,
+    pub worker: WorkerSettings,
+    pub body_limit: usize,
+    /// Processors to run (they share the outbox).
+    pub processors: usize,
+    /// Workers to run (members of one consumer group).
+    pub workers: usize,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            worker: WorkerSettings::default(),
+            body_limit: 1024 * 1024,
+            processors: 1,
+            workers: 1,
+        }
+    }
+}
+
+/// A running zapflow; stops when dropped.
+pub struct Stack {
+    pub store: Store,
+    pub bus: BusSettings,
+    pub grpc_address: SocketAddr,
+    pub http_address: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Stack {
+    pub async fn start(store: Store, bus: BusSettings, options: StackOptions) -> Self {
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_address = grpc.local_addr().unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_address = http.local_addr().unwrap();
+
+        let api_settings = ApiSettings {
+            public_url: format!("http://{http_address}"),
+            max_message_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+        };
+        tasks.spawn({
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            async move {
+                zapflow_api::serve(grpc, store, api_settings, shutdown).await.unwrap();
+            }
+        });
+
+        let client = zapflow_gateway::ingest_client(&format!("http://{grpc_address}"), 4 * 1024 * 1024).unwrap();
+        let router = zapflow_gateway::router(
+            client,
+            &GatewaySettings {
+                body_limit: options.body_limit,
+                request_timeout: Duration::from_secs(30),
+            },
+        );
+        tasks.spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                zapflow_gateway::serve(http, router, shutdown).await.unwrap();
+            }
+        });
+
+        for _ in 0..options.processors {
+            let producer = bus.producer(Duration::from_secs(10)).unwrap();
+            let relay = Relay::new(
+                store.clone(),
+                producer,
+                bus.clone(),
+                RelaySettings {
+                    batch_size: 500,
+                    poll_interval: Duration::from_millis(200),
+                },
+            );
+            tasks.spawn(relay.run(shutdown.clone()));
+        }
+
+        let group = crate::unique("zapflow-workers");
+        let mailbox_dir = std::env::temp_dir().join(crate::unique("zapflow-mailbox"));
+        for _ in 0..options.workers {
+            let mailer = Mailer::new(&EmailSettings {
+                smtp_url: options.smtp_url.clone(),
+                mailbox_dir: mailbox_dir.clone(),
+                from: "zapflow <zapflow@localhost>".into(),
+                timeout: Duration::from_secs(10),
+            })
+            .unwrap();
+            let worker = Worker::new(store.clone(), Executor::new(mailer), options.worker.clone());
+            let consumer = bus.consumer(&group, Duration::from_secs(60)).unwrap();
+            let dead_letters = DeadLetters {
+                producer: bus.producer(Duration::from_secs(10)).unwrap(),
+                topic: bus.dead_letter_topic.clone(),
+            };
+            tasks.spawn(zapflow_worker::consume(worker, consumer, dead_letters, shutdown.clone()));
+        }
+
+        Self {
+            store,
+            bus,
+            grpc_address,
+            http_address,
+            shutdown,
+            tasks,
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_address)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_address)
+    }
+
+    pub async fn zap_client(&self) -> ZapServiceClient<Channel> {
+        ZapServiceClient::connect(self.grpc_url()).await.expect("connecting to the API")
+    }
+
+    /// Stops every role and waits for them to drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `message` with `authorization: Bearer <key>`.
+pub fn with_key<T>(key: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request
+}

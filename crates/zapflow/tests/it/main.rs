@@ -1,0 +1,9 @@
+//! Integration tests against real PostgreSQL, a Kafka-protocol broker and
+//! an SMTP server on loopback. See crates/testkit for how to reach them.
+
+mod end_to_end;
+mod gateway;
+mod processor;
+mod support;
+mod tenancy;
+mod worker;

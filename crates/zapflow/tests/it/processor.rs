@@ -1,0 +1,112 @@
+//! The outbox relay: every row reaches the broker, none is lost.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use zapflow_bus::BusSettings;
+use zapflow_processor::{Relay, RelaySettings};
+use zapflow_store::Store;
+use zapflow_testkit::{test_bus, test_store, unique};
+
+async fn insert_outbox_rows(store: &Store, count: i64) {
+    sqlx::query(
+        "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind)
+         SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 0, 'step'
+         FROM generate_series(1, $1)",
+    )
+    .bind(count)
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
+
+fn relay(store: &Store, bus: &BusSettings, delivery_timeout: Duration) -> Relay {
+    let settings = RelaySettings {
+        batch_size: 250,
+        poll_interval: Duration::from_millis(100),
+    };
+    Relay::new(store.clone(), bus.producer(delivery_timeout).unwrap(), bus.clone(), settings)
+}
+
+/// Reads `expected` messages from the events topic; returns their event ids.
+async fn read_events(bus: &BusSettings, expected: usize) -> Vec<String> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bus.brokers)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&bus.events_topic]).unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < expected {
+        let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {expected} events arrived", ids.len()))
+            .unwrap();
+        ids.push(zapflow_bus::decode(message.payload().unwrap()).unwrap().event_id);
+    }
+    // Nothing beyond what was expected.
+    let extra = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await;
+    assert!(extra.is_err(), "more events than rows");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processors_relay_every_row_exactly_once() {
+    let store = test_store().await;
+    let bus = test_bus(3).await;
+    const ROWS: i64 = 3000;
+    insert_outbox_rows(&store, ROWS).await;
+    let (expected,): (Vec<uuid::Uuid>,) = sqlx::query_as("SELECT array_agg(event_id) FROM zap_run_outbox")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+
+    let relays = [relay(&store, &bus, Duration::from_secs(30)), relay(&store, &bus, Duration::from_secs(30))];
+    let passes = relays.iter().map(|relay| async move {
+        let mut delivered = 0;
+        loop {
+            let (done, claimed) = relay.relay_once().await.unwrap();
+            delivered += done;
+            if claimed == 0 {
+                return delivered;
+            }
+        }
+    });
+    let delivered: Vec<usize> = futures::future::join_all(passes).await;
+    assert_eq!(delivered.iter().sum::<usize>(), ROWS as usize, "{delivered:?}");
+    assert!(delivered.iter().all(|&n| n > 0), "both processors took part: {delivered:?}");
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+
+    let ids = read_events(&bus, ROWS as usize).await;
+    let unique_ids: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique_ids.len(), ROWS as usize, "no event relayed twice");
+    let expected: HashSet<String> = expected.iter().map(ToString::to_string).collect();
+    assert_eq!(unique_ids, expected.iter().collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_stay_when_the_broker_is_unreachable() {
+    let store = test_store().await;
+    let unreachable = BusSettings {
+        brokers: "127.0.0.1:1".into(),
+        events_topic: unique("zap-events"),
+        dead_letter_topic: unique("zap-events-dlq"),
+        partitions: 1,
+    };
+    insert_outbox_rows(&store, 5).await;
+    let relay = relay(&store, &unreachable, Duration::from_secs(2));
+    let (delivered, claimed) = relay.relay_once().await.unwrap();
+    assert_eq!((delivered, claimed), (0, 5));
+    assert_eq!(store.outbox_len().await.unwrap(), 5, "nothing deleted without an ack");
+
+    // Once a broker answers, the same rows go out.
+    let bus = test_bus(1).await;
+    let relay = self::relay(&store, &bus, Duration::from_secs(30));
+    assert_eq!(relay.relay_once().await.unwrap(), (5, 5));
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    assert_eq!(read_events(&bus, 5).await.len(), 5);
+}

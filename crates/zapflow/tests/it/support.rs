@@ -1,0 +1,116 @@
+//! Shared setup: a user with a key and a zap over gRPC.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use zapflow_proto::v1 as pb;
+use zapflow_testkit::{Stack, with_key};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// JSON object -> protobuf Struct, as a gRPC client would send it.
+pub fn to_struct(json: Value) -> prost_types::Struct {
+    fn to_value(json: Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match json {
+            Value::Null => Kind::NullValue(0),
+            Value::Bool(b) => Kind::BoolValue(b),
+            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+            Value::String(s) => Kind::StringValue(s),
+            Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+                values: items.into_iter().map(to_value).collect(),
+            }),
+            Value::Object(_) => Kind::StructValue(to_struct(json)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    let Value::Object(map) = json else { panic!("not an object: {json}") };
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+pub fn email_action(to: &str, subject: &str, body: &str) -> pb::Action {
+    pb::Action {
+        r#type: "email".into(),
+        config: Some(to_struct(json!({ "to": to, "subject": subject, "body": body }))),
+    }
+}
+
+/// A new user's API key.
+pub async fn new_user(stack: &Stack, name: &str) -> String {
+    let (_, key) = stack.store.create_user(name).await.unwrap();
+    key.to_string()
+}
+
+/// Creates a zap; returns it and its webhook URL.
+pub async fn create_zap(stack: &Stack, key: &str, actions: Vec<pb::Action>) -> (pb::Zap, String) {
+    let reply = stack
+        .zap_client()
+        .await
+        .create_zap(with_key(
+            key,
+            pb::CreateZapRequest {
+                name: "test zap".into(),
+                actions,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    (reply.zap.unwrap(), reply.webhook_url)
+}
+
+/// A zap with one email action to `to@example.com`.
+pub async fn simple_zap(stack: &Stack, key: &str) -> (pb::Zap, String) {
+    create_zap(stack, key, vec![email_action("to@example.com", "hello {{ trigger.n }}", "body")]).await
+}
+
+/// POSTs `body` as JSON; returns the status and the JSON answer.
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn count_runs(stack: &Stack) -> i64 {
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_runs")
+        .fetch_one(stack.store.pool())
+        .await
+        .unwrap();
+    count
+}
+
+/// Waits until GetRun shows the run in `status`.
+pub async fn wait_for_run(stack: &Stack, key: &str, run_id: &str, status: pb::RunStatus) -> pb::Run {
+    let client = stack.zap_client().await;
+    zapflow_testkit::eventually(&format!("run {run_id} to be {status:?}"), WAIT, || {
+        let mut client = client.clone();
+        let request = with_key(key, pb::GetRunRequest { id: run_id.to_owned() });
+        async move {
+            let run = client.get_run(request).await.unwrap().into_inner().run.unwrap();
+            (run.status == status as i32).then_some(run)
+        }
+    })
+    .await
+}
+
+/// A stack whose email goes to `smtp`.
+pub async fn stack_with_smtp(smtp: &zapflow_testkit::SmtpSink, partitions: i32) -> Stack {
+    let options = zapflow_testkit::StackOptions {
+        smtp_url: Some(smtp.url()),
+        ..Default::default()
+    };
+    Stack::start(
+        zapflow_testkit::test_store().await,
+        zapflow_testkit::test_bus(partitions).await,
+        options,
+    )
+    .await
+}

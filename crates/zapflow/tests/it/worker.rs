@@ -1,0 +1,135 @@
+//! The worker's step state makes redeliveries harmless.
+
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+use zapflow_actions::{EmailSettings, Executor, Mailer};
+use zapflow_core::ActionSpec;
+use zapflow_proto::v1::ZapEvent;
+use zapflow_store::{NewRun, StepOutcome, Store};
+use zapflow_testkit::{SmtpSink, test_store};
+use zapflow_worker::{Handled, Worker, WorkerSettings};
+
+fn worker(store: &Store, smtp: &SmtpSink) -> Worker {
+    let mailer = Mailer::new(&EmailSettings {
+        smtp_url: Some(smtp.url()),
+        mailbox_dir: std::env::temp_dir(),
+        from: "zapflow@localhost".into(),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    Worker::new(store.clone(), Executor::new(mailer), WorkerSettings::default())
+}
+
+/// A run of a one-email zap, recorded as ingestion would; returns its first
+/// step's event.
+async fn accepted_run(store: &Store) -> ZapEvent {
+    let (owner_id, _) = store.create_user("alice").await.unwrap();
+    let action: ActionSpec = serde_json::from_value(json!({
+        "type": "email",
+        "config": {"to": "{{ trigger.to }}", "subject": "once", "body": "only once"}
+    }))
+    .unwrap();
+    let zap = store.create_zap(owner_id, "zap", &[action.clone()], b"hash").await.unwrap();
+    let run = NewRun {
+        id: Uuid::now_v7(),
+        zap_id: zap.id,
+        owner_id,
+        trigger: json!({"to": "bob@example.com"}),
+        headers: json!({}),
+        query: json!({}),
+        actions: vec![action],
+        idempotency_key: None,
+    };
+    store.insert_runs(&[run.clone()]).await.unwrap();
+    ZapEvent {
+        event_id: Uuid::new_v4().to_string(),
+        run_id: run.id.to_string(),
+        zap_id: zap.id.to_string(),
+        stage: 0,
+        ..ZapEvent::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_twice_sends_one_email() {
+    let store = test_store().await;
+    let smtp = SmtpSink::start().await;
+    let worker = worker(&store, &smtp);
+    let event = accepted_run(&store).await;
+
+    let first = worker.execute(&event).await.unwrap();
+    assert!(matches!(first, Handled::Ran(StepOutcome::Succeeded(_))), "{first:?}");
+    let second = worker.execute(&event).await.unwrap();
+    assert_eq!(second, Handled::Duplicate);
+
+    assert_eq!(smtp.mails().len(), 1);
+    assert_eq!(smtp.mails()[0].recipients, ["bob@example.com"]);
+    let run = store.run(event.run_id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(run.status, zapflow_core::RunStatus::Succeeded);
+    assert_eq!(run.steps[0].attempts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_for_an_unknown_run_is_dead_lettered() {
+    let store = test_store().await;
+    let smtp = SmtpSink::start().await;
+    let worker = worker(&store, &smtp);
+    let event = ZapEvent {
+        event_id: Uuid::new_v4().to_string(),
+        run_id: Uuid::new_v4().to_string(),
+        zap_id: Uuid::new_v4().to_string(),
+        stage: 0,
+        ..ZapEvent::default()
+    };
+    let handled = worker.execute(&event).await.unwrap();
+    assert!(matches!(handled, Handled::DeadLettered(_)), "{handled:?}");
+    let (kind, reason): (String, String) = sqlx::query_as("SELECT kind, reason FROM zap_run_outbox")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(kind, "dead_letter");
+    assert!(reason.contains(&event.run_id));
+
+    let garbage = ZapEvent {
+        run_id: "not-a-uuid".into(),
+        ..event
+    };
+    assert!(matches!(worker.execute(&garbage).await.unwrap(), Handled::Poison(_)));
+    assert!(smtp.mails().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
+    let store = test_store().await;
+    let smtp = SmtpSink::start().await;
+    smtp.reject_recipients(Some("451 4.3.0 try again later"));
+    let worker = worker(&store, &smtp);
+    let event = accepted_run(&store).await;
+
+    let handled = worker.execute(&event).await.unwrap();
+    let Handled::Ran(StepOutcome::Retry { error, delay }) = handled else {
+        panic!("expected a retry, got {handled:?}");
+    };
+    assert!(error.contains("451") || error.contains("try again"), "{error}");
+    assert!(delay >= Duration::from_secs(1));
+    // Besides the accepted run's first event (never relayed here), the
+    // retry waits in the outbox until its time comes.
+    let (delayed,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox WHERE available_at > now()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(delayed, 1);
+    let run = store.run(event.run_id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(run.steps[0].status, zapflow_core::StepStatus::Retrying);
+    assert_eq!(run.steps[0].error.as_deref(), Some(error.as_str()));
+
+    // The retry succeeds once the server accepts again.
+    smtp.reject_recipients(None);
+    let handled = worker.execute(&event).await.unwrap();
+    assert!(matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))), "{handled:?}");
+    let run = store.run(event.run_id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(run.steps[0].attempts, 2);
+    assert_eq!(smtp.mails().len(), 1);
+}
