@@ -44,7 +44,10 @@ pub fn validate_actions(actions: &[ActionSpec]) -> Result<(), FieldError> {
     }
     for (index, action) in actions.iter().enumerate() {
         let prefix = format!("actions[{index}]");
-        let Some(kind) = catalog().iter().find(|kind| kind.name == action.action_type) else {
+        let Some(kind) = catalog()
+            .iter()
+            .find(|kind| kind.name == action.action_type)
+        else {
             let known: Vec<_> = catalog().iter().map(|kind| kind.name).collect();
             return Err(FieldError {
                 field: format!("{prefix}.type"),
@@ -77,8 +80,9 @@ pub fn validate_actions(actions: &[ActionSpec]) -> Result<(), FieldError> {
                     if field.required && text.trim().is_empty() {
                         return Err(field_error(field.name, "must not be empty".into()));
                     }
-                    zapflow_core::template::check(text)
-                        .map_err(|error| field_error(field.name, format!("invalid template: {error}")))?;
+                    zapflow_core::template::check(text).map_err(|error| {
+                        field_error(field.name, format!("invalid template: {error}"))
+                    })?;
                     let literal = !text.contains("{{") && !text.contains("{%");
                     if literal && kind.name == email::TYPE {
                         email::validate_literal(field.name, text)
@@ -117,18 +121,30 @@ mod tests {
     fn names_the_field_at_fault() {
         let cases = [
             (vec![], "actions"),
-            (vec![action(json!({"type": "fax", "config": {}}))], "actions[0].type"),
-            (vec![email(json!({"subject": "s", "body": "b"}))], "actions[0].config.to"),
             (
-                vec![email(json!({"to": "not-an-address", "subject": "s", "body": "b"}))],
+                vec![action(json!({"type": "fax", "config": {}}))],
+                "actions[0].type",
+            ),
+            (
+                vec![email(json!({"subject": "s", "body": "b"}))],
                 "actions[0].config.to",
             ),
             (
-                vec![email(json!({"to": "a@example.com", "subject": "{{ x", "body": "b"}))],
+                vec![email(
+                    json!({"to": "not-an-address", "subject": "s", "body": "b"}),
+                )],
+                "actions[0].config.to",
+            ),
+            (
+                vec![email(
+                    json!({"to": "a@example.com", "subject": "{{ x", "body": "b"}),
+                )],
                 "actions[0].config.subject",
             ),
             (
-                vec![email(json!({"to": "a@example.com", "subject": "s", "body": "b", "bcc": "x"}))],
+                vec![email(
+                    json!({"to": "a@example.com", "subject": "s", "body": "b", "bcc": "x"}),
+                )],
                 "actions[0].config.bcc",
             ),
         ];

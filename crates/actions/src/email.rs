@@ -120,7 +120,10 @@ impl Mailer {
             }
             None => {
                 std::fs::create_dir_all(&settings.mailbox_dir).map_err(|error| {
-                    format!("cannot create mailbox {}: {error}", settings.mailbox_dir.display())
+                    format!(
+                        "cannot create mailbox {}: {error}",
+                        settings.mailbox_dir.display()
+                    )
                 })?;
                 Transport::Mailbox(AsyncFileTransport::new(&settings.mailbox_dir))
             }
@@ -141,7 +144,8 @@ impl Mailer {
         step: StepRef,
     ) -> Result<Value, ActionError> {
         let field = |name| render_field(config, name, context);
-        let permanent = |name: &str, error: String| ActionError::Permanent(format!("{name}: {error}"));
+        let permanent =
+            |name: &str, error: String| ActionError::Permanent(format!("{name}: {error}"));
 
         let to_text = field("to")?.unwrap_or_default();
         let to = parse_mailboxes(&to_text).map_err(|error| permanent("to", error))?;
@@ -160,7 +164,10 @@ impl Mailer {
             builder = builder.to(mailbox.clone());
         }
         if let Some(cc) = field("cc")? {
-            for mailbox in parse_mailboxes(&cc).map_err(|error| permanent("cc", error))?.iter() {
+            for mailbox in parse_mailboxes(&cc)
+                .map_err(|error| permanent("cc", error))?
+                .iter()
+            {
                 builder = builder.cc(mailbox.clone());
             }
         }

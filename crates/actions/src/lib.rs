@@ -51,7 +51,9 @@ impl Executor {
     ) -> Result<Value, ActionError> {
         match action.action_type.as_str() {
             email::TYPE => self.mailer.send(&action.config, context, step).await,
-            other => Err(ActionError::Permanent(format!("unknown action type {other:?}"))),
+            other => Err(ActionError::Permanent(format!(
+                "unknown action type {other:?}"
+            ))),
         }
     }
 }

@@ -62,7 +62,11 @@ pub fn actions_from_proto(actions: &[pb::Action]) -> Vec<ActionSpec> {
         .iter()
         .map(|action| ActionSpec {
             action_type: action.r#type.clone(),
-            config: action.config.as_ref().map(struct_to_json).unwrap_or_default(),
+            config: action
+                .config
+                .as_ref()
+                .map(struct_to_json)
+                .unwrap_or_default(),
         })
         .collect()
 }

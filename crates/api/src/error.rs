@@ -39,7 +39,9 @@ impl ApiError {
             StoreError::Db(error) => {
                 tracing::error!(%error, "database error");
                 match error {
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => Self::Unavailable,
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                        Self::Unavailable
+                    }
                     _ => Self::Internal,
                 }
             }

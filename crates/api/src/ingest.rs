@@ -69,7 +69,10 @@ impl IngestApi {
             idempotency_key: Some(request.idempotency_key.clone()).filter(|key| !key.is_empty()),
         };
         let (reply, answer) = oneshot::channel();
-        self.queue.send((run, reply)).await.map_err(|_| ApiError::Unavailable)?;
+        self.queue
+            .send((run, reply))
+            .await
+            .map_err(|_| ApiError::Unavailable)?;
         answer.await.map_err(|_| ApiError::Unavailable)?
     }
 }
@@ -102,7 +105,10 @@ async fn commit_batches(store: Store, receiver: Arc<Mutex<mpsc::Receiver<(NewRun
 
 #[tonic::async_trait]
 impl IngestService for IngestApi {
-    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        request: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
         let (run_id, duplicate) = IngestApi::ingest(self, request.get_ref()).await?;
         Ok(Response::new(pb::IngestResponse {
             run_id: run_id.to_string(),

@@ -44,7 +44,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for service in SERVICES {
-        reporter.set_service_status(service, ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
     }
     tokio::spawn(watch_database(store.clone(), reporter, shutdown.clone()));
 
@@ -92,7 +94,11 @@ async fn watch_database(store: Store, reporter: HealthReporter, shutdown: Cancel
             }
             serving = Some(now_serving);
         }
-        let pause = if now_serving { Duration::from_secs(5) } else { Duration::from_millis(500) };
+        let pause = if now_serving {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(500)
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(pause) => {}

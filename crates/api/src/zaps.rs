@@ -61,7 +61,11 @@ impl ZapApi {
         Ok(actions)
     }
 
-    async fn set_status(&self, request: Request<pb::PauseZapRequest>, status: ZapStatus) -> Result<pb::Zap> {
+    async fn set_status(
+        &self,
+        request: Request<pb::PauseZapRequest>,
+        status: ZapStatus,
+    ) -> Result<pb::Zap> {
         let owner = self.authenticate(&request).await?;
         let id = parse_id(&request.get_ref().id, "zap")?;
         let zap = self
@@ -85,7 +89,10 @@ type Reply<T> = std::result::Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl ZapService for ZapApi {
-    async fn create_zap(&self, request: Request<pb::CreateZapRequest>) -> Reply<pb::CreateZapResponse> {
+    async fn create_zap(
+        &self,
+        request: Request<pb::CreateZapRequest>,
+    ) -> Reply<pb::CreateZapResponse> {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
         let actions = Self::validate(&body.name, &body.actions)?;
@@ -111,12 +118,19 @@ impl ZapService for ZapApi {
         }))
     }
 
-    async fn list_zaps(&self, request: Request<pb::ListZapsRequest>) -> Reply<pb::ListZapsResponse> {
+    async fn list_zaps(
+        &self,
+        request: Request<pb::ListZapsRequest>,
+    ) -> Reply<pb::ListZapsResponse> {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
         let limit = page_size(body.page_size)?;
         let after = parse_page_token(&body.page_token)?;
-        let mut zaps = self.store.list_zaps(owner, after, limit + 1).await.map_err(zap_error)?;
+        let mut zaps = self
+            .store
+            .list_zaps(owner, after, limit + 1)
+            .await
+            .map_err(zap_error)?;
         let more = zaps.len() > limit as usize;
         zaps.truncate(limit as usize);
         let next_page_token = match (more, zaps.last()) {
@@ -129,7 +143,10 @@ impl ZapService for ZapApi {
         }))
     }
 
-    async fn update_zap(&self, request: Request<pb::UpdateZapRequest>) -> Reply<pb::UpdateZapResponse> {
+    async fn update_zap(
+        &self,
+        request: Request<pb::UpdateZapRequest>,
+    ) -> Reply<pb::UpdateZapResponse> {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
         let id = parse_id(&body.id, "zap")?;
@@ -144,21 +161,31 @@ impl ZapService for ZapApi {
         }))
     }
 
-    async fn delete_zap(&self, request: Request<pb::DeleteZapRequest>) -> Reply<pb::DeleteZapResponse> {
+    async fn delete_zap(
+        &self,
+        request: Request<pb::DeleteZapRequest>,
+    ) -> Reply<pb::DeleteZapResponse> {
         let owner = self.authenticate(&request).await?;
         let id = parse_id(&request.get_ref().id, "zap")?;
         self.store.delete_zap(owner, id).await.map_err(zap_error)?;
         Ok(Response::new(pb::DeleteZapResponse {}))
     }
 
-    async fn pause_zap(&self, request: Request<pb::PauseZapRequest>) -> Reply<pb::PauseZapResponse> {
+    async fn pause_zap(
+        &self,
+        request: Request<pb::PauseZapRequest>,
+    ) -> Reply<pb::PauseZapResponse> {
         let zap = self.set_status(request, ZapStatus::Paused).await?;
         Ok(Response::new(pb::PauseZapResponse { zap: Some(zap) }))
     }
 
-    async fn resume_zap(&self, request: Request<pb::ResumeZapRequest>) -> Reply<pb::ResumeZapResponse> {
+    async fn resume_zap(
+        &self,
+        request: Request<pb::ResumeZapRequest>,
+    ) -> Reply<pb::ResumeZapResponse> {
         let (metadata, extensions, body) = request.into_parts();
-        let request = Request::from_parts(metadata, extensions, pb::PauseZapRequest { id: body.id });
+        let request =
+            Request::from_parts(metadata, extensions, pb::PauseZapRequest { id: body.id });
         let zap = self.set_status(request, ZapStatus::Active).await?;
         Ok(Response::new(pb::ResumeZapResponse { zap: Some(zap) }))
     }
@@ -185,11 +212,17 @@ impl ZapService for ZapApi {
     ) -> Reply<pb::ListActionTypesResponse> {
         self.authenticate(&request).await?;
         Ok(Response::new(pb::ListActionTypesResponse {
-            action_types: zapflow_actions::catalog().iter().map(action_type_to_proto).collect(),
+            action_types: zapflow_actions::catalog()
+                .iter()
+                .map(action_type_to_proto)
+                .collect(),
         }))
     }
 
-    async fn list_runs(&self, request: Request<pb::ListRunsRequest>) -> Reply<pb::ListRunsResponse> {
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Reply<pb::ListRunsResponse> {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
         let zap_id = match body.zap_id.as_str() {
@@ -210,7 +243,10 @@ impl ZapService for ZapApi {
             .map_err(run_error)?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: page.runs.iter().map(run_to_proto).collect(),
-            next_page_token: page.next_before.map(|id| id.to_string()).unwrap_or_default(),
+            next_page_token: page
+                .next_before
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
         }))
     }
 

@@ -49,14 +49,21 @@ impl BusSettings {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                delivery_timeout.as_millis().to_string(),
+            )
             .create()
     }
 
     /// A worker's consumer. Offsets are stored by hand, only once the step
     /// they carry is committed to the database, and auto-committed from
     /// there: a worker that dies mid-step gets the event redelivered.
-    pub fn consumer(&self, group: &str, max_poll_interval: Duration) -> Result<StreamConsumer, KafkaError> {
+    pub fn consumer(
+        &self,
+        group: &str,
+        max_poll_interval: Duration,
+    ) -> Result<StreamConsumer, KafkaError> {
         let consumer: StreamConsumer = self
             .client_config()
             .set("group.id", group)
@@ -64,7 +71,10 @@ impl BusSettings {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("max.poll.interval.ms", max_poll_interval.as_millis().to_string())
+            .set(
+                "max.poll.interval.ms",
+                max_poll_interval.as_millis().to_string(),
+            )
             .set("session.timeout.ms", "10000")
             .create()?;
         consumer.subscribe(&[&self.events_topic])?;
@@ -95,7 +105,9 @@ impl BusSettings {
         let config = self.client_config();
         tokio::task::spawn_blocking(move || {
             let consumer: rdkafka::consumer::BaseConsumer = config.create()?;
-            consumer.fetch_metadata(None, Duration::from_secs(5)).map(drop)
+            consumer
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map(drop)
         })
         .await
         .unwrap_or(Err(KafkaError::Canceled))
@@ -109,7 +121,9 @@ pub fn event_for(row: &OutboxRow) -> ZapEvent {
         run_id: row.run_id.to_string(),
         zap_id: row.zap_id.to_string(),
         stage: row.stage,
-        create_time: Some(prost_types::Timestamp::from(SystemTime::from(row.created_at))),
+        create_time: Some(prost_types::Timestamp::from(SystemTime::from(
+            row.created_at,
+        ))),
         dead_letter_reason: row.reason.clone().unwrap_or_default(),
     }
 }

@@ -54,7 +54,10 @@ mod tests {
             let ceiling = (2.0 * 3f64.powi(attempt as i32 - 1)).min(600.0);
             for _ in 0..100 {
                 let delay = policy.delay_after(attempt).unwrap().as_secs_f64();
-                assert!(delay >= ceiling / 2.0 && delay <= ceiling, "{attempt}: {delay}");
+                assert!(
+                    delay >= ceiling / 2.0 && delay <= ceiling,
+                    "{attempt}: {delay}"
+                );
             }
             assert!(ceiling >= previous_ceiling);
             previous_ceiling = ceiling;

@@ -71,7 +71,12 @@ mod tests {
 
     #[test]
     fn malformed_api_keys_are_rejected() {
-        for text in ["", "zf_", "zf_nope_x", "xx_00000000000000000000000000000000_x"] {
+        for text in [
+            "",
+            "zf_",
+            "zf_nope_x",
+            "xx_00000000000000000000000000000000_x",
+        ] {
             assert_eq!(ApiKey::parse(text), None, "{text}");
         }
     }

@@ -46,7 +46,10 @@ mod tests {
     #[test]
     fn renders_nested_payload_fields() {
         let context = json!({"trigger": {"comment": {"email": "a@example.com", "n": 3}}});
-        let text = render("to {{ trigger.comment.email }} x{{ trigger.comment.n }}", &context);
+        let text = render(
+            "to {{ trigger.comment.email }} x{{ trigger.comment.n }}",
+            &context,
+        );
         assert_eq!(text.unwrap(), "to a@example.com x3");
     }
 
@@ -58,7 +61,10 @@ mod tests {
 
     #[test]
     fn a_default_filter_makes_a_field_optional() {
-        let text = render("{{ trigger.name | default('friend') }}", &json!({"trigger": {}}));
+        let text = render(
+            "{{ trigger.name | default('friend') }}",
+            &json!({"trigger": {}}),
+        );
         assert_eq!(text.unwrap(), "friend");
     }
 

@@ -82,11 +82,20 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 async fn catch(
@@ -103,7 +112,10 @@ async fn catch(
         );
     }
     if let Err(parse_error) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-        return error(StatusCode::BAD_REQUEST, &format!("the body is not valid JSON: {parse_error}"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("the body is not valid JSON: {parse_error}"),
+        );
     }
     let idempotency_key = ["idempotency-key", "webhook-id"]
         .iter()
@@ -111,7 +123,10 @@ async fn catch(
         .map(|value| value.to_str().unwrap_or_default().to_owned())
         .unwrap_or_default();
     if idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
-        return error(StatusCode::BAD_REQUEST, "the idempotency key is longer than 255 bytes");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the idempotency key is longer than 255 bytes",
+        );
     }
 
     let mut forwarded: HashMap<String, String> = HashMap::new();
@@ -155,10 +170,15 @@ fn status_to_response(status: &tonic::Status) -> Response {
     match status.code() {
         Code::NotFound => error(StatusCode::NOT_FOUND, "not found"),
         Code::InvalidArgument => error(StatusCode::BAD_REQUEST, status.message()),
-        Code::OutOfRange | Code::ResourceExhausted => error(StatusCode::PAYLOAD_TOO_LARGE, status.message()),
+        Code::OutOfRange | Code::ResourceExhausted => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, status.message())
+        }
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
             tracing::warn!(%status, "ingest unavailable");
-            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable; retry");
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily unavailable; retry",
+            );
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

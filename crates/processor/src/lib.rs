@@ -29,7 +29,12 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(store: Store, producer: FutureProducer, bus: BusSettings, settings: RelaySettings) -> Self {
+    pub fn new(
+        store: Store,
+        producer: FutureProducer,
+        bus: BusSettings,
+        settings: RelaySettings,
+    ) -> Self {
         Self {
             store,
             producer,
@@ -43,13 +48,21 @@ impl Relay {
     /// failed stay for a later pass. Returns how many rows were delivered and
     /// how many were claimed.
     pub async fn relay_once(&self) -> Result<(usize, usize), StoreError> {
-        let claim = self.store.claim_due_outbox_rows(self.settings.batch_size).await?;
+        let claim = self
+            .store
+            .claim_due_outbox_rows(self.settings.batch_size)
+            .await?;
         let messages: Vec<(i64, &str, String, Vec<u8>)> = claim
             .rows
             .iter()
             .map(|row| {
                 let topic = self.bus.topic_for(row.kind);
-                (row.id, topic, row.run_id.to_string(), encode(&event_for(row)))
+                (
+                    row.id,
+                    topic,
+                    row.run_id.to_string(),
+                    encode(&event_for(row)),
+                )
             })
             .collect();
         let reports = join_all(messages.iter().map(|(id, topic, key, payload)| async move {
@@ -78,7 +91,11 @@ impl Relay {
         while !shutdown.is_cancelled() {
             loop {
                 match self.relay_once().await {
-                    Ok((delivered, claimed)) if claimed == self.settings.batch_size as usize && delivered == claimed => continue,
+                    Ok((delivered, claimed))
+                        if claimed == self.settings.batch_size as usize && delivered == claimed =>
+                    {
+                        continue;
+                    }
                     Ok(_) => break,
                     Err(error) => {
                         tracing::warn!(%error, "relay pass failed");

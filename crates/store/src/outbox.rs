@@ -40,6 +40,37 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
 }
 
+#[derive(sqlx::FromRow)]
+struct OutboxRecord {
+    id: i64,
+    event_id: Uuid,
+    run_id: Uuid,
+    zap_id: Uuid,
+    stage: i32,
+    kind: String,
+    reason: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<OutboxRecord> for OutboxRow {
+    fn from(record: OutboxRecord) -> Self {
+        Self {
+            id: record.id,
+            event_id: record.event_id,
+            run_id: record.run_id,
+            zap_id: record.zap_id,
+            stage: record.stage as u32,
+            kind: if record.kind == "dead_letter" {
+                OutboxKind::DeadLetter
+            } else {
+                OutboxKind::Step
+            },
+            reason: record.reason,
+            created_at: record.created_at,
+        }
+    }
+}
+
 /// Rows claimed by one relay pass, locked until the pass commits.
 pub struct OutboxClaim {
     tx: Transaction<'static, Postgres>,
@@ -68,32 +99,15 @@ impl Store {
     /// transaction committed late is still found.
     pub async fn claim_due_outbox_rows(&self, limit: u32) -> Result<OutboxClaim> {
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(i64, Uuid, Uuid, Uuid, i32, String, Option<String>, DateTime<Utc>)> =
-            sqlx::query_as(
-                "SELECT id, event_id, run_id, zap_id, stage, kind, reason, created_at
-                 FROM zap_run_outbox WHERE available_at <= now()
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await?;
-        let rows = rows
-            .into_iter()
-            .map(|(id, event_id, run_id, zap_id, stage, kind, reason, created_at)| OutboxRow {
-                id,
-                event_id,
-                run_id,
-                zap_id,
-                stage: stage as u32,
-                kind: if kind == "dead_letter" {
-                    OutboxKind::DeadLetter
-                } else {
-                    OutboxKind::Step
-                },
-                reason,
-                created_at,
-            })
-            .collect();
+        let rows: Vec<OutboxRecord> = sqlx::query_as(
+            "SELECT id, event_id, run_id, zap_id, stage, kind, reason, created_at
+             FROM zap_run_outbox WHERE available_at <= now()
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows = rows.into_iter().map(OutboxRow::from).collect();
         Ok(OutboxClaim { tx, rows })
     }
 

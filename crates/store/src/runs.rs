@@ -163,7 +163,8 @@ impl Store {
         .bind(Json(runs))
         .fetch_all(&mut *tx)
         .await?;
-        let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+        let inserted: std::collections::HashSet<Uuid> =
+            inserted.into_iter().map(|(id,)| id).collect();
 
         let mut results = Vec::with_capacity(runs.len());
         for run in runs {

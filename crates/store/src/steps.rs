@@ -12,7 +12,7 @@ use crate::{Result, Run, Store};
 #[derive(Debug)]
 pub enum StepClaim {
     /// Yes: the step is leased to the caller for this attempt.
-    Claimed(ClaimedStep),
+    Claimed(Box<ClaimedStep>),
     /// The step already succeeded or failed: a redelivery, nothing to do.
     AlreadyDone,
     /// Another worker holds the step until its lease expires.
@@ -39,7 +39,10 @@ pub struct ClaimedStep {
 pub enum StepOutcome {
     Succeeded(serde_json::Value),
     /// A transient failure: try again after `delay`.
-    Retry { error: String, delay: Duration },
+    Retry {
+        error: String,
+        delay: Duration,
+    },
     /// A permanent failure (or the last attempt): the run fails.
     Failed(String),
 }
@@ -102,11 +105,11 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(StepClaim::Claimed(ClaimedStep {
+        Ok(StepClaim::Claimed(Box::new(ClaimedStep {
             run,
             stage,
             attempt: attempt as u32,
-        }))
+        })))
     }
 
     /// Records how an attempt ended and, in the same transaction, announces
@@ -141,16 +144,43 @@ impl Store {
         let next_stage = step.stage + 1;
         let run_status = match outcome {
             StepOutcome::Succeeded(_) if (next_stage as usize) < run.actions.len() => {
-                enqueue(&mut tx, run.id, run.zap_id, next_stage, OutboxKind::Step, None, Duration::ZERO).await?;
+                enqueue(
+                    &mut tx,
+                    run.id,
+                    run.zap_id,
+                    next_stage,
+                    OutboxKind::Step,
+                    None,
+                    Duration::ZERO,
+                )
+                .await?;
                 RunStatus::Running
             }
             StepOutcome::Succeeded(_) => RunStatus::Succeeded,
             StepOutcome::Retry { delay, .. } => {
-                enqueue(&mut tx, run.id, run.zap_id, step.stage, OutboxKind::Step, None, *delay).await?;
+                enqueue(
+                    &mut tx,
+                    run.id,
+                    run.zap_id,
+                    step.stage,
+                    OutboxKind::Step,
+                    None,
+                    *delay,
+                )
+                .await?;
                 RunStatus::Running
             }
             StepOutcome::Failed(reason) => {
-                enqueue(&mut tx, run.id, run.zap_id, step.stage, OutboxKind::DeadLetter, Some(reason), Duration::ZERO).await?;
+                enqueue(
+                    &mut tx,
+                    run.id,
+                    run.zap_id,
+                    step.stage,
+                    OutboxKind::DeadLetter,
+                    Some(reason),
+                    Duration::ZERO,
+                )
+                .await?;
                 RunStatus::Failed
             }
         };
@@ -170,17 +200,47 @@ impl Store {
 
     /// Announces step `stage` again after `delay` (for a step another worker
     /// holds: if that worker vanished, its lease will have expired by then).
-    pub async fn reschedule_step(&self, run_id: Uuid, zap_id: Uuid, stage: u32, delay: Duration) -> Result<()> {
+    pub async fn reschedule_step(
+        &self,
+        run_id: Uuid,
+        zap_id: Uuid,
+        stage: u32,
+        delay: Duration,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        enqueue(&mut tx, run_id, zap_id, stage, OutboxKind::Step, None, delay).await?;
+        enqueue(
+            &mut tx,
+            run_id,
+            zap_id,
+            stage,
+            OutboxKind::Step,
+            None,
+            delay,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Dead-letters an event that cannot be processed at all.
-    pub async fn dead_letter(&self, run_id: Uuid, zap_id: Uuid, stage: u32, reason: &str) -> Result<()> {
+    pub async fn dead_letter(
+        &self,
+        run_id: Uuid,
+        zap_id: Uuid,
+        stage: u32,
+        reason: &str,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        enqueue(&mut tx, run_id, zap_id, stage, OutboxKind::DeadLetter, Some(reason), Duration::ZERO).await?;
+        enqueue(
+            &mut tx,
+            run_id,
+            zap_id,
+            stage,
+            OutboxKind::DeadLetter,
+            Some(reason),
+            Duration::ZERO,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }

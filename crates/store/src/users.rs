@@ -31,6 +31,7 @@ impl Store {
                 .bind(key.id)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row.and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
+        Ok(row
+            .and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
     }
 }

@@ -27,6 +27,8 @@ pub struct ZapForIngest {
     pub actions: Vec<ActionSpec>,
 }
 
+type IngestRow = (Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>);
+
 #[derive(sqlx::FromRow)]
 struct ZapRow {
     id: Uuid,
@@ -179,7 +181,7 @@ impl Store {
 
     /// A live zap by id alone: the webhook token is the caller's credential.
     pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
-        let row: Option<(Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>)> = sqlx::query_as(
+        let row: Option<IngestRow> = sqlx::query_as(
             "SELECT owner_id, token_hash, status, actions FROM zaps
              WHERE id = $1 AND deleted_at IS NULL",
         )

@@ -31,7 +31,10 @@ pub fn unique(prefix: &str) -> String {
 
 /// A migrated, empty database of this test's own.
 pub async fn test_store() -> Store {
-    let server = env_or("ZAPFLOW_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432");
+    let server = env_or(
+        "ZAPFLOW_TEST_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432",
+    );
     let name = unique("zapflow_test").replace('-', "_");
     let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
         .await

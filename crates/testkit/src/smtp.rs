@@ -42,7 +42,9 @@ impl Mail {
 
     /// The body, after the headers.
     pub fn body(&self) -> &str {
-        self.data.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+        self.data
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, body)| body)
     }
 }
 
@@ -63,7 +65,9 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the SMTP sink");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the SMTP sink");
         let address = listener.local_addr().expect("local address");
         let shared = Arc::new(Shared::default());
         let task = tokio::spawn({
@@ -74,7 +78,11 @@ impl SmtpSink {
                 }
             }
         });
-        Self { address, shared, task }
+        Self {
+            address,
+            shared,
+            task,
+        }
     }
 
     /// `smtp://127.0.0.1:<port>`, for `EmailSettings::smtp_url`.
@@ -102,7 +110,10 @@ impl SmtpSink {
                 return mails;
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                panic!("expected {count} emails within {timeout:?}, got {}: {mails:#?}", mails.len());
+                panic!(
+                    "expected {count} emails within {timeout:?}, got {}: {mails:#?}",
+                    mails.len()
+                );
             }
         }
     }
@@ -126,7 +137,11 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
             return Ok(());
         }
         let command = line.trim_end().to_owned();
-        let verb = command.split_whitespace().next().unwrap_or_default().to_ascii_uppercase();
+        let verb = command
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
         let reply: String = match verb.as_str() {
             "EHLO" => "250-zapflow-test-sink\r\n250-8BITMIME\r\n250 SMTPUTF8".into(),
             "HELO" => "250 zapflow-test-sink".into(),
@@ -154,7 +169,11 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                         break;
                     }
                     // Undo dot-stuffing.
-                    data.push_str(line.strip_prefix('.').filter(|_| line.starts_with("..")).unwrap_or(&line));
+                    data.push_str(
+                        line.strip_prefix('.')
+                            .filter(|_| line.starts_with(".."))
+                            .unwrap_or(&line),
+                    );
                 }
                 let data = data.strip_suffix("\r\n").unwrap_or(&data).to_owned();
                 shared.mails.lock().unwrap().push(Mail {
@@ -183,6 +202,8 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
 
 fn address_of(command: &str) -> String {
     let start = command.find('<').map_or(0, |i| i + 1);
-    let end = command[start..].find('>').map_or(command.len(), |i| start + i);
+    let end = command[start..]
+        .find('>')
+        .map_or(command.len(), |i| start + i);
     command[start..end].to_owned()
 }

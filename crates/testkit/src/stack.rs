@@ -69,11 +69,15 @@ impl Stack {
         tasks.spawn({
             let (store, shutdown) = (store.clone(), shutdown.clone());
             async move {
-                zapflow_api::serve(grpc, store, api_settings, shutdown).await.unwrap();
+                zapflow_api::serve(grpc, store, api_settings, shutdown)
+                    .await
+                    .unwrap();
             }
         });
 
-        let client = zapflow_gateway::ingest_client(&format!("http://{grpc_address}"), 4 * 1024 * 1024).unwrap();
+        let client =
+            zapflow_gateway::ingest_client(&format!("http://{grpc_address}"), 4 * 1024 * 1024)
+                .unwrap();
         let router = zapflow_gateway::router(
             client,
             &GatewaySettings {
@@ -84,7 +88,9 @@ impl Stack {
         tasks.spawn({
             let shutdown = shutdown.clone();
             async move {
-                zapflow_gateway::serve(http, router, shutdown).await.unwrap();
+                zapflow_gateway::serve(http, router, shutdown)
+                    .await
+                    .unwrap();
             }
         });
 
@@ -118,7 +124,12 @@ impl Stack {
                 producer: bus.producer(Duration::from_secs(10)).unwrap(),
                 topic: bus.dead_letter_topic.clone(),
             };
-            tasks.spawn(zapflow_worker::consume(worker, consumer, dead_letters, shutdown.clone()));
+            tasks.spawn(zapflow_worker::consume(
+                worker,
+                consumer,
+                dead_letters,
+                shutdown.clone(),
+            ));
         }
 
         Self {
@@ -140,7 +151,9 @@ impl Stack {
     }
 
     pub async fn zap_client(&self) -> ZapServiceClient<Channel> {
-        ZapServiceClient::connect(self.grpc_url()).await.expect("connecting to the API")
+        ZapServiceClient::connect(self.grpc_url())
+            .await
+            .expect("connecting to the API")
     }
 
     /// Stops every role and waits for them to drain.

@@ -70,7 +70,11 @@ pub async fn consume(
                 continue;
             }
         };
-        let (topic, partition, offset) = (message.topic().to_owned(), message.partition(), message.offset());
+        let (topic, partition, offset) = (
+            message.topic().to_owned(),
+            message.partition(),
+            message.offset(),
+        );
         let payload = message.payload().unwrap_or_default().to_vec();
         drop(message);
         tracker.start(partition, offset);
@@ -99,15 +103,30 @@ pub async fn consume(
 
 /// Handles one event; true once its outcome is recorded (the offset may be
 /// stored), false when abandoned at shutdown.
-async fn handle(worker: &Worker, payload: &[u8], dead_letters: &DeadLetters, shutdown: &CancellationToken) -> bool {
+async fn handle(
+    worker: &Worker,
+    payload: &[u8],
+    dead_letters: &DeadLetters,
+    shutdown: &CancellationToken,
+) -> bool {
     let event = match zapflow_bus::decode(payload) {
         Ok(event) => event,
-        Err(error) => return publish_poison(dead_letters, payload, &format!("undecodable event: {error}"), shutdown).await,
+        Err(error) => {
+            return publish_poison(
+                dead_letters,
+                payload,
+                &format!("undecodable event: {error}"),
+                shutdown,
+            )
+            .await;
+        }
     };
     let mut backoff = Duration::from_millis(100);
     loop {
         match worker.execute(&event).await {
-            Ok(Handled::Poison(reason)) => return publish_poison(dead_letters, payload, &reason, shutdown).await,
+            Ok(Handled::Poison(reason)) => {
+                return publish_poison(dead_letters, payload, &reason, shutdown).await;
+            }
             Ok(_) => return true,
             Err(error) => {
                 tracing::warn!(%error, run_id = event.run_id, stage = event.stage, "cannot record step; will retry");
@@ -121,7 +140,12 @@ async fn handle(worker: &Worker, payload: &[u8], dead_letters: &DeadLetters, shu
     }
 }
 
-async fn publish_poison(dead_letters: &DeadLetters, payload: &[u8], reason: &str, shutdown: &CancellationToken) -> bool {
+async fn publish_poison(
+    dead_letters: &DeadLetters,
+    payload: &[u8],
+    reason: &str,
+    shutdown: &CancellationToken,
+) -> bool {
     tracing::warn!(reason, "dead-lettering an event");
     loop {
         let headers = OwnedHeaders::new().insert(Header {
@@ -131,7 +155,11 @@ async fn publish_poison(dead_letters: &DeadLetters, payload: &[u8], reason: &str
         let record = FutureRecord::<(), _>::to(&dead_letters.topic)
             .payload(payload)
             .headers(headers);
-        match dead_letters.producer.send(record, Timeout::After(Duration::from_secs(5))).await {
+        match dead_letters
+            .producer
+            .send(record, Timeout::After(Duration::from_secs(5)))
+            .await
+        {
             Ok(_) => return true,
             Err((error, _)) => {
                 tracing::warn!(%error, "cannot publish a dead letter; will retry");

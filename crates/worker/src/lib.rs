@@ -78,30 +78,44 @@ impl Worker {
     /// outcome. An error means nothing was recorded and the event should be
     /// delivered again.
     pub async fn execute(&self, event: &ZapEvent) -> Result<Handled, StoreError> {
-        let (Ok(run_id), Ok(zap_id)) = (Uuid::parse_str(&event.run_id), Uuid::parse_str(&event.zap_id)) else {
+        let (Ok(run_id), Ok(zap_id)) = (
+            Uuid::parse_str(&event.run_id),
+            Uuid::parse_str(&event.zap_id),
+        ) else {
             return Ok(Handled::Poison(format!(
                 "event {:?} has no valid run or zap id",
                 event.event_id
             )));
         };
-        let step = match self.store.claim_step(run_id, event.stage, self.settings.lease).await? {
+        let step = match self
+            .store
+            .claim_step(run_id, event.stage, self.settings.lease)
+            .await?
+        {
             StepClaim::Claimed(step) => step,
             StepClaim::AlreadyDone | StepClaim::RunFinished => return Ok(Handled::Duplicate),
             StepClaim::Busy { lease_until } => {
-                let wait = (lease_until - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(1);
-                self.store.reschedule_step(run_id, zap_id, event.stage, wait).await?;
+                let wait = (lease_until - Utc::now()).to_std().unwrap_or_default()
+                    + Duration::from_secs(1);
+                self.store
+                    .reschedule_step(run_id, zap_id, event.stage, wait)
+                    .await?;
                 return Ok(Handled::Rescheduled);
             }
             StepClaim::Unknown => {
                 let reason = format!("no step {} in run {run_id}", event.stage);
-                self.store.dead_letter(run_id, zap_id, event.stage, &reason).await?;
+                self.store
+                    .dead_letter(run_id, zap_id, event.stage, &reason)
+                    .await?;
                 return Ok(Handled::DeadLettered(reason));
             }
         };
 
         let outcome = self.run_action(&step).await;
         match &outcome {
-            StepOutcome::Succeeded(_) => tracing::debug!(%run_id, stage = step.stage, "step succeeded"),
+            StepOutcome::Succeeded(_) => {
+                tracing::debug!(%run_id, stage = step.stage, "step succeeded")
+            }
             StepOutcome::Retry { error, delay } => {
                 tracing::warn!(%run_id, stage = step.stage, attempt = step.attempt, ?delay, error, "step failed; retrying")
             }
@@ -136,10 +150,15 @@ impl Worker {
         match result {
             Ok(output) => StepOutcome::Succeeded(output),
             Err(ActionError::Permanent(error)) => StepOutcome::Failed(error),
-            Err(ActionError::Transient(error)) => match self.settings.retry.delay_after(step.attempt) {
-                Some(delay) => StepOutcome::Retry { error, delay },
-                None => StepOutcome::Failed(format!("{error} (gave up after {} attempts)", step.attempt)),
-            },
+            Err(ActionError::Transient(error)) => {
+                match self.settings.retry.delay_after(step.attempt) {
+                    Some(delay) => StepOutcome::Retry { error, delay },
+                    None => StepOutcome::Failed(format!(
+                        "{error} (gave up after {} attempts)",
+                        step.attempt
+                    )),
+                }
+            }
         }
     }
 }

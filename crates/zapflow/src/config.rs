@@ -16,7 +16,11 @@ use zapflow_worker::WorkerSettings;
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// PostgreSQL connection URL.
-    #[arg(long, env = "ZAPFLOW_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/zapflow")]
+    #[arg(
+        long,
+        env = "ZAPFLOW_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/zapflow"
+    )]
     pub database_url: String,
     /// Connections each role keeps to the database.
     #[arg(long, env = "ZAPFLOW_DATABASE_POOL", default_value_t = 16)]
@@ -29,13 +33,21 @@ pub struct Config {
     #[arg(long, env = "ZAPFLOW_EVENTS_TOPIC", default_value = "zap-events")]
     pub events_topic: String,
     /// Topic receiving the events of failed runs and undecodable events.
-    #[arg(long, env = "ZAPFLOW_DEAD_LETTER_TOPIC", default_value = "zap-events-dlq")]
+    #[arg(
+        long,
+        env = "ZAPFLOW_DEAD_LETTER_TOPIC",
+        default_value = "zap-events-dlq"
+    )]
     pub dead_letter_topic: String,
     /// Partitions of the topics zapflow creates when they are missing.
     #[arg(long, env = "ZAPFLOW_TOPIC_PARTITIONS", default_value_t = 6)]
     pub topic_partitions: i32,
     /// Consumer group of the workers.
-    #[arg(long, env = "ZAPFLOW_CONSUMER_GROUP", default_value = "zapflow-workers")]
+    #[arg(
+        long,
+        env = "ZAPFLOW_CONSUMER_GROUP",
+        default_value = "zapflow-workers"
+    )]
     pub consumer_group: String,
 
     /// Where the gRPC API listens.
@@ -45,10 +57,18 @@ pub struct Config {
     #[arg(long, env = "ZAPFLOW_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
     /// The API as the gateway reaches it.
-    #[arg(long, env = "ZAPFLOW_API_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "ZAPFLOW_API_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub api_url: String,
     /// The gateway as webhook senders reach it; webhook URLs start with it.
-    #[arg(long, env = "ZAPFLOW_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "ZAPFLOW_PUBLIC_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub public_url: String,
     /// Largest webhook body in bytes.
     #[arg(long, env = "ZAPFLOW_BODY_LIMIT", default_value_t = 1024 * 1024)]
@@ -63,7 +83,11 @@ pub struct Config {
     #[arg(long, env = "ZAPFLOW_SMTP_URL")]
     pub smtp_url: Option<String>,
     /// Sender address of every email.
-    #[arg(long, env = "ZAPFLOW_SMTP_FROM", default_value = "zapflow <zapflow@localhost>")]
+    #[arg(
+        long,
+        env = "ZAPFLOW_SMTP_FROM",
+        default_value = "zapflow <zapflow@localhost>"
+    )]
     pub smtp_from: String,
     /// Where local state lives (the mailbox without SMTP).
     #[arg(long, env = "ZAPFLOW_DATA_DIR", default_value = "data")]

@@ -24,10 +24,17 @@ pub enum Role {
 pub const ALL_ROLES: [Role; 4] = [Role::Api, Role::Gateway, Role::Processor, Role::Worker];
 
 /// Starts `roles` in this process; each runs until `shutdown`.
-pub async fn start(roles: &[Role], config: &Config, shutdown: &CancellationToken) -> Result<JoinSet<Result<()>>> {
+pub async fn start(
+    roles: &[Role],
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<JoinSet<Result<()>>> {
     let store = Store::connect_lazy(&config.database_url, config.database_pool)?;
     let mut tasks = JoinSet::new();
-    if roles.iter().any(|role| matches!(role, Role::Processor | Role::Worker)) {
+    if roles
+        .iter()
+        .any(|role| matches!(role, Role::Processor | Role::Worker))
+    {
         config
             .bus()
             .ensure_topics()
@@ -42,16 +49,23 @@ pub async fn start(roles: &[Role], config: &Config, shutdown: &CancellationToken
                 tracing::info!(address = %config.grpc_listen, "gRPC API listening");
                 let (store, settings) = (store.clone(), config.api());
                 tasks.spawn(async move {
-                    zapflow_api::serve(listener, store, settings, shutdown).await.context("gRPC API")
+                    zapflow_api::serve(listener, store, settings, shutdown)
+                        .await
+                        .context("gRPC API")
                 });
             }
             Role::Gateway => {
                 let listener = bind(config.http_listen).await?;
                 tracing::info!(address = %config.http_listen, public_url = %config.public_url, "webhook gateway listening");
-                let client = zapflow_gateway::ingest_client(&config.api_url, config.grpc_max_message)
-                    .with_context(|| format!("invalid API URL {:?}", config.api_url))?;
+                let client =
+                    zapflow_gateway::ingest_client(&config.api_url, config.grpc_max_message)
+                        .with_context(|| format!("invalid API URL {:?}", config.api_url))?;
                 let router = zapflow_gateway::router(client, &config.gateway());
-                tasks.spawn(async move { zapflow_gateway::serve(listener, router, shutdown).await.context("gateway") });
+                tasks.spawn(async move {
+                    zapflow_gateway::serve(listener, router, shutdown)
+                        .await
+                        .context("gateway")
+                });
             }
             Role::Processor => {
                 let producer = config.bus().producer(Duration::from_secs(30))?;
@@ -71,7 +85,9 @@ pub async fn start(roles: &[Role], config: &Config, shutdown: &CancellationToken
                     ),
                 }
                 let worker = Worker::new(store.clone(), Executor::new(mailer), config.worker());
-                let consumer = config.bus().consumer(&config.consumer_group, Duration::from_secs(300))?;
+                let consumer = config
+                    .bus()
+                    .consumer(&config.consumer_group, Duration::from_secs(300))?;
                 let dead_letters = DeadLetters {
                     producer: config.bus().producer(Duration::from_secs(30))?,
                     topic: config.dead_letter_topic.clone(),

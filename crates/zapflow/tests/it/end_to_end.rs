@@ -4,7 +4,9 @@ use serde_json::json;
 use zapflow_proto::v1 as pb;
 use zapflow_testkit::{SmtpSink, with_key};
 
-use crate::support::{WAIT, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run};
+use crate::support::{
+    WAIT, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_webhook_sends_both_emails_in_order_and_the_run_records_each_step() {
@@ -31,7 +33,8 @@ async fn a_webhook_sends_both_emails_in_order_and_the_run_records_each_step() {
     .await;
     assert!(webhook_url.starts_with(&format!("{}/hooks/catch/{}/", stack.http_url(), zap.id)));
 
-    let payload = json!({"comment": {"email": "grace@example.com", "author": "Grace", "text": "Nice work"}});
+    let payload =
+        json!({"comment": {"email": "grace@example.com", "author": "Grace", "text": "Nice work"}});
     let (status, answer) = post_json(&format!("{webhook_url}?source=blog"), &payload).await;
     assert_eq!(status, 202, "{answer}");
     let run_id = answer["run_id"].as_str().unwrap().to_owned();
@@ -39,8 +42,14 @@ async fn a_webhook_sends_both_emails_in_order_and_the_run_records_each_step() {
     let mails = smtp.wait_for(2, WAIT).await;
     assert_eq!(mails.len(), 2, "{mails:#?}");
     assert_eq!(mails[0].recipients, ["grace@example.com"]);
-    assert_eq!(mails[0].header("Subject").unwrap(), "New comment from Grace");
-    assert_eq!(mails[0].body().trim_end(), "Grace wrote: Nice work (via blog)");
+    assert_eq!(
+        mails[0].header("Subject").unwrap(),
+        "New comment from Grace"
+    );
+    assert_eq!(
+        mails[0].body().trim_end(),
+        "Grace wrote: Nice work (via blog)"
+    );
     let message_id = mails[0].header("Message-ID").unwrap();
     assert_eq!(message_id, format!("<{run_id}.0@zapflow>"));
     assert_eq!(mails[1].recipients, ["audit@example.com"]);
@@ -68,7 +77,13 @@ async fn a_webhook_sends_both_emails_in_order_and_the_run_records_each_step() {
     let listed = stack
         .zap_client()
         .await
-        .list_runs(with_key(&key, pb::ListRunsRequest { zap_id: zap.id.clone(), ..Default::default() }))
+        .list_runs(with_key(
+            &key,
+            pb::ListRunsRequest {
+                zap_id: zap.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -96,7 +111,11 @@ async fn a_missing_template_field_fails_the_step_with_a_recorded_error() {
     let step = &run.steps[0];
     assert_eq!(step.status, pb::StepStatus::Failed as i32);
     assert_eq!(step.attempts, 1, "a template error is permanent: no retry");
-    assert!(step.error.starts_with("to: ") && step.error.contains("undefined"), "{}", step.error);
+    assert!(
+        step.error.starts_with("to: ") && step.error.contains("undefined"),
+        "{}",
+        step.error
+    );
     assert!(smtp.mails().is_empty());
     stack.stop().await;
 }
@@ -127,10 +146,20 @@ async fn a_payload_with_a_line_break_cannot_inject_a_header() {
     let mails = smtp.mails();
     assert_eq!(mails.len(), 1, "only the first email goes out");
     assert_eq!(mails[0].recipients, ["ok@example.com"]);
-    assert_eq!(mails[0].header("Subject").unwrap(), "hello  Bcc: evil@example.com");
+    assert_eq!(
+        mails[0].header("Subject").unwrap(),
+        "hello  Bcc: evil@example.com"
+    );
     assert!(mails[0].header("Bcc").is_none());
     assert_eq!(run.steps[1].status, pb::StepStatus::Failed as i32);
-    assert_eq!(run.steps[1].attempts, 1, "an invalid recipient is permanent");
-    assert!(run.steps[1].error.starts_with("to: "), "{}", run.steps[1].error);
+    assert_eq!(
+        run.steps[1].attempts, 1,
+        "an invalid recipient is permanent"
+    );
+    assert!(
+        run.steps[1].error.starts_with("to: "),
+        "{}",
+        run.steps[1].error
+    );
     stack.stop().await;
 }

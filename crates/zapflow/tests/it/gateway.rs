@@ -15,8 +15,16 @@ async fn stack(body_limit: usize) -> Stack {
     Stack::start(test_store().await, test_bus(1).await, options).await
 }
 
-async fn post(url: &str, content_type: &str, body: impl Into<reqwest::Body>, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut request = reqwest::Client::new().post(url).header("content-type", content_type).body(body);
+async fn post(
+    url: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -33,8 +41,14 @@ async fn every_wrong_url_is_the_same_404_and_creates_no_run() {
     let (paused, paused_url) = simple_zap(&stack, &key).await;
     let (deleted, deleted_url) = simple_zap(&stack, &key).await;
     let mut client = stack.zap_client().await;
-    client.pause_zap(with_key(&key, pb::PauseZapRequest { id: paused.id })).await.unwrap();
-    client.delete_zap(with_key(&key, pb::DeleteZapRequest { id: deleted.id })).await.unwrap();
+    client
+        .pause_zap(with_key(&key, pb::PauseZapRequest { id: paused.id }))
+        .await
+        .unwrap();
+    client
+        .delete_zap(with_key(&key, pb::DeleteZapRequest { id: deleted.id }))
+        .await
+        .unwrap();
     let base = stack.http_url();
     let token = url.rsplit('/').next().unwrap();
 
@@ -48,13 +62,20 @@ async fn every_wrong_url_is_the_same_404_and_creates_no_run() {
     ];
     for wrong in &wrong_urls {
         let (status, body) = post_json(wrong, &json!({"n": 1})).await;
-        assert_eq!((status, body), (404, json!({"error": "not found"})), "{wrong}");
+        assert_eq!(
+            (status, body),
+            (404, json!({"error": "not found"})),
+            "{wrong}"
+        );
     }
     assert_eq!(count_runs(&stack).await, 0);
 
     // Rotation: the old URL joins the 404s, the new one works.
     let rotated = client
-        .rotate_webhook_token(with_key(&key, pb::RotateWebhookTokenRequest { id: zap.id.clone() }))
+        .rotate_webhook_token(with_key(
+            &key,
+            pb::RotateWebhookTokenRequest { id: zap.id.clone() },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -73,11 +94,17 @@ async fn bad_bodies_get_clear_errors_and_no_run() {
 
     let (status, body) = post(&url, "application/json", "{\"n\": ", &[]).await;
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().unwrap().contains("not valid JSON"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not valid JSON"),
+        "{body}"
+    );
 
     let (status, body) = post(&url, "text/plain", "{}", &[]).await;
     assert_eq!(status, 415);
-    assert!(body["error"].as_str().unwrap().contains("application/json"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("application/json"),
+        "{body}"
+    );
 
     let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(2000));
     let (status, _) = post(&url, "application/json", big.clone(), &[]).await;
@@ -87,7 +114,13 @@ async fn bad_bodies_get_clear_errors_and_no_run() {
     let status = post_chunked(&stack, &url, big.as_bytes()).await;
     assert_eq!(status, 413, "chunked");
 
-    let (status, _) = post(&url, "application/cloudevents+json; charset=utf-8", "{\"ok\": true}", &[]).await;
+    let (status, _) = post(
+        &url,
+        "application/cloudevents+json; charset=utf-8",
+        "{\"ok\": true}",
+        &[],
+    )
+    .await;
     assert_eq!(status, 202, "+json content types are JSON");
     assert_eq!(count_runs(&stack).await, 1);
     stack.stop().await;
@@ -97,7 +130,9 @@ async fn bad_bodies_get_clear_errors_and_no_run() {
 /// returns the status code.
 async fn post_chunked(stack: &Stack, url: &str, body: &[u8]) -> u16 {
     let path = url.strip_prefix(&stack.http_url()).unwrap();
-    let mut socket = tokio::net::TcpStream::connect(stack.http_address).await.unwrap();
+    let mut socket = tokio::net::TcpStream::connect(stack.http_address)
+        .await
+        .unwrap();
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
@@ -123,11 +158,26 @@ async fn repeated_idempotency_keys_make_one_run_also_concurrently() {
     let key = new_user(&stack, "alice").await;
     let (_, url) = simple_zap(&stack, &key).await;
 
-    let (first_status, first) = post(&url, "application/json", "{}", &[("idempotency-key", "order-1")]).await;
-    let (second_status, second) = post(&url, "application/json", "{}", &[("idempotency-key", "order-1")]).await;
+    let (first_status, first) = post(
+        &url,
+        "application/json",
+        "{}",
+        &[("idempotency-key", "order-1")],
+    )
+    .await;
+    let (second_status, second) = post(
+        &url,
+        "application/json",
+        "{}",
+        &[("idempotency-key", "order-1")],
+    )
+    .await;
     assert_eq!((first_status, second_status), (202, 202));
     assert_eq!(first["run_id"], second["run_id"]);
-    assert_eq!((first["duplicate"].clone(), second["duplicate"].clone()), (json!(false), json!(true)));
+    assert_eq!(
+        (first["duplicate"].clone(), second["duplicate"].clone()),
+        (json!(false), json!(true))
+    );
 
     let concurrent = futures::future::join_all((0..20).map(|_| {
         let url = url.clone();
@@ -142,7 +192,13 @@ async fn repeated_idempotency_keys_make_one_run_also_concurrently() {
         })
         .collect();
     assert_eq!(run_ids.len(), 1, "one run for twenty concurrent deliveries");
-    assert_eq!(concurrent.iter().filter(|(_, body)| body["duplicate"] == json!(false)).count(), 1);
+    assert_eq!(
+        concurrent
+            .iter()
+            .filter(|(_, body)| body["duplicate"] == json!(false))
+            .count(),
+        1
+    );
 
     // Without a key, every delivery is a run of its own.
     post_json(&url, &json!({})).await;
@@ -160,7 +216,10 @@ async fn headers_and_query_are_kept_with_the_payload() {
         &format!("{url}?source=crm&id=7"),
         "application/json",
         "{\"n\": 1}",
-        &[("x-github-event", "push"), ("authorization", "Bearer secret")],
+        &[
+            ("x-github-event", "push"),
+            ("authorization", "Bearer secret"),
+        ],
     )
     .await;
     assert_eq!(status, 202);
@@ -169,6 +228,9 @@ async fn headers_and_query_are_kept_with_the_payload() {
     assert_eq!(run.trigger, json!({"n": 1}));
     assert_eq!(run.query, json!({"source": "crm", "id": "7"}));
     assert_eq!(run.headers["x-github-event"], "push");
-    assert!(run.headers.get("authorization").is_none(), "credentials are not stored");
+    assert!(
+        run.headers.get("authorization").is_none(),
+        "credentials are not stored"
+    );
     stack.stop().await;
 }

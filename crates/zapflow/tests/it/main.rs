@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL, a Kafka-protocol broker and
 //! an SMTP server on loopback. See crates/testkit for how to reach them.
 
+mod api;
 mod end_to_end;
 mod gateway;
 mod processor;

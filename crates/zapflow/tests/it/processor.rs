@@ -27,7 +27,12 @@ fn relay(store: &Store, bus: &BusSettings, delivery_timeout: Duration) -> Relay 
         batch_size: 250,
         poll_interval: Duration::from_millis(100),
     };
-    Relay::new(store.clone(), bus.producer(delivery_timeout).unwrap(), bus.clone(), settings)
+    Relay::new(
+        store.clone(),
+        bus.producer(delivery_timeout).unwrap(),
+        bus.clone(),
+        settings,
+    )
 }
 
 /// Reads `expected` messages from the events topic; returns their event ids.
@@ -46,7 +51,11 @@ async fn read_events(bus: &BusSettings, expected: usize) -> Vec<String> {
             .await
             .unwrap_or_else(|_| panic!("only {} of {expected} events arrived", ids.len()))
             .unwrap();
-        ids.push(zapflow_bus::decode(message.payload().unwrap()).unwrap().event_id);
+        ids.push(
+            zapflow_bus::decode(message.payload().unwrap())
+                .unwrap()
+                .event_id,
+        );
     }
     // Nothing beyond what was expected.
     let extra = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await;
@@ -60,12 +69,16 @@ async fn two_processors_relay_every_row_exactly_once() {
     let bus = test_bus(3).await;
     const ROWS: i64 = 3000;
     insert_outbox_rows(&store, ROWS).await;
-    let (expected,): (Vec<uuid::Uuid>,) = sqlx::query_as("SELECT array_agg(event_id) FROM zap_run_outbox")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
+    let (expected,): (Vec<uuid::Uuid>,) =
+        sqlx::query_as("SELECT array_agg(event_id) FROM zap_run_outbox")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
 
-    let relays = [relay(&store, &bus, Duration::from_secs(30)), relay(&store, &bus, Duration::from_secs(30))];
+    let relays = [
+        relay(&store, &bus, Duration::from_secs(30)),
+        relay(&store, &bus, Duration::from_secs(30)),
+    ];
     let passes = relays.iter().map(|relay| async move {
         let mut delivered = 0;
         loop {
@@ -77,8 +90,15 @@ async fn two_processors_relay_every_row_exactly_once() {
         }
     });
     let delivered: Vec<usize> = futures::future::join_all(passes).await;
-    assert_eq!(delivered.iter().sum::<usize>(), ROWS as usize, "{delivered:?}");
-    assert!(delivered.iter().all(|&n| n > 0), "both processors took part: {delivered:?}");
+    assert_eq!(
+        delivered.iter().sum::<usize>(),
+        ROWS as usize,
+        "{delivered:?}"
+    );
+    assert!(
+        delivered.iter().all(|&n| n > 0),
+        "both processors took part: {delivered:?}"
+    );
     assert_eq!(store.outbox_len().await.unwrap(), 0);
 
     let ids = read_events(&bus, ROWS as usize).await;
@@ -101,7 +121,11 @@ async fn rows_stay_when_the_broker_is_unreachable() {
     let relay = relay(&store, &unreachable, Duration::from_secs(2));
     let (delivered, claimed) = relay.relay_once().await.unwrap();
     assert_eq!((delivered, claimed), (0, 5));
-    assert_eq!(store.outbox_len().await.unwrap(), 5, "nothing deleted without an ack");
+    assert_eq!(
+        store.outbox_len().await.unwrap(),
+        5,
+        "nothing deleted without an ack"
+    );
 
     // Once a broker answers, the same rows go out.
     let bus = test_bus(1).await;

@@ -24,7 +24,9 @@ pub fn to_struct(json: Value) -> prost_types::Struct {
         };
         prost_types::Value { kind: Some(kind) }
     }
-    let Value::Object(map) = json else { panic!("not an object: {json}") };
+    let Value::Object(map) = json else {
+        panic!("not an object: {json}")
+    };
     prost_types::Struct {
         fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
     }
@@ -33,7 +35,9 @@ pub fn to_struct(json: Value) -> prost_types::Struct {
 pub fn email_action(to: &str, subject: &str, body: &str) -> pb::Action {
     pb::Action {
         r#type: "email".into(),
-        config: Some(to_struct(json!({ "to": to, "subject": subject, "body": body }))),
+        config: Some(to_struct(
+            json!({ "to": to, "subject": subject, "body": body }),
+        )),
     }
 }
 
@@ -63,7 +67,16 @@ pub async fn create_zap(stack: &Stack, key: &str, actions: Vec<pb::Action>) -> (
 
 /// A zap with one email action to `to@example.com`.
 pub async fn simple_zap(stack: &Stack, key: &str) -> (pb::Zap, String) {
-    create_zap(stack, key, vec![email_action("to@example.com", "hello {{ trigger.n }}", "body")]).await
+    create_zap(
+        stack,
+        key,
+        vec![email_action(
+            "to@example.com",
+            "hello {{ trigger.n }}",
+            "body",
+        )],
+    )
+    .await
 }
 
 /// POSTs `body` as JSON; returns the status and the JSON answer.
@@ -88,13 +101,29 @@ pub async fn count_runs(stack: &Stack) -> i64 {
 }
 
 /// Waits until GetRun shows the run in `status`.
-pub async fn wait_for_run(stack: &Stack, key: &str, run_id: &str, status: pb::RunStatus) -> pb::Run {
+pub async fn wait_for_run(
+    stack: &Stack,
+    key: &str,
+    run_id: &str,
+    status: pb::RunStatus,
+) -> pb::Run {
     let client = stack.zap_client().await;
     zapflow_testkit::eventually(&format!("run {run_id} to be {status:?}"), WAIT, || {
         let mut client = client.clone();
-        let request = with_key(key, pb::GetRunRequest { id: run_id.to_owned() });
+        let request = with_key(
+            key,
+            pb::GetRunRequest {
+                id: run_id.to_owned(),
+            },
+        );
         async move {
-            let run = client.get_run(request).await.unwrap().into_inner().run.unwrap();
+            let run = client
+                .get_run(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .run
+                .unwrap();
             (run.status == status as i32).then_some(run)
         }
     })

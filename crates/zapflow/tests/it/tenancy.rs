@@ -18,25 +18,60 @@ async fn call_every_rpc(
 ) -> Vec<(&'static str, Code)> {
     let id = zap_id.to_owned();
     let actions = vec![email_action("a@example.com", "s", "b")];
-    let code = |result: Result<(), tonic::Status>| result.err().map_or(Code::Ok, |status| status.code());
+    let code =
+        |result: Result<(), tonic::Status>| result.err().map_or(Code::Ok, |status| status.code());
     vec![
-        ("GetZap", code(client.get_zap(with_key(key, pb::GetZapRequest { id: id.clone() })).await.map(drop))),
         (
-            "UpdateZap",
+            "GetZap",
             code(
                 client
-                    .update_zap(with_key(key, pb::UpdateZapRequest { id: id.clone(), name: "x".into(), actions }))
+                    .get_zap(with_key(key, pb::GetZapRequest { id: id.clone() }))
                     .await
                     .map(drop),
             ),
         ),
-        ("PauseZap", code(client.pause_zap(with_key(key, pb::PauseZapRequest { id: id.clone() })).await.map(drop))),
-        ("ResumeZap", code(client.resume_zap(with_key(key, pb::ResumeZapRequest { id: id.clone() })).await.map(drop))),
+        (
+            "UpdateZap",
+            code(
+                client
+                    .update_zap(with_key(
+                        key,
+                        pb::UpdateZapRequest {
+                            id: id.clone(),
+                            name: "x".into(),
+                            actions,
+                        },
+                    ))
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "PauseZap",
+            code(
+                client
+                    .pause_zap(with_key(key, pb::PauseZapRequest { id: id.clone() }))
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "ResumeZap",
+            code(
+                client
+                    .resume_zap(with_key(key, pb::ResumeZapRequest { id: id.clone() }))
+                    .await
+                    .map(drop),
+            ),
+        ),
         (
             "RotateWebhookToken",
             code(
                 client
-                    .rotate_webhook_token(with_key(key, pb::RotateWebhookTokenRequest { id: id.clone() }))
+                    .rotate_webhook_token(with_key(
+                        key,
+                        pb::RotateWebhookTokenRequest { id: id.clone() },
+                    ))
                     .await
                     .map(drop),
             ),
@@ -45,19 +80,51 @@ async fn call_every_rpc(
             "ListRuns",
             code(
                 client
-                    .list_runs(with_key(key, pb::ListRunsRequest { zap_id: id.clone(), ..Default::default() }))
+                    .list_runs(with_key(
+                        key,
+                        pb::ListRunsRequest {
+                            zap_id: id.clone(),
+                            ..Default::default()
+                        },
+                    ))
                     .await
                     .map(drop),
             ),
         ),
-        ("GetRun", code(client.get_run(with_key(key, pb::GetRunRequest { id: run_id.to_owned() })).await.map(drop))),
-        ("DeleteZap", code(client.delete_zap(with_key(key, pb::DeleteZapRequest { id })).await.map(drop))),
+        (
+            "GetRun",
+            code(
+                client
+                    .get_run(with_key(
+                        key,
+                        pb::GetRunRequest {
+                            id: run_id.to_owned(),
+                        },
+                    ))
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "DeleteZap",
+            code(
+                client
+                    .delete_zap(with_key(key, pb::DeleteZapRequest { id }))
+                    .await
+                    .map(drop),
+            ),
+        ),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_users_zaps_and_runs_are_not_found_and_stay_untouched() {
-    let stack = Stack::start(test_store().await, test_bus(1).await, StackOptions::default()).await;
+    let stack = Stack::start(
+        test_store().await,
+        test_bus(1).await,
+        StackOptions::default(),
+    )
+    .await;
     let alice = new_user(&stack, "alice").await;
     let bob = new_user(&stack, "bob").await;
     let (zap, webhook_url) = simple_zap(&stack, &alice).await;
@@ -102,7 +169,12 @@ async fn another_users_zaps_and_runs_are_not_found_and_stay_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_rpc_without_a_valid_key_is_unauthenticated() {
-    let stack = Stack::start(test_store().await, test_bus(1).await, StackOptions::default()).await;
+    let stack = Stack::start(
+        test_store().await,
+        test_bus(1).await,
+        StackOptions::default(),
+    )
+    .await;
     let alice = new_user(&stack, "alice").await;
     let (zap, _) = simple_zap(&stack, &alice).await;
     let mut client = stack.zap_client().await;
@@ -114,24 +186,42 @@ async fn every_rpc_without_a_valid_key_is_unauthenticated() {
             assert_eq!(code, Code::Unauthenticated, "{rpc} with key {key:?}");
         }
         let code = |status: tonic::Status| status.code();
-        let list = client.list_zaps(with_key(key, pb::ListZapsRequest::default())).await;
+        let list = client
+            .list_zaps(with_key(key, pb::ListZapsRequest::default()))
+            .await;
         assert_eq!(list.map(drop).map_err(code), Err(Code::Unauthenticated));
-        let types = client.list_action_types(with_key(key, pb::ListActionTypesRequest {})).await;
+        let types = client
+            .list_action_types(with_key(key, pb::ListActionTypesRequest {}))
+            .await;
         assert_eq!(types.map(drop).map_err(code), Err(Code::Unauthenticated));
         let create = client
-            .create_zap(with_key(key, pb::CreateZapRequest { name: "x".into(), actions: vec![] }))
+            .create_zap(with_key(
+                key,
+                pb::CreateZapRequest {
+                    name: "x".into(),
+                    actions: vec![],
+                },
+            ))
             .await;
         assert_eq!(create.map(drop).map_err(code), Err(Code::Unauthenticated));
     }
     // No authorization header at all.
-    let status = client.get_zap(pb::GetZapRequest { id: zap.id.clone() }).await.unwrap_err();
+    let status = client
+        .get_zap(pb::GetZapRequest { id: zap.id.clone() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     stack.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_zaps_are_rejected_naming_the_field() {
-    let stack = Stack::start(test_store().await, test_bus(1).await, StackOptions::default()).await;
+    let stack = Stack::start(
+        test_store().await,
+        test_bus(1).await,
+        StackOptions::default(),
+    )
+    .await;
     let key = new_user(&stack, "alice").await;
     let mut client = stack.zap_client().await;
     let unknown_type = pb::Action {
@@ -142,20 +232,37 @@ async fn invalid_zaps_are_rejected_naming_the_field() {
         ("", vec![email_action("a@example.com", "s", "b")], "name"),
         ("zap", vec![], "actions"),
         ("zap", vec![unknown_type], "actions[0].type"),
-        ("zap", vec![email_action("not an address", "s", "b")], "actions[0].config.to"),
         (
             "zap",
-            vec![email_action("a@example.com", "s", "b"), email_action("a@example.com", "", "b")],
+            vec![email_action("not an address", "s", "b")],
+            "actions[0].config.to",
+        ),
+        (
+            "zap",
+            vec![
+                email_action("a@example.com", "s", "b"),
+                email_action("a@example.com", "", "b"),
+            ],
             "actions[1].config.subject",
         ),
     ];
     for (name, actions, field) in cases {
         let status = client
-            .create_zap(with_key(&key, pb::CreateZapRequest { name: name.into(), actions }))
+            .create_zap(with_key(
+                &key,
+                pb::CreateZapRequest {
+                    name: name.into(),
+                    actions,
+                },
+            ))
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
-        assert!(status.message().starts_with(&format!("{field}: ")), "{field}: {}", status.message());
+        assert!(
+            status.message().starts_with(&format!("{field}: ")),
+            "{field}: {}",
+            status.message()
+        );
     }
 
     let types = client
@@ -163,15 +270,29 @@ async fn invalid_zaps_are_rejected_naming_the_field() {
         .await
         .unwrap()
         .into_inner();
-    let email = types.action_types.iter().find(|t| t.r#type == "email").unwrap();
-    let required: Vec<_> = email.fields.iter().filter(|f| f.required).map(|f| f.name.as_str()).collect();
+    let email = types
+        .action_types
+        .iter()
+        .find(|t| t.r#type == "email")
+        .unwrap();
+    let required: Vec<_> = email
+        .fields
+        .iter()
+        .filter(|f| f.required)
+        .map(|f| f.name.as_str())
+        .collect();
     assert_eq!(required, ["to", "subject", "body"]);
     stack.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zaps_page_through_in_creation_order() {
-    let stack = Stack::start(test_store().await, test_bus(1).await, StackOptions::default()).await;
+    let stack = Stack::start(
+        test_store().await,
+        test_bus(1).await,
+        StackOptions::default(),
+    )
+    .await;
     let key = new_user(&stack, "alice").await;
     let mut created = Vec::new();
     for _ in 0..5 {
@@ -181,7 +302,13 @@ async fn zaps_page_through_in_creation_order() {
     let (mut seen, mut token) = (Vec::new(), String::new());
     loop {
         let page = client
-            .list_zaps(with_key(&key, pb::ListZapsRequest { page_size: 2, page_token: token }))
+            .list_zaps(with_key(
+                &key,
+                pb::ListZapsRequest {
+                    page_size: 2,
+                    page_token: token,
+                },
+            ))
             .await
             .unwrap()
             .into_inner();

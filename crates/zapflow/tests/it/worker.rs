@@ -19,7 +19,11 @@ fn worker(store: &Store, smtp: &SmtpSink) -> Worker {
         timeout: Duration::from_secs(5),
     })
     .unwrap();
-    Worker::new(store.clone(), Executor::new(mailer), WorkerSettings::default())
+    Worker::new(
+        store.clone(),
+        Executor::new(mailer),
+        WorkerSettings::default(),
+    )
 }
 
 /// A run of a one-email zap, recorded as ingestion would; returns its first
@@ -31,7 +35,10 @@ async fn accepted_run(store: &Store) -> ZapEvent {
         "config": {"to": "{{ trigger.to }}", "subject": "once", "body": "only once"}
     }))
     .unwrap();
-    let zap = store.create_zap(owner_id, "zap", &[action.clone()], b"hash").await.unwrap();
+    let zap = store
+        .create_zap(owner_id, "zap", std::slice::from_ref(&action), b"hash")
+        .await
+        .unwrap();
     let run = NewRun {
         id: Uuid::now_v7(),
         zap_id: zap.id,
@@ -42,7 +49,7 @@ async fn accepted_run(store: &Store) -> ZapEvent {
         actions: vec![action],
         idempotency_key: None,
     };
-    store.insert_runs(&[run.clone()]).await.unwrap();
+    store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
     ZapEvent {
         event_id: Uuid::new_v4().to_string(),
         run_id: run.id.to_string(),
@@ -60,13 +67,20 @@ async fn the_same_event_twice_sends_one_email() {
     let event = accepted_run(&store).await;
 
     let first = worker.execute(&event).await.unwrap();
-    assert!(matches!(first, Handled::Ran(StepOutcome::Succeeded(_))), "{first:?}");
+    assert!(
+        matches!(first, Handled::Ran(StepOutcome::Succeeded(_))),
+        "{first:?}"
+    );
     let second = worker.execute(&event).await.unwrap();
     assert_eq!(second, Handled::Duplicate);
 
     assert_eq!(smtp.mails().len(), 1);
     assert_eq!(smtp.mails()[0].recipients, ["bob@example.com"]);
-    let run = store.run(event.run_id.parse().unwrap()).await.unwrap().unwrap();
+    let run = store
+        .run(event.run_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(run.status, zapflow_core::RunStatus::Succeeded);
     assert_eq!(run.steps[0].attempts, 1);
 }
@@ -85,10 +99,11 @@ async fn an_event_for_an_unknown_run_is_dead_lettered() {
     };
     let handled = worker.execute(&event).await.unwrap();
     assert!(matches!(handled, Handled::DeadLettered(_)), "{handled:?}");
-    let (kind, reason): (String, String) = sqlx::query_as("SELECT kind, reason FROM zap_run_outbox")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
+    let (kind, reason): (String, String) =
+        sqlx::query_as("SELECT kind, reason FROM zap_run_outbox")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
     assert_eq!(kind, "dead_letter");
     assert!(reason.contains(&event.run_id));
 
@@ -96,7 +111,10 @@ async fn an_event_for_an_unknown_run_is_dead_lettered() {
         run_id: "not-a-uuid".into(),
         ..event
     };
-    assert!(matches!(worker.execute(&garbage).await.unwrap(), Handled::Poison(_)));
+    assert!(matches!(
+        worker.execute(&garbage).await.unwrap(),
+        Handled::Poison(_)
+    ));
     assert!(smtp.mails().is_empty());
 }
 
@@ -112,24 +130,39 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
     let Handled::Ran(StepOutcome::Retry { error, delay }) = handled else {
         panic!("expected a retry, got {handled:?}");
     };
-    assert!(error.contains("451") || error.contains("try again"), "{error}");
+    assert!(
+        error.contains("451") || error.contains("try again"),
+        "{error}"
+    );
     assert!(delay >= Duration::from_secs(1));
     // Besides the accepted run's first event (never relayed here), the
     // retry waits in the outbox until its time comes.
-    let (delayed,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox WHERE available_at > now()")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
+    let (delayed,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM zap_run_outbox WHERE available_at > now()")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
     assert_eq!(delayed, 1);
-    let run = store.run(event.run_id.parse().unwrap()).await.unwrap().unwrap();
+    let run = store
+        .run(event.run_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(run.steps[0].status, zapflow_core::StepStatus::Retrying);
     assert_eq!(run.steps[0].error.as_deref(), Some(error.as_str()));
 
     // The retry succeeds once the server accepts again.
     smtp.reject_recipients(None);
     let handled = worker.execute(&event).await.unwrap();
-    assert!(matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))), "{handled:?}");
-    let run = store.run(event.run_id.parse().unwrap()).await.unwrap().unwrap();
+    assert!(
+        matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))),
+        "{handled:?}"
+    );
+    let run = store
+        .run(event.run_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(run.steps[0].attempts, 2);
     assert_eq!(smtp.mails().len(), 1);
 }
