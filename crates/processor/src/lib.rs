@@ -9,7 +9,7 @@ use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use zapflow_bus::{BusSettings, encode, event_for};
-use zapflow_store::{OUTBOX_CHANNEL, Store, StoreError};
+use zapflow_store::{OUTBOX_CHANNEL, PgStore, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -22,7 +22,7 @@ pub struct RelaySettings {
 
 /// One relay; run several against one database to share the work.
 pub struct Relay {
-    store: Store,
+    store: PgStore,
     producer: FutureProducer,
     bus: BusSettings,
     settings: RelaySettings,
@@ -30,7 +30,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
-        store: Store,
+        store: PgStore,
         producer: FutureProducer,
         bus: BusSettings,
         settings: RelaySettings,

@@ -5,7 +5,9 @@
 
 mod outbox;
 mod runs;
+mod sqlite;
 mod steps;
+mod store;
 mod users;
 mod zaps;
 
@@ -17,10 +19,14 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
 pub use runs::{NewRun, Run, RunPage, Step};
 pub use steps::{ClaimedStep, StepClaim, StepOutcome};
+pub use sqlite::SqliteStore;
+pub use store::{OutboxWakeups, Store};
 pub use zaps::{Zap, ZapForIngest};
 
 /// The schema, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
+/// The embedded deployment's schema.
+pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -47,13 +53,13 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// A handle on the database; cheap to clone.
+/// The PostgreSQL store: the distributed deployment's.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct PgStore {
     pool: PgPool,
 }
 
-impl Store {
+impl PgStore {
     /// Connects without waiting for the server: the first query does.
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self> {
         let pool = PgPoolOptions::new()
@@ -61,10 +67,6 @@ impl Store {
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy(url)?;
         Ok(Self { pool })
-    }
-
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
     }
 
     pub fn pool(&self) -> &PgPool {

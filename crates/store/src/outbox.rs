@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::{Result, Store};
+use crate::{PgStore, Result};
 
 /// The channel on which every outbox insert is announced (see the
 /// statement trigger in the migrations).
@@ -20,7 +20,7 @@ pub enum OutboxKind {
 }
 
 impl OutboxKind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Step => "step",
             Self::DeadLetter => "dead_letter",
@@ -41,7 +41,7 @@ pub struct OutboxRow {
 }
 
 #[derive(sqlx::FromRow)]
-struct OutboxRecord {
+pub(crate) struct OutboxRecord {
     id: i64,
     event_id: Uuid,
     run_id: Uuid,
@@ -92,7 +92,7 @@ impl OutboxClaim {
     }
 }
 
-impl Store {
+impl PgStore {
     /// Locks up to `limit` due rows, skipping rows another relay holds, so
     /// several processors share the work without relaying a row twice at once.
     /// Oldest first, but without an "id > last seen" cursor: a row whose
@@ -109,6 +109,49 @@ impl Store {
         .await?;
         let rows = rows.into_iter().map(OutboxRow::from).collect();
         Ok(OutboxClaim { tx, rows })
+    }
+
+    /// Leases up to `limit` due step rows to the caller for `lease` (for
+    /// workers that take work from the outbox directly, without Kafka): they
+    /// are not due again until then, and come back if never deleted.
+    pub async fn lease_due_outbox_rows(&self, limit: u32, lease: Duration) -> Result<Vec<OutboxRow>> {
+        let records: Vec<OutboxRecord> = sqlx::query_as(
+            "UPDATE zap_run_outbox SET available_at = now() + $2 * interval '1 microsecond'
+             WHERE id IN (SELECT id FROM zap_run_outbox WHERE kind = 'step' AND available_at <= now()
+                          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, event_id, run_id, zap_id, stage, kind, reason, created_at",
+        )
+        .bind(i64::from(limit))
+        .bind(micros(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rows: Vec<OutboxRow> = records.into_iter().map(OutboxRow::from).collect();
+        rows.sort_by_key(|row| row.id);
+        Ok(rows)
+    }
+
+    pub async fn delete_outbox_rows(&self, ids: &[i64]) -> Result<()> {
+        sqlx::query("DELETE FROM zap_run_outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Adds one outbox row in a transaction of its own.
+    pub async fn enqueue_one(
+        &self,
+        run_id: Uuid,
+        zap_id: Uuid,
+        stage: u32,
+        kind: OutboxKind,
+        reason: Option<&str>,
+        delay: Duration,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        enqueue(&mut tx, run_id, zap_id, stage, kind, reason, delay).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Counts rows not yet relayed (due or not).

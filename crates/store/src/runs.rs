@@ -8,7 +8,7 @@ use uuid::Uuid;
 use zapflow_core::{ActionSpec, RunStatus, StepStatus};
 
 use crate::zaps::parse_status as parse_stored_status;
-use crate::{Result, Store};
+use crate::{PgStore, Result};
 
 /// A webhook delivery to record as a run.
 #[derive(Debug, Clone, Serialize)]
@@ -60,7 +60,7 @@ pub struct RunPage {
 }
 
 #[derive(sqlx::FromRow)]
-struct RunRow {
+pub(crate) struct RunRow {
     id: Uuid,
     zap_id: Uuid,
     owner_id: Uuid,
@@ -75,7 +75,7 @@ struct RunRow {
 }
 
 #[derive(sqlx::FromRow)]
-struct StepRow {
+pub(crate) struct StepRow {
     step: i32,
     action_type: String,
     status: String,
@@ -86,11 +86,11 @@ struct StepRow {
     finished_at: Option<DateTime<Utc>>,
 }
 
-const RUN_COLUMNS: &str = "id, zap_id, owner_id, status, trigger, headers, query, actions, \
+pub(crate) const RUN_COLUMNS: &str = "id, zap_id, owner_id, status, trigger, headers, query, actions, \
                            created_at, updated_at, finished_at";
 
 impl RunRow {
-    fn into_run(self, step_rows: Vec<StepRow>) -> Result<Run> {
+    pub(crate) fn into_run(self, step_rows: Vec<StepRow>) -> Result<Run> {
         let mut recorded: HashMap<i32, StepRow> =
             step_rows.into_iter().map(|row| (row.step, row)).collect();
         let steps = (0..self.actions.0.len())
@@ -134,7 +134,7 @@ impl RunRow {
     }
 }
 
-impl Store {
+impl PgStore {
     /// Records a batch of webhook deliveries in one transaction: each new run
     /// together with the outbox row for its first step. Returns, in input
     /// order, the run id and whether it was a repeat of an idempotency key
@@ -239,6 +239,14 @@ impl Store {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
+        RunPage::from_rows(rows, limit)
+    }
+}
+
+impl RunPage {
+    /// A page from up to `limit + 1` rows, newest first: the extra row only
+    /// tells that there is a next page.
+    pub(crate) fn from_rows(rows: Vec<RunRow>, limit: u32) -> Result<Self> {
         let more = rows.len() > limit as usize;
         let runs = rows
             .into_iter()

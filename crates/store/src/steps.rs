@@ -3,10 +3,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
-use zapflow_core::RunStatus;
 
-use crate::outbox::{OutboxKind, enqueue, micros};
-use crate::{Result, Run, Store};
+use crate::outbox::{enqueue, micros};
+use crate::{PgStore, Result, Run};
 
 /// The answer to "may I run step `stage` of this run now?".
 #[derive(Debug)]
@@ -47,7 +46,7 @@ pub enum StepOutcome {
     Failed(String),
 }
 
-impl Store {
+impl PgStore {
     /// Leases step `stage` of a run for `lease`, unless it is done or held.
     pub async fn claim_step(&self, run_id: Uuid, stage: u32, lease: Duration) -> Result<StepClaim> {
         let Some(run) = self.run(run_id).await? else {
@@ -117,12 +116,8 @@ impl Store {
     /// Returns false (and changes nothing) when the lease was lost.
     pub async fn finish_step(&self, step: &ClaimedStep, outcome: &StepOutcome) -> Result<bool> {
         let run = &step.run;
+        let (status, output, error) = outcome.recorded();
         let mut tx = self.pool.begin().await?;
-        let (status, output, error) = match outcome {
-            StepOutcome::Succeeded(output) => ("succeeded", Some(Json(output)), None),
-            StepOutcome::Retry { error, .. } => ("retrying", None, Some(error.as_str())),
-            StepOutcome::Failed(error) => ("failed", None, Some(error.as_str())),
-        };
         let updated = sqlx::query(
             "UPDATE zap_run_steps
              SET status = $4, output = $5, error = $6, lease_until = NULL,
@@ -133,7 +128,7 @@ impl Store {
         .bind(step.stage as i32)
         .bind(step.attempt as i32)
         .bind(status)
-        .bind(output)
+        .bind(output.map(Json))
         .bind(error)
         .execute(&mut *tx)
         .await?;
@@ -141,49 +136,10 @@ impl Store {
             return Ok(false);
         }
 
-        let next_stage = step.stage + 1;
-        let run_status = match outcome {
-            StepOutcome::Succeeded(_) if (next_stage as usize) < run.actions.len() => {
-                enqueue(
-                    &mut tx,
-                    run.id,
-                    run.zap_id,
-                    next_stage,
-                    OutboxKind::Step,
-                    None,
-                    Duration::ZERO,
-                )
-                .await?;
-                RunStatus::Running
-            }
-            StepOutcome::Succeeded(_) => RunStatus::Succeeded,
-            StepOutcome::Retry { delay, .. } => {
-                enqueue(
-                    &mut tx,
-                    run.id,
-                    run.zap_id,
-                    step.stage,
-                    OutboxKind::Step,
-                    None,
-                    *delay,
-                )
-                .await?;
-                RunStatus::Running
-            }
-            StepOutcome::Failed(reason) => {
-                enqueue(
-                    &mut tx,
-                    run.id,
-                    run.zap_id,
-                    step.stage,
-                    OutboxKind::DeadLetter,
-                    Some(reason),
-                    Duration::ZERO,
-                )
-                .await?;
-                RunStatus::Failed
-            }
-        };
+        let (stage, kind, reason, delay, run_status) = step.next(outcome);
+        if let Some(stage) = stage {
+            enqueue(&mut tx, run.id, run.zap_id, stage, kind, reason, delay).await?;
+        }
         sqlx::query(
             "UPDATE zap_runs
              SET status = $2, updated_at = now(),
@@ -196,52 +152,5 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(true)
-    }
-
-    /// Announces step `stage` again after `delay` (for a step another worker
-    /// holds: if that worker vanished, its lease will have expired by then).
-    pub async fn reschedule_step(
-        &self,
-        run_id: Uuid,
-        zap_id: Uuid,
-        stage: u32,
-        delay: Duration,
-    ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        enqueue(
-            &mut tx,
-            run_id,
-            zap_id,
-            stage,
-            OutboxKind::Step,
-            None,
-            delay,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Dead-letters an event that cannot be processed at all.
-    pub async fn dead_letter(
-        &self,
-        run_id: Uuid,
-        zap_id: Uuid,
-        stage: u32,
-        reason: &str,
-    ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        enqueue(
-            &mut tx,
-            run_id,
-            zap_id,
-            stage,
-            OutboxKind::DeadLetter,
-            Some(reason),
-            Duration::ZERO,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
     }
 }

@@ -1,9 +1,9 @@
 use uuid::Uuid;
 use zapflow_core::secret::{self, ApiKey};
 
-use crate::{Result, Store};
+use crate::{PgStore, Result};
 
-impl Store {
+impl PgStore {
     /// Creates a user with one API key, returned in full only here.
     pub async fn create_user(&self, name: &str) -> Result<(Uuid, ApiKey)> {
         let user_id = Uuid::now_v7();
@@ -33,5 +33,10 @@ impl Store {
                 .await?;
         Ok(row
             .and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
+    }
+
+    pub async fn user_count(&self) -> Result<i64> {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users").fetch_one(&self.pool).await?;
+        Ok(count)
     }
 }

@@ -4,7 +4,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 use zapflow_core::{ActionSpec, ZapStatus};
 
-use crate::{Result, Store, StoreError};
+use crate::{PgStore, Result, StoreError};
 
 /// A zap as its owner sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,10 +27,10 @@ pub struct ZapForIngest {
     pub actions: Vec<ActionSpec>,
 }
 
-type IngestRow = (Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>);
+pub(crate) type IngestRow = (Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>);
 
 #[derive(sqlx::FromRow)]
-struct ZapRow {
+pub(crate) struct ZapRow {
     id: Uuid,
     owner_id: Uuid,
     name: String,
@@ -63,9 +63,9 @@ pub(crate) fn parse_status<T: std::str::FromStr<Err = zapflow_core::model::Unkno
         .map_err(|error| StoreError::Db(sqlx::Error::Decode(Box::new(error))))
 }
 
-const ZAP_COLUMNS: &str = "id, owner_id, name, actions, status, created_at, updated_at";
+pub(crate) const ZAP_COLUMNS: &str = "id, owner_id, name, actions, status, created_at, updated_at";
 
-impl Store {
+impl PgStore {
     pub async fn create_zap(
         &self,
         owner_id: Uuid,
@@ -188,15 +188,7 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|(owner_id, token_hash, status, actions)| {
-            Ok(ZapForIngest {
-                owner_id,
-                token_hash,
-                status: parse_status(&status)?,
-                actions: actions.0,
-            })
-        })
-        .transpose()
+        row.map(ZapForIngest::try_from).transpose()
     }
 }
 

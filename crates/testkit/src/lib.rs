@@ -49,9 +49,18 @@ pub async fn test_store() -> Store {
         .execute(&mut admin)
         .await
         .expect("creating the test database");
-    let store = Store::connect_lazy(&format!("{server}/{name}"), 20).expect("database URL");
+    let store = Store::open(&format!("{server}/{name}"), 20).await.expect("database URL");
     store.migrate().await.expect("migrating the test database");
     store
+}
+
+/// A migrated, empty SQLite database in a file of this test's own (kept
+/// under the system's temporary directory).
+pub async fn test_sqlite_store() -> (Store, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("{}.db", unique("zapflow-test")));
+    let store = Store::open_file(&path).await.expect("creating the SQLite database");
+    store.migrate().await.expect("migrating the SQLite database");
+    (store, path)
 }
 
 /// Topic and group names of this test's own on the test broker, with the

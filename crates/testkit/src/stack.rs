@@ -44,7 +44,9 @@ impl Default for StackOptions {
 /// A running zapflow; stops when dropped.
 pub struct Stack {
     pub store: Store,
-    pub bus: BusSettings,
+    /// The broker, for the Kafka deployment; without, workers take work
+    /// from the outbox directly.
+    pub bus: Option<BusSettings>,
     pub grpc_address: SocketAddr,
     pub http_address: SocketAddr,
     shutdown: CancellationToken,
@@ -52,7 +54,7 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub async fn start(store: Store, bus: BusSettings, options: StackOptions) -> Self {
+    pub async fn start(store: Store, bus: Option<BusSettings>, options: StackOptions) -> Self {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
@@ -94,18 +96,13 @@ impl Stack {
             }
         });
 
-        for _ in 0..options.processors {
-            let producer = bus.producer(Duration::from_secs(10)).unwrap();
-            let relay = Relay::new(
-                store.clone(),
-                producer,
-                bus.clone(),
-                RelaySettings {
-                    batch_size: 500,
-                    poll_interval: Duration::from_millis(200),
-                },
-            );
-            tasks.spawn(relay.run(shutdown.clone()));
+        if let Some(bus) = &bus {
+            let pg = store.postgres().expect("the Kafka deployment runs on PostgreSQL");
+            for _ in 0..options.processors {
+                let producer = bus.producer(Duration::from_secs(10)).unwrap();
+                let relay = Relay::new(pg.clone(), producer, bus.clone(), relay_settings());
+                tasks.spawn(relay.run(shutdown.clone()));
+            }
         }
 
         let group = crate::unique("zapflow-workers");
@@ -119,17 +116,20 @@ impl Stack {
             })
             .unwrap();
             let worker = Worker::new(store.clone(), Executor::new(mailer), options.worker.clone());
-            let consumer = bus.consumer(&group, Duration::from_secs(60)).unwrap();
-            let dead_letters = DeadLetters {
-                producer: bus.producer(Duration::from_secs(10)).unwrap(),
-                topic: bus.dead_letter_topic.clone(),
-            };
-            tasks.spawn(zapflow_worker::consume(
-                worker,
-                consumer,
-                dead_letters,
-                shutdown.clone(),
-            ));
+            match &bus {
+                Some(bus) => {
+                    let consumer = bus.consumer(&group, Duration::from_secs(60)).unwrap();
+                    let dead_letters = DeadLetters {
+                        producer: bus.producer(Duration::from_secs(10)).unwrap(),
+                        topic: bus.dead_letter_topic.clone(),
+                    };
+                    tasks.spawn(zapflow_worker::consume(worker, consumer, dead_letters, shutdown.clone()));
+                }
+                None => {
+                    let poll = relay_settings().poll_interval;
+                    tasks.spawn(zapflow_worker::run_local(worker, store.clone(), poll, shutdown.clone()));
+                }
+            }
         }
 
         Self {
@@ -166,6 +166,13 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+fn relay_settings() -> RelaySettings {
+    RelaySettings {
+        batch_size: 500,
+        poll_interval: Duration::from_millis(200),
     }
 }
 

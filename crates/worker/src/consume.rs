@@ -121,22 +121,10 @@ async fn handle(
             .await;
         }
     };
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match worker.execute(&event).await {
-            Ok(Handled::Poison(reason)) => {
-                return publish_poison(dead_letters, payload, &reason, shutdown).await;
-            }
-            Ok(_) => return true,
-            Err(error) => {
-                tracing::warn!(%error, run_id = event.run_id, stage = event.stage, "cannot record step; will retry");
-                tokio::select! {
-                    () = shutdown.cancelled() => return false,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    match worker.execute_until_recorded(&event, shutdown).await {
+        Some(Handled::Poison(reason)) => publish_poison(dead_letters, payload, &reason, shutdown).await,
+        Some(_) => true,
+        None => false,
     }
 }
 

@@ -2,6 +2,7 @@
 //! result together with what comes next.
 
 mod consume;
+mod local;
 mod offsets;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use zapflow_proto::v1::ZapEvent;
 use zapflow_store::{ClaimedStep, StepClaim, StepOutcome, Store, StoreError};
 
 pub use consume::{DeadLetters, consume};
+pub use local::run_local;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -127,6 +129,29 @@ impl Worker {
             tracing::warn!(%run_id, stage = step.stage, "lease lost before the result was recorded");
         }
         Ok(Handled::Ran(outcome))
+    }
+
+    /// [`execute`](Self::execute), retried while the database does not
+    /// answer; `None` when given up at shutdown (nothing was recorded).
+    pub(crate) async fn execute_until_recorded(
+        &self,
+        event: &ZapEvent,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Option<Handled> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.execute(event).await {
+                Ok(handled) => return Some(handled),
+                Err(error) => {
+                    tracing::warn!(%error, run_id = event.run_id, stage = event.stage, "cannot record step; will retry");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     async fn run_action(&self, step: &ClaimedStep) -> StepOutcome {

@@ -5,30 +5,30 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use zapflow_actions::EmailSettings;
 use zapflow_api::ApiSettings;
 use zapflow_bus::BusSettings;
 use zapflow_gateway::GatewaySettings;
 use zapflow_processor::RelaySettings;
+use zapflow_store::Store;
 use zapflow_worker::WorkerSettings;
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// PostgreSQL connection URL.
-    #[arg(
-        long,
-        env = "ZAPFLOW_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/zapflow"
-    )]
-    pub database_url: String,
+    /// `postgres://...` for the PostgreSQL deployments. Unset: the embedded
+    /// SQLite database DATA_DIR/zapflow.db.
+    #[arg(long, env = "ZAPFLOW_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// Connections each role keeps to the database.
     #[arg(long, env = "ZAPFLOW_DATABASE_POOL", default_value_t = 16)]
     pub database_pool: u32,
 
-    /// Kafka bootstrap servers, comma-separated.
-    #[arg(long, env = "ZAPFLOW_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub kafka_brokers: String,
+    /// Kafka bootstrap servers, comma-separated (needs PostgreSQL). Unset:
+    /// workers take work from the database's outbox directly.
+    #[arg(long, env = "ZAPFLOW_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
     /// Topic carrying step events.
     #[arg(long, env = "ZAPFLOW_EVENTS_TOPIC", default_value = "zap-events")]
     pub events_topic: String,
@@ -89,7 +89,8 @@ pub struct Config {
         default_value = "zapflow <zapflow@localhost>"
     )]
     pub smtp_from: String,
-    /// Where local state lives (the mailbox without SMTP).
+    /// Where local state lives: the embedded database, the mailbox without
+    /// SMTP, the first API key.
     #[arg(long, env = "ZAPFLOW_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
@@ -106,12 +107,38 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn bus(&self) -> BusSettings {
-        BusSettings {
-            brokers: self.kafka_brokers.clone(),
+    /// The Kafka settings, when a broker list is configured.
+    pub fn bus(&self) -> Option<BusSettings> {
+        let brokers = self.kafka_brokers.clone()?;
+        Some(BusSettings {
+            brokers,
             events_topic: self.events_topic.clone(),
             dead_letter_topic: self.dead_letter_topic.clone(),
             partitions: self.topic_partitions,
+        })
+    }
+
+    /// Opens the configured database, creating the data directory for the
+    /// embedded one.
+    pub async fn store(&self) -> anyhow::Result<Store> {
+        match &self.database_url {
+            Some(url) => Ok(Store::open(url, self.database_pool).await?),
+            None => {
+                std::fs::create_dir_all(&self.data_dir)
+                    .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
+                let path = self.data_dir.join("zapflow.db");
+                Store::open_file(&path)
+                    .await
+                    .with_context(|| format!("opening the embedded database {}", path.display()))
+            }
+        }
+    }
+
+    /// Where the data lives, for people.
+    pub fn database_description(&self) -> String {
+        match &self.database_url {
+            Some(url) => redact_password(url),
+            None => self.data_dir.join("zapflow.db").display().to_string(),
         }
     }
 
@@ -154,5 +181,19 @@ impl Config {
             from: self.smtp_from.clone(),
             timeout: Duration::from_secs(self.action_timeout),
         }
+    }
+}
+
+/// `scheme://user:****@host/...`: a URL fit for logs.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_owned(),
     }
 }

@@ -1,32 +1,28 @@
 //! `zapflow`: one binary, every role.
 
 mod config;
+mod first_run;
 mod roles;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use zapflow_store::Store;
 
 use crate::config::Config;
 use crate::roles::{ALL_ROLES, Role};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "zapflow",
-    version,
-    about = "Self-hostable, gRPC-first task automation"
-)]
+#[command(name = "zapflow", version, about = "Self-hostable, gRPC-first task automation")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
     #[command(flatten)]
     config: Config,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run every role in this process (migrates the database first).
+    /// Run every role in this process (the default; migrates the database first).
     All,
     /// Run the gRPC API (ZapService, IngestService).
     Api,
@@ -34,7 +30,7 @@ enum Command {
     Gateway,
     /// Run the outbox relay to Kafka.
     Processor,
-    /// Run a worker of the consumer group.
+    /// Run a worker.
     Worker,
     /// Apply database migrations and exit.
     Migrate,
@@ -55,27 +51,24 @@ async fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let config = cli.config;
-    let store = || Store::connect_lazy(&config.database_url, config.database_pool);
+    let store = config.store().await?;
+    let migrate = || async { store.migrate().await.context("migrating the database") };
 
-    let roles: &[Role] = match cli.command {
+    let roles: &[Role] = match cli.command.unwrap_or(Command::All) {
         Command::Migrate => {
-            store()?.migrate().await.context("migrating the database")?;
-            tracing::info!("database migrated");
+            migrate().await?;
+            tracing::info!(database = %config.database_description(), "database migrated");
             return Ok(());
         }
         Command::CreateUser { name } => {
-            let store = store()?;
-            store.migrate().await.context("migrating the database")?;
-            let (user_id, key) = store
-                .create_user(&name)
-                .await
-                .context("creating the user")?;
+            migrate().await?;
+            let (user_id, key) = store.create_user(&name).await.context("creating the user")?;
             eprintln!("created user {name} ({user_id}); its API key (shown only now):");
             println!("{key}");
             return Ok(());
         }
         Command::All => {
-            store()?.migrate().await.context("migrating the database")?;
+            migrate().await?;
             &ALL_ROLES
         }
         Command::Api => &[Role::Api],
@@ -85,7 +78,10 @@ async fn main() -> Result<()> {
     };
 
     let shutdown = CancellationToken::new();
-    let mut tasks = roles::start(roles, &config, &shutdown).await?;
+    let mut tasks = roles::start(roles, &config, &store, &shutdown).await?;
+    if roles.contains(&Role::Api) {
+        first_run::greet(&config, &store, roles).await?;
+    }
     tokio::spawn(watch_signals(shutdown.clone()));
     let mut result = Ok(());
     while let Some(done) = tasks.join_next().await {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -13,7 +13,7 @@ use zapflow_worker::{DeadLetters, Worker};
 
 use crate::config::Config;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Api,
     Gateway,
@@ -27,75 +27,73 @@ pub const ALL_ROLES: [Role; 4] = [Role::Api, Role::Gateway, Role::Processor, Rol
 pub async fn start(
     roles: &[Role],
     config: &Config,
+    store: &Store,
     shutdown: &CancellationToken,
 ) -> Result<JoinSet<Result<()>>> {
-    let store = Store::connect_lazy(&config.database_url, config.database_pool)?;
-    let mut tasks = JoinSet::new();
-    if roles
-        .iter()
-        .any(|role| matches!(role, Role::Processor | Role::Worker))
-    {
-        config
-            .bus()
-            .ensure_topics()
-            .await
-            .with_context(|| format!("creating topics on Kafka at {}", config.kafka_brokers))?;
+    let bus = config.bus();
+    if bus.is_some() && store.postgres().is_none() {
+        bail!("the Kafka deployment needs PostgreSQL: set ZAPFLOW_DATABASE_URL=postgres://...");
     }
+    if let Some(bus) = &bus
+        && roles.iter().any(|role| matches!(role, Role::Processor | Role::Worker))
+    {
+        bus.ensure_topics()
+            .await
+            .with_context(|| format!("creating topics on Kafka at {}", bus.brokers))?;
+    }
+
+    let mut tasks = JoinSet::new();
     for role in roles {
         let shutdown = shutdown.clone();
         match role {
             Role::Api => {
                 let listener = bind(config.grpc_listen).await?;
-                tracing::info!(address = %config.grpc_listen, "gRPC API listening");
                 let (store, settings) = (store.clone(), config.api());
-                tasks.spawn(async move {
-                    zapflow_api::serve(listener, store, settings, shutdown)
-                        .await
-                        .context("gRPC API")
-                });
+                tasks.spawn(async move { zapflow_api::serve(listener, store, settings, shutdown).await.context("gRPC API") });
             }
             Role::Gateway => {
                 let listener = bind(config.http_listen).await?;
-                tracing::info!(address = %config.http_listen, public_url = %config.public_url, "webhook gateway listening");
-                let client =
-                    zapflow_gateway::ingest_client(&config.api_url, config.grpc_max_message)
-                        .with_context(|| format!("invalid API URL {:?}", config.api_url))?;
+                let client = zapflow_gateway::ingest_client(&config.api_url, config.grpc_max_message)
+                    .with_context(|| format!("invalid API URL {:?}", config.api_url))?;
                 let router = zapflow_gateway::router(client, &config.gateway());
-                tasks.spawn(async move {
-                    zapflow_gateway::serve(listener, router, shutdown)
-                        .await
-                        .context("gateway")
-                });
+                tasks.spawn(async move { zapflow_gateway::serve(listener, router, shutdown).await.context("gateway") });
             }
-            Role::Processor => {
-                let producer = config.bus().producer(Duration::from_secs(30))?;
-                let relay = Relay::new(store.clone(), producer, config.bus(), config.relay());
-                tasks.spawn(async move {
-                    relay.run(shutdown).await;
-                    Ok(())
-                });
-            }
+            Role::Processor => match (&bus, store.postgres()) {
+                (Some(bus), Some(pg)) => {
+                    let producer = bus.producer(Duration::from_secs(30))?;
+                    let relay = Relay::new(pg.clone(), producer, bus.clone(), config.relay());
+                    tasks.spawn(async move {
+                        relay.run(shutdown).await;
+                        Ok(())
+                    });
+                }
+                // Without Kafka, workers read the outbox themselves.
+                _ if roles.len() > 1 => {}
+                _ => bail!("the processor relays the outbox to Kafka: set ZAPFLOW_KAFKA_BROKERS"),
+            },
             Role::Worker => {
                 let mailer = Mailer::new(&config.email()).map_err(anyhow::Error::msg)?;
-                match &config.smtp_url {
-                    Some(_) => tracing::info!("email goes over SMTP"),
-                    None => tracing::info!(
-                        mailbox = %config.email().mailbox_dir.display(),
-                        "no SMTP server configured: email is written to the mailbox directory"
-                    ),
-                }
                 let worker = Worker::new(store.clone(), Executor::new(mailer), config.worker());
-                let consumer = config
-                    .bus()
-                    .consumer(&config.consumer_group, Duration::from_secs(300))?;
-                let dead_letters = DeadLetters {
-                    producer: config.bus().producer(Duration::from_secs(30))?,
-                    topic: config.dead_letter_topic.clone(),
-                };
-                tasks.spawn(async move {
-                    zapflow_worker::consume(worker, consumer, dead_letters, shutdown).await;
-                    Ok(())
-                });
+                match &bus {
+                    Some(bus) => {
+                        let consumer = bus.consumer(&config.consumer_group, Duration::from_secs(300))?;
+                        let dead_letters = DeadLetters {
+                            producer: bus.producer(Duration::from_secs(30))?,
+                            topic: bus.dead_letter_topic.clone(),
+                        };
+                        tasks.spawn(async move {
+                            zapflow_worker::consume(worker, consumer, dead_letters, shutdown).await;
+                            Ok(())
+                        });
+                    }
+                    None => {
+                        let (store, poll) = (store.clone(), config.relay().poll_interval);
+                        tasks.spawn(async move {
+                            zapflow_worker::run_local(worker, store, poll, shutdown).await;
+                            Ok(())
+                        });
+                    }
+                }
             }
         }
     }

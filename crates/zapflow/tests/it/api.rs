@@ -13,7 +13,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use zapflow_api::ApiSettings;
 use zapflow_store::Store;
-use zapflow_testkit::{Stack, StackOptions, eventually, test_bus, test_store};
+use zapflow_testkit::{Stack, StackOptions, eventually, test_store};
 
 async fn health(channel: Channel, service: &str) -> i32 {
     HealthClient::new(channel)
@@ -26,7 +26,7 @@ async fn health(channel: Channel, service: &str) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_and_reflection_lists_the_services() {
-    let stack = Stack::start(test_store().await, test_bus(1).await, StackOptions::default()).await;
+    let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
     let channel = Channel::from_shared(stack.grpc_url()).unwrap().connect().await.unwrap();
     for service in ["", "zapflow.v1.ZapService", "zapflow.v1.IngestService"] {
         eventually("health SERVING", Duration::from_secs(10), || {
@@ -60,7 +60,7 @@ async fn health_is_serving_and_reflection_lists_the_services() {
 async fn health_is_not_serving_while_the_database_does_not_answer() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let store = Store::connect_lazy("postgres://postgres@127.0.0.1:1/nowhere", 2).unwrap();
+    let store = Store::open("postgres://postgres@127.0.0.1:1/nowhere", 2).await.unwrap();
     let settings = ApiSettings {
         public_url: "http://127.0.0.1:8080".into(),
         max_message_bytes: 1024 * 1024,

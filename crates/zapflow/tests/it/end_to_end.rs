@@ -5,13 +5,30 @@ use zapflow_proto::v1 as pb;
 use zapflow_testkit::{SmtpSink, with_key};
 
 use crate::support::{
-    WAIT, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run,
+    Deployment, WAIT, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_webhook_sends_both_emails_in_order_and_the_run_records_each_step() {
+async fn distributed_a_webhook_sends_both_emails_in_order_and_records_each_step() {
+    webhook_to_two_emails(Deployment::Distributed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_only_a_webhook_sends_both_emails_in_order_and_records_each_step() {
+    webhook_to_two_emails(Deployment::PostgresOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_a_webhook_sends_both_emails_in_order_and_records_each_step() {
+    webhook_to_two_emails(Deployment::Embedded).await;
+}
+
+/// The scenario zapflow exists for, on one deployment: a zap with two
+/// emails over gRPC, a webhook, both emails in order with the payload's
+/// fields, and the run's record.
+async fn webhook_to_two_emails(deployment: Deployment) {
     let smtp = SmtpSink::start().await;
-    let stack = stack_with_smtp(&smtp, 3).await;
+    let stack = stack_with_smtp(&smtp, deployment).await;
     let key = new_user(&stack, "ada").await;
 
     let (zap, webhook_url) = create_zap(
@@ -95,7 +112,7 @@ async fn a_webhook_sends_both_emails_in_order_and_the_run_records_each_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_template_field_fails_the_step_with_a_recorded_error() {
     let smtp = SmtpSink::start().await;
-    let stack = stack_with_smtp(&smtp, 1).await;
+    let stack = stack_with_smtp(&smtp, Deployment::Distributed).await;
     let key = new_user(&stack, "ada").await;
     let (_, webhook_url) = create_zap(
         &stack,
@@ -123,7 +140,7 @@ async fn a_missing_template_field_fails_the_step_with_a_recorded_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_payload_with_a_line_break_cannot_inject_a_header() {
     let smtp = SmtpSink::start().await;
-    let stack = stack_with_smtp(&smtp, 1).await;
+    let stack = stack_with_smtp(&smtp, Deployment::Distributed).await;
     let key = new_user(&stack, "ada").await;
     let (_, webhook_url) = create_zap(
         &stack,

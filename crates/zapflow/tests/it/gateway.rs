@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zapflow_proto::v1 as pb;
-use zapflow_testkit::{Stack, StackOptions, test_bus, test_store, with_key};
+use zapflow_testkit::{Stack, StackOptions, test_store, with_key};
 
 use crate::support::{count_runs, new_user, post_json, simple_zap};
 
@@ -12,7 +12,7 @@ async fn stack(body_limit: usize) -> Stack {
         body_limit,
         ..StackOptions::default()
     };
-    Stack::start(test_store().await, test_bus(1).await, options).await
+    Stack::start(test_store().await, None, options).await
 }
 
 async fn post(

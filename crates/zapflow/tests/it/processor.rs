@@ -7,10 +7,15 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use zapflow_bus::BusSettings;
 use zapflow_processor::{Relay, RelaySettings};
-use zapflow_store::Store;
+use zapflow_store::PgStore;
 use zapflow_testkit::{test_bus, test_store, unique};
 
-async fn insert_outbox_rows(store: &Store, count: i64) {
+/// A PostgreSQL store of this test's own: the relay needs PostgreSQL.
+async fn pg_store() -> PgStore {
+    test_store().await.postgres().unwrap().clone()
+}
+
+async fn insert_outbox_rows(store: &PgStore, count: i64) {
     sqlx::query(
         "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind)
          SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 0, 'step'
@@ -22,7 +27,7 @@ async fn insert_outbox_rows(store: &Store, count: i64) {
     .unwrap();
 }
 
-fn relay(store: &Store, bus: &BusSettings, delivery_timeout: Duration) -> Relay {
+fn relay(store: &PgStore, bus: &BusSettings, delivery_timeout: Duration) -> Relay {
     let settings = RelaySettings {
         batch_size: 250,
         poll_interval: Duration::from_millis(100),
@@ -65,7 +70,7 @@ async fn read_events(bus: &BusSettings, expected: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_processors_relay_every_row_exactly_once() {
-    let store = test_store().await;
+    let store = pg_store().await;
     let bus = test_bus(3).await;
     const ROWS: i64 = 3000;
     insert_outbox_rows(&store, ROWS).await;
@@ -110,7 +115,7 @@ async fn two_processors_relay_every_row_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_stay_when_the_broker_is_unreachable() {
-    let store = test_store().await;
+    let store = pg_store().await;
     let unreachable = BusSettings {
         brokers: "127.0.0.1:1".into(),
         events_topic: unique("zap-events"),

@@ -94,7 +94,7 @@ pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
 
 pub async fn count_runs(stack: &Stack) -> i64 {
     let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_runs")
-        .fetch_one(stack.store.pool())
+        .fetch_one(stack.store.postgres().expect("a PostgreSQL stack").pool())
         .await
         .unwrap();
     count
@@ -130,16 +130,30 @@ pub async fn wait_for_run(
     .await
 }
 
-/// A stack whose email goes to `smtp`.
-pub async fn stack_with_smtp(smtp: &zapflow_testkit::SmtpSink, partitions: i32) -> Stack {
+/// The deployments zapflow can run as.
+#[derive(Debug, Clone, Copy)]
+pub enum Deployment {
+    /// PostgreSQL and Kafka: processor relays, workers consume.
+    Distributed,
+    /// PostgreSQL alone: workers lease outbox rows.
+    PostgresOnly,
+    /// One SQLite file: workers lease outbox rows.
+    Embedded,
+}
+
+/// A stack of `deployment` whose email goes to `smtp`.
+pub async fn stack_with_smtp(smtp: &zapflow_testkit::SmtpSink, deployment: Deployment) -> Stack {
     let options = zapflow_testkit::StackOptions {
         smtp_url: Some(smtp.url()),
         ..Default::default()
     };
-    Stack::start(
-        zapflow_testkit::test_store().await,
-        zapflow_testkit::test_bus(partitions).await,
-        options,
-    )
-    .await
+    let (store, bus) = match deployment {
+        Deployment::Distributed => (
+            zapflow_testkit::test_store().await,
+            Some(zapflow_testkit::test_bus(3).await),
+        ),
+        Deployment::PostgresOnly => (zapflow_testkit::test_store().await, None),
+        Deployment::Embedded => (zapflow_testkit::test_sqlite_store().await.0, None),
+    };
+    Stack::start(store, bus, options).await
 }

@@ -4,7 +4,7 @@ use serde_json::json;
 use tonic::Code;
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
-use zapflow_testkit::{Stack, StackOptions, test_bus, test_store, with_key};
+use zapflow_testkit::{Stack, StackOptions, test_store, with_key};
 
 use crate::support::{email_action, new_user, post_json, simple_zap};
 
@@ -119,11 +119,7 @@ async fn call_every_rpc(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_users_zaps_and_runs_are_not_found_and_stay_untouched() {
-    let stack = Stack::start(
-        test_store().await,
-        test_bus(1).await,
-        StackOptions::default(),
-    )
+    let stack = Stack::start(test_store().await, None, StackOptions::default())
     .await;
     let alice = new_user(&stack, "alice").await;
     let bob = new_user(&stack, "bob").await;
@@ -169,11 +165,7 @@ async fn another_users_zaps_and_runs_are_not_found_and_stay_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_rpc_without_a_valid_key_is_unauthenticated() {
-    let stack = Stack::start(
-        test_store().await,
-        test_bus(1).await,
-        StackOptions::default(),
-    )
+    let stack = Stack::start(test_store().await, None, StackOptions::default())
     .await;
     let alice = new_user(&stack, "alice").await;
     let (zap, _) = simple_zap(&stack, &alice).await;
@@ -216,11 +208,7 @@ async fn every_rpc_without_a_valid_key_is_unauthenticated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_zaps_are_rejected_naming_the_field() {
-    let stack = Stack::start(
-        test_store().await,
-        test_bus(1).await,
-        StackOptions::default(),
-    )
+    let stack = Stack::start(test_store().await, None, StackOptions::default())
     .await;
     let key = new_user(&stack, "alice").await;
     let mut client = stack.zap_client().await;
@@ -287,11 +275,7 @@ async fn invalid_zaps_are_rejected_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zaps_page_through_in_creation_order() {
-    let stack = Stack::start(
-        test_store().await,
-        test_bus(1).await,
-        StackOptions::default(),
-    )
+    let stack = Stack::start(test_store().await, None, StackOptions::default())
     .await;
     let key = new_user(&stack, "alice").await;
     let mut created = Vec::new();

@@ -101,7 +101,7 @@ async fn an_event_for_an_unknown_run_is_dead_lettered() {
     assert!(matches!(handled, Handled::DeadLettered(_)), "{handled:?}");
     let (kind, reason): (String, String) =
         sqlx::query_as("SELECT kind, reason FROM zap_run_outbox")
-            .fetch_one(store.pool())
+            .fetch_one(store.postgres().unwrap().pool())
             .await
             .unwrap();
     assert_eq!(kind, "dead_letter");
@@ -139,7 +139,7 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
     // retry waits in the outbox until its time comes.
     let (delayed,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM zap_run_outbox WHERE available_at > now()")
-            .fetch_one(store.pool())
+            .fetch_one(store.postgres().unwrap().pool())
             .await
             .unwrap();
     assert_eq!(delayed, 1);

@@ -1,0 +1,539 @@
+//! The SQLite store of the embedded deployment: one file, WAL mode, one
+//! writer at a time.
+//!
+//! The same operations as [`PgStore`](crate::PgStore), in SQLite's dialect:
+//! ids and times are bound from Rust, and the two times that queries compare
+//! (`available_at`, `lease_until`) are integer microseconds.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::types::Json;
+use sqlx::{Sqlite, Transaction};
+use tokio::sync::Notify;
+use uuid::Uuid;
+use zapflow_core::secret::{self, ApiKey};
+use zapflow_core::{ActionSpec, RunStatus, ZapStatus};
+
+use crate::outbox::{OutboxKind, OutboxRecord};
+use crate::runs::{RUN_COLUMNS, RunRow, StepRow};
+use crate::zaps::{IngestRow, ZAP_COLUMNS, ZapRow, found, parse_status};
+use crate::{ClaimedStep, NewRun, OutboxRow, Result, Run, RunPage, SQLITE_MIGRATOR, StepClaim, StepOutcome, StoreError, Zap, ZapForIngest};
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Wakes local dispatchers when outbox rows were committed.
+    outbox_written: Arc<Notify>,
+}
+
+fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn micros_after(delay: Duration) -> i64 {
+    now_micros().saturating_add(i64::try_from(delay.as_micros()).unwrap_or(i64::MAX))
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path`.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        Self::with_options(options).await
+    }
+
+    /// Opens a `sqlite:` URL (`sqlite::memory:` included).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        Self::with_options(options).await
+    }
+
+    async fn with_options(options: SqliteConnectOptions) -> Result<Self> {
+        // One connection: SQLite has one writer anyway, and a single
+        // connection never meets SQLITE_BUSY between its own transactions.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            pool,
+            outbox_written: Arc::new(Notify::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub(crate) fn outbox_notify(&self) -> Arc<Notify> {
+        self.outbox_written.clone()
+    }
+
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        SQLITE_MIGRATOR.run(&self.pool).await
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn create_user(&self, name: &str) -> Result<(Uuid, ApiKey)> {
+        let user_id = Uuid::now_v7();
+        let key = ApiKey::generate();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO users (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(user_id)
+            .bind(name)
+            .bind(Utc::now())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO api_keys (id, user_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(key.id)
+            .bind(user_id)
+            .bind(secret::hash(&key.secret))
+            .bind(Utc::now())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((user_id, key))
+    }
+
+    pub async fn user_count(&self) -> Result<i64> {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users").fetch_one(&self.pool).await?;
+        Ok(count)
+    }
+
+    pub async fn authenticate(&self, key: &ApiKey) -> Result<Option<Uuid>> {
+        let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as("SELECT user_id, secret_hash FROM api_keys WHERE id = $1")
+            .bind(key.id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
+    }
+
+    pub async fn create_zap(&self, owner_id: Uuid, name: &str, actions: &[ActionSpec], token_hash: &[u8]) -> Result<Zap> {
+        let now = Utc::now();
+        let row: ZapRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6) RETURNING {ZAP_COLUMNS}"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(owner_id)
+        .bind(name)
+        .bind(Json(actions))
+        .bind(token_hash)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
+        let row: ZapRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {ZAP_COLUMNS} FROM zaps WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    pub async fn list_zaps(&self, owner_id: Uuid, after: Option<Uuid>, limit: u32) -> Result<Vec<Zap>> {
+        let rows: Vec<ZapRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {ZAP_COLUMNS} FROM zaps
+             WHERE owner_id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR id > $2)
+             ORDER BY id LIMIT $3"
+        )))
+        .bind(owner_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Zap::try_from).collect()
+    }
+
+    pub async fn update_zap(&self, owner_id: Uuid, id: Uuid, name: &str, actions: &[ActionSpec]) -> Result<Zap> {
+        let row: ZapRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE zaps SET name = $3, actions = $4, updated_at = $5
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL RETURNING {ZAP_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .bind(name)
+        .bind(Json(actions))
+        .bind(Utc::now())
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    pub async fn set_zap_status(&self, owner_id: Uuid, id: Uuid, status: ZapStatus) -> Result<Zap> {
+        let row: ZapRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE zaps SET status = $3, updated_at = $4
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL RETURNING {ZAP_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .bind(status.as_str())
+        .bind(Utc::now())
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    pub async fn set_zap_token(&self, owner_id: Uuid, id: Uuid, token_hash: &[u8]) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE zaps SET token_hash = $3, updated_at = $4
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .bind(token_hash)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        found(done.rows_affected())
+    }
+
+    pub async fn delete_zap(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
+        let done = sqlx::query("UPDATE zaps SET deleted_at = $3 WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL")
+            .bind(id)
+            .bind(owner_id)
+            .bind(Utc::now())
+            .execute(&self.pool)
+            .await?;
+        found(done.rows_affected())
+    }
+
+    pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
+        let row: Option<IngestRow> = sqlx::query_as(
+            "SELECT owner_id, token_hash, status, actions FROM zaps WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(ZapForIngest::try_from).transpose()
+    }
+
+    pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<(Uuid, bool)>> {
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        let mut results = Vec::with_capacity(runs.len());
+        for run in runs {
+            let inserted = sqlx::query(
+                "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query, actions,
+                                       idempotency_key, created_at, updated_at)
+                 VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $9)
+                 ON CONFLICT (zap_id, idempotency_key) DO NOTHING",
+            )
+            .bind(run.id)
+            .bind(run.zap_id)
+            .bind(run.owner_id)
+            .bind(Json(&run.trigger))
+            .bind(Json(&run.headers))
+            .bind(Json(&run.query))
+            .bind(Json(&run.actions))
+            .bind(&run.idempotency_key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 1 {
+                enqueue(&mut tx, run.id, run.zap_id, 0, OutboxKind::Step, None, Duration::ZERO).await?;
+                results.push((run.id, false));
+            } else {
+                let (existing,): (Uuid,) =
+                    sqlx::query_as("SELECT id FROM zap_runs WHERE zap_id = $1 AND idempotency_key = $2")
+                        .bind(run.zap_id)
+                        .bind(&run.idempotency_key)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                results.push((existing, true));
+            }
+        }
+        tx.commit().await?;
+        self.outbox_written.notify_waiters();
+        Ok(results)
+    }
+
+    pub async fn run(&self, id: Uuid) -> Result<Option<Run>> {
+        self.fetch_run(id, None).await
+    }
+
+    pub async fn owned_run(&self, owner_id: Uuid, id: Uuid) -> Result<Run> {
+        self.fetch_run(id, Some(owner_id)).await?.ok_or(StoreError::NotFound)
+    }
+
+    async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
+        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM zap_runs WHERE id = $1 AND ($2 IS NULL OR owner_id = $2)"
+        )))
+        .bind(id)
+        .bind(owner_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let steps: Vec<StepRow> = sqlx::query_as(
+            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at
+             FROM zap_run_steps WHERE run_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        row.into_run(steps).map(Some)
+    }
+
+    pub async fn list_runs(&self, owner_id: Uuid, zap_id: Option<Uuid>, before: Option<Uuid>, limit: u32) -> Result<RunPage> {
+        let rows: Vec<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM zap_runs
+             WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
+             ORDER BY id DESC LIMIT $4"
+        )))
+        .bind(owner_id)
+        .bind(zap_id)
+        .bind(before)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        RunPage::from_rows(rows, limit)
+    }
+
+    pub async fn claim_step(&self, run_id: Uuid, stage: u32, lease: Duration) -> Result<StepClaim> {
+        let Some(run) = self.run(run_id).await? else {
+            return Ok(StepClaim::Unknown);
+        };
+        if run.status.is_final() {
+            return Ok(StepClaim::RunFinished);
+        }
+        let Some(action) = run.actions.get(stage as usize) else {
+            return Ok(StepClaim::Unknown);
+        };
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO zap_run_steps (run_id, step, action_type, status) VALUES ($1, $2, $3, 'pending')
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(run_id)
+        .bind(stage as i32)
+        .bind(&action.action_type)
+        .execute(&mut *tx)
+        .await?;
+        let claimed: Option<(i32,)> = sqlx::query_as(
+            "UPDATE zap_run_steps
+             SET status = 'running', attempts = attempts + 1, lease_until = $3,
+                 started_at = coalesce(started_at, $5)
+             WHERE run_id = $1 AND step = $2
+               AND (status IN ('pending', 'retrying') OR (status = 'running' AND lease_until < $4))
+             RETURNING attempts",
+        )
+        .bind(run_id)
+        .bind(stage as i32)
+        .bind(micros_after(lease))
+        .bind(now.timestamp_micros())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((attempt,)) = claimed else {
+            let (status, lease_until): (String, Option<i64>) =
+                sqlx::query_as("SELECT status, lease_until FROM zap_run_steps WHERE run_id = $1 AND step = $2")
+                    .bind(run_id)
+                    .bind(stage as i32)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            return Ok(match (status.as_str(), lease_until.and_then(DateTime::from_timestamp_micros)) {
+                ("running", Some(lease_until)) => StepClaim::Busy { lease_until },
+                _ => StepClaim::AlreadyDone,
+            });
+        };
+        sqlx::query("UPDATE zap_runs SET status = 'running', updated_at = $2 WHERE id = $1 AND status = 'pending'")
+            .bind(run_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(StepClaim::Claimed(Box::new(ClaimedStep {
+            run,
+            stage,
+            attempt: attempt as u32,
+        })))
+    }
+
+    pub async fn finish_step(&self, step: &ClaimedStep, outcome: &StepOutcome) -> Result<bool> {
+        let run = &step.run;
+        let now = Utc::now();
+        let (status, output, error) = outcome.recorded();
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE zap_run_steps
+             SET status = $4, output = $5, error = $6, lease_until = NULL,
+                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END
+             WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'",
+        )
+        .bind(run.id)
+        .bind(step.stage as i32)
+        .bind(step.attempt as i32)
+        .bind(status)
+        .bind(output.map(Json))
+        .bind(error)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let (stage, kind, reason, delay, run_status) = step.next(outcome);
+        if let Some(stage) = stage {
+            enqueue(&mut tx, run.id, run.zap_id, stage, kind, reason, delay).await?;
+        }
+        sqlx::query(
+            "UPDATE zap_runs SET status = $2, updated_at = $3,
+                 finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $3 END
+             WHERE id = $1",
+        )
+        .bind(run.id)
+        .bind(run_status.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.outbox_written.notify_waiters();
+        Ok(true)
+    }
+
+    pub async fn enqueue_one(&self, run_id: Uuid, zap_id: Uuid, stage: u32, kind: OutboxKind, reason: Option<&str>, delay: Duration) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        enqueue(&mut tx, run_id, zap_id, stage, kind, reason, delay).await?;
+        tx.commit().await?;
+        self.outbox_written.notify_waiters();
+        Ok(())
+    }
+
+    pub async fn outbox_len(&self) -> Result<i64> {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox").fetch_one(&self.pool).await?;
+        Ok(count)
+    }
+
+    /// Leases up to `limit` due step rows to the caller for `lease`: they
+    /// are not due again until then, and come back if never deleted.
+    pub async fn lease_due_outbox_rows(&self, limit: u32, lease: Duration) -> Result<Vec<OutboxRow>> {
+        let records: Vec<OutboxRecord> = sqlx::query_as(
+            "UPDATE zap_run_outbox SET available_at = $3
+             WHERE id IN (SELECT id FROM zap_run_outbox WHERE kind = 'step' AND available_at <= $1
+                          ORDER BY id LIMIT $2)
+             RETURNING id, event_id, run_id, zap_id, stage, kind, reason, created_at",
+        )
+        .bind(now_micros())
+        .bind(i64::from(limit))
+        .bind(micros_after(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rows: Vec<OutboxRow> = records.into_iter().map(OutboxRow::from).collect();
+        rows.sort_by_key(|row| row.id);
+        Ok(rows)
+    }
+
+    pub async fn delete_outbox_rows(&self, ids: &[i64]) -> Result<()> {
+        let unique: HashSet<i64> = ids.iter().copied().collect();
+        let mut tx = self.pool.begin().await?;
+        for id in unique {
+            sqlx::query("DELETE FROM zap_run_outbox WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn enqueue(
+    tx: &mut Transaction<'_, Sqlite>,
+    run_id: Uuid,
+    zap_id: Uuid,
+    stage: u32,
+    kind: OutboxKind,
+    reason: Option<&str>,
+    delay: Duration,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(run_id)
+    .bind(zap_id)
+    .bind(stage as i32)
+    .bind(kind.as_str())
+    .bind(reason)
+    .bind(micros_after(delay))
+    .bind(Utc::now())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl TryFrom<IngestRow> for ZapForIngest {
+    type Error = StoreError;
+
+    fn try_from((owner_id, token_hash, status, actions): IngestRow) -> Result<Self> {
+        Ok(Self {
+            owner_id,
+            token_hash,
+            status: parse_status(&status)?,
+            actions: actions.0,
+        })
+    }
+}
+
+impl StepOutcome {
+    /// The step's new status, output and error as stored.
+    pub(crate) fn recorded(&self) -> (&'static str, Option<&serde_json::Value>, Option<&str>) {
+        match self {
+            Self::Succeeded(output) => ("succeeded", Some(output), None),
+            Self::Retry { error, .. } => ("retrying", None, Some(error.as_str())),
+            Self::Failed(error) => ("failed", None, Some(error.as_str())),
+        }
+    }
+}
+
+impl ClaimedStep {
+    /// What follows an attempt's outcome: the outbox row to add (stage,
+    /// kind, reason, delay; none once the run succeeded) and the run's status.
+    pub(crate) fn next<'a>(
+        &self,
+        outcome: &'a StepOutcome,
+    ) -> (Option<u32>, OutboxKind, Option<&'a str>, Duration, RunStatus) {
+        let next_stage = self.stage + 1;
+        match outcome {
+            StepOutcome::Succeeded(_) if (next_stage as usize) < self.run.actions.len() => {
+                (Some(next_stage), OutboxKind::Step, None, Duration::ZERO, RunStatus::Running)
+            }
+            StepOutcome::Succeeded(_) => (None, OutboxKind::Step, None, Duration::ZERO, RunStatus::Succeeded),
+            StepOutcome::Retry { delay, .. } => (Some(self.stage), OutboxKind::Step, None, *delay, RunStatus::Running),
+            StepOutcome::Failed(reason) => (
+                Some(self.stage),
+                OutboxKind::DeadLetter,
+                Some(reason.as_str()),
+                Duration::ZERO,
+                RunStatus::Failed,
+            ),
+        }
+    }
+}

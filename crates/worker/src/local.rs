@@ -1,0 +1,81 @@
+//! Workers without Kafka: they lease due outbox rows straight from the
+//! database (the embedded and PostgreSQL-only deployments).
+//!
+//! A leased row is not due again until its lease ends; it is deleted once
+//! its step's outcome is recorded. A worker that dies leaves its rows to
+//! come due again, and the step state absorbs the redelivery.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use zapflow_store::Store;
+
+use crate::{Handled, Worker};
+
+/// Takes work from the outbox until `shutdown`, then lets in-flight steps
+/// finish; rows of abandoned steps come due again after their lease.
+pub async fn run_local(worker: Worker, store: Store, poll_interval: Duration, shutdown: CancellationToken) {
+    let concurrency = worker.settings().concurrency.max(1);
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    let mut wakeups = store.outbox_wakeups().await;
+
+    while !shutdown.is_cancelled() {
+        while tasks.try_join_next().is_some() {}
+        let free = permits.available_permits() as u32;
+        let rows = if free == 0 {
+            Vec::new()
+        } else {
+            match store.lease_due_outbox_rows(free, worker.settings().lease).await {
+                Ok(rows) => rows,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot lease outbox rows");
+                    Vec::new()
+                }
+            }
+        };
+        let idle = rows.is_empty();
+        for row in rows {
+            let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
+            let (worker, store, shutdown) = (worker.clone(), store.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let event = zapflow_bus::event_for(&row);
+                if record(&worker, &event, &shutdown).await
+                    && let Err(error) = store.delete_outbox_rows(&[row.id]).await
+                {
+                    // The row comes due again after its lease; the step
+                    // state makes that a no-op.
+                    tracing::warn!(%error, outbox_id = row.id, "cannot delete a handled outbox row");
+                }
+            });
+        }
+        if !idle {
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = wakeups.wait() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = tokio::time::sleep(poll_interval) => {}
+        }
+    }
+    tracing::info!(in_flight = tasks.len(), "worker draining");
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Handles one event until its outcome is recorded (true), or gives up at
+/// shutdown (false).
+async fn record(worker: &Worker, event: &zapflow_proto::v1::ZapEvent, shutdown: &CancellationToken) -> bool {
+    match worker.execute_until_recorded(event, shutdown).await {
+        Some(Handled::Poison(reason)) => {
+            tracing::error!(reason, "unreadable outbox row");
+            true
+        }
+        Some(_) => true,
+        None => false,
+    }
+}
