@@ -41,13 +41,12 @@ pub enum StoreError {
 }
 
 impl From<sqlx::Error> for StoreError {
-    /// The one place where SQLSTATE codes become domain errors.
+    /// The one place where database error codes become domain errors.
     fn from(error: sqlx::Error) -> Self {
         match &error {
             sqlx::Error::RowNotFound => Self::NotFound,
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
-                Self::AlreadyExists
-            }
+            // SQLSTATE 23505 on PostgreSQL, SQLITE_CONSTRAINT_UNIQUE on SQLite.
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::AlreadyExists,
             _ => Self::Db(error),
         }
     }

@@ -5,6 +5,8 @@ mod api;
 mod end_to_end;
 mod gateway;
 mod processor;
+mod restart;
+mod store;
 mod support;
 mod tenancy;
 mod worker;
