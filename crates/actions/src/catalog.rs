@@ -2,7 +2,7 @@
 
 use zapflow_core::ActionSpec;
 
-use crate::email;
+use crate::{email, http};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActionType {
@@ -29,7 +29,7 @@ pub struct FieldError {
 
 /// Every action type this build can run.
 pub fn catalog() -> &'static [ActionType] {
-    &[email::ACTION_TYPE]
+    &[email::ACTION_TYPE, http::ACTION_TYPE]
 }
 
 /// Checks a zap's actions: at least one, known types, required fields
@@ -73,24 +73,49 @@ pub fn validate_actions(actions: &[ActionSpec]) -> Result<(), FieldError> {
                     return Err(field_error(field.name, "required".into()));
                 }
                 None => {}
-                Some(value) => {
-                    let Some(text) = value.as_str() else {
-                        return Err(field_error(field.name, "must be a string".into()));
-                    };
-                    if field.required && text.trim().is_empty() {
-                        return Err(field_error(field.name, "must not be empty".into()));
-                    }
-                    zapflow_core::template::check(text).map_err(|error| {
-                        field_error(field.name, format!("invalid template: {error}"))
-                    })?;
-                    let literal = !text.contains("{{") && !text.contains("{%");
-                    if literal && kind.name == email::TYPE {
-                        email::validate_literal(field.name, text)
-                            .map_err(|message| field_error(field.name, message))?;
-                    }
-                }
+                Some(value) => check_field(kind, field, value)
+                    .map_err(|error| field_error(&error.field, error.message))?,
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks one field's value; the error names the field relative to the
+/// action's `config` (`to`, `headers.Authorization`).
+fn check_field(
+    kind: &ActionType,
+    field: &ActionField,
+    value: &serde_json::Value,
+) -> Result<(), FieldError> {
+    if kind.name == http::TYPE
+        && let Some(checked) = http::validate_structured(field.name, value)
+    {
+        return checked;
+    }
+    let error = |message: String| FieldError {
+        field: field.name.into(),
+        message,
+    };
+    let Some(text) = value.as_str() else {
+        return Err(error("must be a string".into()));
+    };
+    if field.required && text.trim().is_empty() {
+        return Err(error("must not be empty".into()));
+    }
+    let mut literal = true;
+    if field.templated {
+        zapflow_core::template::check(text)
+            .map_err(|template| error(format!("invalid template: {template}")))?;
+        literal = !text.contains("{{") && !text.contains("{%");
+    }
+    if literal {
+        let checked = match kind.name {
+            email::TYPE => email::validate_literal(field.name, text),
+            http::TYPE => http::validate_literal(field.name, text),
+            _ => Ok(()),
+        };
+        checked.map_err(error)?;
     }
     Ok(())
 }
@@ -150,6 +175,108 @@ mod tests {
         ];
         for (actions, field) in cases {
             assert_eq!(validate_actions(&actions).unwrap_err().field, field);
+        }
+    }
+
+    fn http(config: serde_json::Value) -> ActionSpec {
+        action(json!({"type": "http", "config": config}))
+    }
+
+    #[test]
+    fn accepts_http_actions() {
+        let valid = [
+            json!({"url": "https://hooks.example.com/in"}),
+            json!({"url": "{{ trigger.callback_url }}", "method": "get"}),
+            json!({
+                "method": "PATCH",
+                "url": "https://api.example.com/users/{{ trigger.id }}",
+                "headers": {"Authorization": "Bearer {{ trigger.token }}", "X-Source": "zapflow"},
+                "body": "{{ trigger | tojson }}",
+                "content_type": "application/merge-patch+json",
+                "timeout_seconds": 30,
+            }),
+            json!({"url": "http://10.0.0.5:8080/", "timeout_seconds": "2.5", "headers": {}}),
+        ];
+        for config in valid {
+            assert_eq!(
+                validate_actions(&[http(config.clone())]),
+                Ok(()),
+                "{config}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_the_http_field_at_fault() {
+        let cases = [
+            (json!({"method": "GET"}), "actions[0].config.url"),
+            (json!({"url": ""}), "actions[0].config.url"),
+            (json!({"url": "not a url"}), "actions[0].config.url"),
+            (
+                json!({"url": "file:///etc/passwd"}),
+                "actions[0].config.url",
+            ),
+            (
+                json!({"url": "https://x.example/{{ a"}),
+                "actions[0].config.url",
+            ),
+            (json!({"url": 7}), "actions[0].config.url"),
+            (
+                json!({"url": "https://x.example", "method": "TRACE"}),
+                "actions[0].config.method",
+            ),
+            (
+                json!({"url": "https://x.example", "method": "{{ m }}"}),
+                "actions[0].config.method",
+            ),
+            (
+                json!({"url": "https://x.example", "headers": "X-A: b"}),
+                "actions[0].config.headers",
+            ),
+            (
+                json!({"url": "https://x.example", "headers": {"X A": "b"}}),
+                "actions[0].config.headers.X A",
+            ),
+            (
+                json!({"url": "https://x.example", "headers": {"X-A": 1}}),
+                "actions[0].config.headers.X-A",
+            ),
+            (
+                json!({"url": "https://x.example", "headers": {"X-A": "{{ x"}}),
+                "actions[0].config.headers.X-A",
+            ),
+            (
+                json!({"url": "https://x.example", "headers": {"X-A": "a\nb"}}),
+                "actions[0].config.headers.X-A",
+            ),
+            (
+                json!({"url": "https://x.example", "headers": {"Idempotency-Key": "k"}}),
+                "actions[0].config.headers.Idempotency-Key",
+            ),
+            (
+                json!({"url": "https://x.example", "headers": {"Content-Type": "text/plain"}}),
+                "actions[0].config.headers.Content-Type",
+            ),
+            (
+                json!({"url": "https://x.example", "content_type": "a\nb"}),
+                "actions[0].config.content_type",
+            ),
+            (
+                json!({"url": "https://x.example", "timeout_seconds": 61}),
+                "actions[0].config.timeout_seconds",
+            ),
+            (
+                json!({"url": "https://x.example", "timeout_seconds": "ten"}),
+                "actions[0].config.timeout_seconds",
+            ),
+            (
+                json!({"url": "https://x.example", "retries": 3}),
+                "actions[0].config.retries",
+            ),
+        ];
+        for (config, field) in cases {
+            let error = validate_actions(&[http(config.clone())]).unwrap_err();
+            assert_eq!(error.field, field, "{config}: {error}");
         }
     }
 }

@@ -5,12 +5,16 @@
 
 pub mod catalog;
 pub mod email;
+pub mod http;
+pub mod ssrf;
 
 use serde_json::Value;
 use zapflow_core::ActionSpec;
 
 pub use catalog::{ActionField, ActionType, FieldError, catalog, validate_actions};
 pub use email::{EmailSettings, Mailer};
+pub use http::{HttpClient, HttpSettings};
+pub use ssrf::IpNet;
 
 /// Why an action did not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,11 +39,30 @@ pub struct StepRef {
 #[derive(Clone)]
 pub struct Executor {
     mailer: Mailer,
+    /// `Err` keeps why the HTTP client could not be built, reported by
+    /// every http step, so that [`Executor::new`] stays infallible.
+    http: Result<HttpClient, String>,
 }
 
 impl Executor {
+    /// Email with `mailer`; HTTP to public addresses only, with the default
+    /// [`HttpSettings`].
     pub fn new(mailer: Mailer) -> Self {
-        Self { mailer }
+        let http = HttpClient::new(&HttpSettings::default());
+        if let Err(error) = &http {
+            tracing::warn!(%error, "http actions are unavailable");
+        }
+        Self { mailer, http }
+    }
+
+    /// Replaces the HTTP settings (an allowlist of private ranges, ...).
+    /// Fails when the HTTP client cannot be built, so a service can refuse
+    /// to start instead of failing every http step.
+    pub fn with_http(self, settings: HttpSettings) -> Result<Self, String> {
+        Ok(Self {
+            http: Ok(HttpClient::new(&settings)?),
+            ..self
+        })
     }
 
     /// Runs one action; the result is the step's output.
@@ -51,6 +74,12 @@ impl Executor {
     ) -> Result<Value, ActionError> {
         match action.action_type.as_str() {
             email::TYPE => self.mailer.send(&action.config, context, step).await,
+            http::TYPE => match &self.http {
+                Ok(client) => client.send(&action.config, context, step).await,
+                Err(error) => Err(ActionError::Permanent(format!(
+                    "http actions are unavailable: {error}"
+                ))),
+            },
             other => Err(ActionError::Permanent(format!(
                 "unknown action type {other:?}"
             ))),

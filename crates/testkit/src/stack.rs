@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::Channel;
-use zapflow_actions::{EmailSettings, Executor, Mailer};
+use zapflow_actions::{EmailSettings, Executor, HttpSettings, Mailer};
 use zapflow_api::ApiSettings;
 use zapflow_bus::BusSettings;
 use zapflow_gateway::GatewaySettings;
@@ -21,6 +21,9 @@ use zapflow_worker::{DeadLetters, Worker, WorkerSettings};
 #[derive(Debug, Clone)]
 pub struct StackOptions {
     pub smtp_url: Option<String>,
+    /// Non-public ranges the HTTP action may reach (127.0.0.0/8 for a
+    /// target in the test).
+    pub http_allow_cidrs: Vec<zapflow_actions::IpNet>,
     pub worker: WorkerSettings,
     pub body_limit: usize,
     /// Processors to run (they share the outbox).
@@ -33,6 +36,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             smtp_url: None,
+            http_allow_cidrs: Vec::new(),
             worker: WorkerSettings::default(),
             body_limit: 1024 * 1024,
             processors: 1,
@@ -115,7 +119,12 @@ impl Stack {
                 timeout: Duration::from_secs(10),
             })
             .unwrap();
-            let worker = Worker::new(store.clone(), Executor::new(mailer), options.worker.clone());
+            let http = HttpSettings {
+                allow_cidrs: options.http_allow_cidrs.clone(),
+                ..HttpSettings::default()
+            };
+            let executor = Executor::new(mailer).with_http(http).unwrap();
+            let worker = Worker::new(store.clone(), executor, options.worker.clone());
             match &bus {
                 Some(bus) => {
                     let consumer = bus.consumer(&group, Duration::from_secs(60)).unwrap();

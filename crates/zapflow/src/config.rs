@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use zapflow_actions::EmailSettings;
+use zapflow_actions::{EmailSettings, Executor, HttpSettings, IpNet, Mailer};
 use zapflow_api::ApiSettings;
 use zapflow_bus::BusSettings;
 use zapflow_gateway::GatewaySettings;
@@ -94,6 +94,11 @@ pub struct Config {
     #[arg(long, env = "ZAPFLOW_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
+    /// Non-public ranges the HTTP action may reach, comma-separated CIDRs
+    /// (e.g. 10.0.0.0/8). Empty: public addresses only.
+    #[arg(long, env = "ZAPFLOW_HTTP_ALLOW_CIDRS", value_delimiter = ',')]
+    pub http_allow_cidrs: Vec<IpNet>,
+
     /// Steps one worker runs at once.
     #[arg(long, env = "ZAPFLOW_WORKER_CONCURRENCY", default_value_t = 64)]
     pub worker_concurrency: usize,
@@ -172,6 +177,16 @@ impl Config {
             concurrency: self.worker_concurrency,
             ..WorkerSettings::default()
         }
+    }
+
+    /// What runs the actions: email and HTTP as configured.
+    pub fn executor(&self) -> anyhow::Result<Executor> {
+        let mailer = Mailer::new(&self.email()).map_err(anyhow::Error::msg)?;
+        let http = HttpSettings {
+            allow_cidrs: self.http_allow_cidrs.clone(),
+            ..HttpSettings::default()
+        };
+        Executor::new(mailer).with_http(http).map_err(anyhow::Error::msg)
     }
 
     pub fn email(&self) -> EmailSettings {

@@ -6,7 +6,6 @@ use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use zapflow_actions::{Executor, Mailer};
 use zapflow_processor::Relay;
 use zapflow_store::Store;
 use zapflow_worker::{DeadLetters, Worker};
@@ -72,8 +71,7 @@ pub async fn start(
                 _ => bail!("the processor relays the outbox to Kafka: set ZAPFLOW_KAFKA_BROKERS"),
             },
             Role::Worker => {
-                let mailer = Mailer::new(&config.email()).map_err(anyhow::Error::msg)?;
-                let worker = Worker::new(store.clone(), Executor::new(mailer), config.worker());
+                let worker = Worker::new(store.clone(), config.executor()?, config.worker());
                 match &bus {
                     Some(bus) => {
                         let consumer = bus.consumer(&config.consumer_group, Duration::from_secs(300))?;
