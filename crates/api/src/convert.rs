@@ -89,6 +89,7 @@ pub fn zap_to_proto(zap: &zapflow_store::Zap) -> pb::Zap {
         } as i32,
         create_time: Some(timestamp(zap.created_at)),
         update_time: Some(timestamp(zap.updated_at)),
+        signature_required: zap.signature_required,
     }
 }
 

@@ -10,6 +10,9 @@ pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 pub enum ApiError {
     #[error("missing or invalid API key")]
     Unauthenticated,
+    /// A delivery to a zap that requires signatures was not signed right.
+    #[error("invalid webhook signature: {0}")]
+    BadSignature(String),
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("{field}: {message}")]
@@ -52,7 +55,7 @@ impl ApiError {
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         let code = match &error {
-            ApiError::Unauthenticated => Code::Unauthenticated,
+            ApiError::Unauthenticated | ApiError::BadSignature(_) => Code::Unauthenticated,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,

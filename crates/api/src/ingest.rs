@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-use zapflow_core::{ZapStatus, secret};
+use zapflow_core::{ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::ingest_service_server::IngestService;
 use zapflow_store::{NewRun, Store};
@@ -56,6 +56,9 @@ impl IngestApi {
         if !secret::verify(&request.token, &zap.token_hash) || zap.status != ZapStatus::Active {
             return Err(NOT_FOUND);
         }
+        if let Some(signing_secret) = &zap.signing_secret {
+            verify_signature(signing_secret, request)?;
+        }
         let trigger: serde_json::Value = serde_json::from_slice(&request.body)
             .map_err(|error| ApiError::invalid("body", format!("not valid JSON: {error}")))?;
         let run = NewRun {
@@ -75,6 +78,18 @@ impl IngestApi {
             .map_err(|_| ApiError::Unavailable)?;
         answer.await.map_err(|_| ApiError::Unavailable)?
     }
+}
+
+/// Checks the Standard Webhooks signature of a delivery over its raw body.
+fn verify_signature(signing_secret: &str, request: &pb::IngestRequest) -> Result<(), ApiError> {
+    let secret = webhook_signature::Secret::parse(signing_secret).map_err(|error| {
+        tracing::error!(%error, zap_id = request.zap_id, "stored signing secret does not parse");
+        ApiError::Internal
+    })?;
+    let headers = webhook_signature::SignatureHeaders::from_fn(|name| request.headers.get(name).map(String::as_str));
+    let now = chrono::Utc::now().timestamp();
+    webhook_signature::verify(&[secret], headers, &request.body, now)
+        .map_err(|error| ApiError::BadSignature(error.to_string()))
 }
 
 async fn commit_batches(store: Store, receiver: Arc<Mutex<mpsc::Receiver<(NewRun, Reply)>>>) {

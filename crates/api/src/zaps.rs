@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-use zapflow_core::{ZapStatus, secret};
+use zapflow_core::{ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_server::ZapService;
 use zapflow_store::Store;
@@ -97,15 +97,17 @@ impl ZapService for ZapApi {
         let body = request.get_ref();
         let actions = Self::validate(&body.name, &body.actions)?;
         let token = secret::random_token();
+        let signing_secret = body.require_signature.then(|| webhook_signature::Secret::generate().expose());
         let zap = self
             .store
-            .create_zap(owner, body.name.trim(), &actions, &secret::hash(&token))
+            .create_zap(owner, body.name.trim(), &actions, &secret::hash(&token), signing_secret.as_deref())
             .await
             .map_err(zap_error)?;
         tracing::info!(zap_id = %zap.id, "zap created");
         Ok(Response::new(pb::CreateZapResponse {
             webhook_url: self.webhook_url(zap.id, &token),
             zap: Some(zap_to_proto(&zap)),
+            signing_secret: signing_secret.unwrap_or_default(),
         }))
     }
 
@@ -204,6 +206,20 @@ impl ZapService for ZapApi {
         Ok(Response::new(pb::RotateWebhookTokenResponse {
             webhook_url: self.webhook_url(id, &token),
         }))
+    }
+
+    async fn rotate_signing_secret(
+        &self,
+        request: Request<pb::RotateSigningSecretRequest>,
+    ) -> Reply<pb::RotateSigningSecretResponse> {
+        let owner = self.authenticate(&request).await?;
+        let id = parse_id(&request.get_ref().id, "zap")?;
+        let signing_secret = webhook_signature::Secret::generate().expose();
+        self.store
+            .set_zap_signing_secret(owner, id, &signing_secret)
+            .await
+            .map_err(zap_error)?;
+        Ok(Response::new(pb::RotateSigningSecretResponse { signing_secret }))
     }
 
     async fn list_action_types(

@@ -5,5 +5,6 @@ pub mod model;
 pub mod retry;
 pub mod secret;
 pub mod template;
+pub mod webhook_signature;
 
 pub use model::{ActionSpec, RunStatus, StepStatus, ZapStatus};

@@ -1,14 +1,19 @@
 //! The webhook gateway: `POST /hooks/catch/{zap_id}/{token}` with a JSON body
 //! becomes an `IngestService.Ingest` call, answered `202` with the run id.
 
+pub mod rate_limit;
+
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::middleware::{self, Next};
 use axum::routing::{get, post};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -20,12 +25,33 @@ use tower_http::trace::TraceLayer;
 use zapflow_proto::v1::IngestRequest;
 use zapflow_proto::v1::ingest_service_client::IngestServiceClient;
 
+use crate::rate_limit::RateLimiter;
+
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     /// Largest webhook body accepted; larger ones get 413 before being read
     /// in full, with or without Content-Length.
     pub body_limit: usize,
     pub request_timeout: Duration,
+    /// Deliveries per second (and burst) one zap's URL accepts; `None`
+    /// turns the limit off.
+    pub per_zap_limit: Option<RateLimit>,
+    /// The same per source address.
+    pub per_ip_limit: Option<RateLimit>,
+}
+
+/// A sustained rate with a burst allowance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// The limiters of the webhook route: a flooded zap or sender is refused
+/// with 429 before its body is read, and nobody else notices.
+struct Limits {
+    per_zap: Option<RateLimiter<String>>,
+    per_ip: Option<RateLimiter<IpAddr>>,
 }
 
 /// Headers never stored with a run: credentials meant for a proxy or the
@@ -40,8 +66,13 @@ struct Gateway {
 
 /// The gateway's routes, forwarding to `ingest`.
 pub fn router(ingest: IngestServiceClient<Channel>, settings: &GatewaySettings) -> Router {
+    let limits = Arc::new(Limits {
+        per_zap: settings.per_zap_limit.map(|limit| RateLimiter::new(limit.per_second, limit.burst)),
+        per_ip: settings.per_ip_limit.map(|limit| RateLimiter::new(limit.per_second, limit.burst)),
+    });
     Router::new()
         .route("/hooks/catch/{zap_id}/{token}", post(catch))
+        .route_layer(middleware::from_fn_with_state(limits, rate_limit))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Gateway { ingest })
         .layer(DefaultBodyLimit::max(settings.body_limit))
@@ -72,9 +103,33 @@ pub async fn serve(
     router: Router,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+async fn rate_limit(
+    State(limits): State<Arc<Limits>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let zap_id = request.uri().path().split('/').nth(3).unwrap_or_default();
+    let verdict = limits
+        .per_ip
+        .as_ref()
+        .map_or(Ok(()), |limiter| limiter.check(&peer.ip()))
+        .and_then(|()| limits.per_zap.as_ref().map_or(Ok(()), |limiter| limiter.check(zap_id)));
+    match verdict {
+        Ok(()) => next.run(request).await,
+        Err(retry_after) => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, "too many requests; retry later");
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_header_secs()));
+            response
+        }
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -169,6 +224,7 @@ async fn catch(
 fn status_to_response(status: &tonic::Status) -> Response {
     match status.code() {
         Code::NotFound => error(StatusCode::NOT_FOUND, "not found"),
+        Code::Unauthenticated => error(StatusCode::UNAUTHORIZED, status.message()),
         Code::InvalidArgument => error(StatusCode::BAD_REQUEST, status.message()),
         Code::OutOfRange | Code::ResourceExhausted => {
             error(StatusCode::PAYLOAD_TOO_LARGE, status.message())

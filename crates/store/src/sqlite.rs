@@ -127,11 +127,19 @@ impl SqliteStore {
         Ok(row.and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
     }
 
-    pub async fn create_zap(&self, owner_id: Uuid, name: &str, actions: &[ActionSpec], token_hash: &[u8]) -> Result<Zap> {
+    pub async fn create_zap(
+        &self,
+        owner_id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+        token_hash: &[u8],
+        signing_secret: Option<&str>,
+    ) -> Result<Zap> {
         let now = Utc::now();
         let row: ZapRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6) RETURNING {ZAP_COLUMNS}"
+            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, created_at, updated_at,
+                               signing_secret)
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7) RETURNING {ZAP_COLUMNS}"
         )))
         .bind(Uuid::now_v7())
         .bind(owner_id)
@@ -139,6 +147,7 @@ impl SqliteStore {
         .bind(Json(actions))
         .bind(token_hash)
         .bind(now)
+        .bind(signing_secret)
         .fetch_one(&self.pool)
         .await?;
         row.try_into()
@@ -212,6 +221,20 @@ impl SqliteStore {
         found(done.rows_affected())
     }
 
+    pub async fn set_zap_signing_secret(&self, owner_id: Uuid, id: Uuid, secret: &str) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE zaps SET signing_secret = $3, updated_at = $4
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .bind(secret)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        found(done.rows_affected())
+    }
+
     pub async fn delete_zap(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
         let done = sqlx::query("UPDATE zaps SET deleted_at = $3 WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL")
             .bind(id)
@@ -224,7 +247,8 @@ impl SqliteStore {
 
     pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
         let row: Option<IngestRow> = sqlx::query_as(
-            "SELECT owner_id, token_hash, status, actions FROM zaps WHERE id = $1 AND deleted_at IS NULL",
+            "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
+             WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -492,12 +516,13 @@ async fn enqueue(
 impl TryFrom<IngestRow> for ZapForIngest {
     type Error = StoreError;
 
-    fn try_from((owner_id, token_hash, status, actions): IngestRow) -> Result<Self> {
+    fn try_from((owner_id, token_hash, status, actions, signing_secret): IngestRow) -> Result<Self> {
         Ok(Self {
             owner_id,
             token_hash,
             status: parse_status(&status)?,
             actions: actions.0,
+            signing_secret,
         })
     }
 }

@@ -77,8 +77,17 @@ impl Store {
         dispatch!(self.authenticate(key))
     }
 
-    pub async fn create_zap(&self, owner_id: Uuid, name: &str, actions: &[ActionSpec], token_hash: &[u8]) -> Result<Zap> {
-        dispatch!(self.create_zap(owner_id, name, actions, token_hash))
+    /// Creates a zap; `signing_secret` (`whsec_...`) makes it require
+    /// signed deliveries.
+    pub async fn create_zap(
+        &self,
+        owner_id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+        token_hash: &[u8],
+        signing_secret: Option<&str>,
+    ) -> Result<Zap> {
+        dispatch!(self.create_zap(owner_id, name, actions, token_hash, signing_secret))
     }
 
     pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
@@ -99,6 +108,10 @@ impl Store {
 
     pub async fn set_zap_token(&self, owner_id: Uuid, id: Uuid, token_hash: &[u8]) -> Result<()> {
         dispatch!(self.set_zap_token(owner_id, id, token_hash))
+    }
+
+    pub async fn set_zap_signing_secret(&self, owner_id: Uuid, id: Uuid, secret: &str) -> Result<()> {
+        dispatch!(self.set_zap_signing_secret(owner_id, id, secret))
     }
 
     pub async fn delete_zap(&self, owner_id: Uuid, id: Uuid) -> Result<()> {

@@ -14,6 +14,8 @@ pub struct Zap {
     pub name: String,
     pub actions: Vec<ActionSpec>,
     pub status: ZapStatus,
+    /// Whether deliveries must be signed (the secret itself stays inside).
+    pub signature_required: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -25,9 +27,11 @@ pub struct ZapForIngest {
     pub token_hash: Vec<u8>,
     pub status: ZapStatus,
     pub actions: Vec<ActionSpec>,
+    /// The Standard Webhooks secret (`whsec_...`) deliveries are signed with.
+    pub signing_secret: Option<String>,
 }
 
-pub(crate) type IngestRow = (Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>);
+pub(crate) type IngestRow = (Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>, Option<String>);
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct ZapRow {
@@ -36,6 +40,7 @@ pub(crate) struct ZapRow {
     name: String,
     actions: Json<Vec<ActionSpec>>,
     status: String,
+    signature_required: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -50,6 +55,7 @@ impl TryFrom<ZapRow> for Zap {
             name: row.name,
             actions: row.actions.0,
             status: parse_status(&row.status)?,
+            signature_required: row.signature_required,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -63,7 +69,8 @@ pub(crate) fn parse_status<T: std::str::FromStr<Err = zapflow_core::model::Unkno
         .map_err(|error| StoreError::Db(sqlx::Error::Decode(Box::new(error))))
 }
 
-pub(crate) const ZAP_COLUMNS: &str = "id, owner_id, name, actions, status, created_at, updated_at";
+pub(crate) const ZAP_COLUMNS: &str =
+    "id, owner_id, name, actions, status, signing_secret IS NOT NULL AS signature_required, created_at, updated_at";
 
 impl PgStore {
     pub async fn create_zap(
@@ -72,16 +79,18 @@ impl PgStore {
         name: &str,
         actions: &[ActionSpec],
         token_hash: &[u8],
+        signing_secret: Option<&str>,
     ) -> Result<Zap> {
         let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
-            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status)
-             VALUES ($1, $2, $3, $4, $5, 'active') RETURNING {ZAP_COLUMNS}"
+            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, signing_secret)
+             VALUES ($1, $2, $3, $4, $5, 'active', $6) RETURNING {ZAP_COLUMNS}"
         )))
         .bind(Uuid::now_v7())
         .bind(owner_id)
         .bind(name)
         .bind(Json(actions))
         .bind(token_hash)
+        .bind(signing_secret)
         .fetch_one(&self.pool)
         .await?;
         row.try_into()
@@ -167,6 +176,19 @@ impl PgStore {
         found(done.rows_affected())
     }
 
+    pub async fn set_zap_signing_secret(&self, owner_id: Uuid, id: Uuid, secret: &str) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE zaps SET signing_secret = $3, updated_at = now()
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .bind(secret)
+        .execute(&self.pool)
+        .await?;
+        found(done.rows_affected())
+    }
+
     pub async fn delete_zap(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
         let done = sqlx::query(
             "UPDATE zaps SET deleted_at = now()
@@ -182,7 +204,7 @@ impl PgStore {
     /// A live zap by id alone: the webhook token is the caller's credential.
     pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
         let row: Option<IngestRow> = sqlx::query_as(
-            "SELECT owner_id, token_hash, status, actions FROM zaps
+            "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
              WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)

@@ -26,6 +26,8 @@ pub struct StackOptions {
     pub http_allow_cidrs: Vec<zapflow_actions::IpNet>,
     pub worker: WorkerSettings,
     pub body_limit: usize,
+    pub per_zap_limit: Option<zapflow_gateway::RateLimit>,
+    pub per_ip_limit: Option<zapflow_gateway::RateLimit>,
     /// Processors to run (they share the outbox).
     pub processors: usize,
     /// Workers to run (members of one consumer group).
@@ -39,6 +41,8 @@ impl Default for StackOptions {
             http_allow_cidrs: Vec::new(),
             worker: WorkerSettings::default(),
             body_limit: 1024 * 1024,
+            per_zap_limit: None,
+            per_ip_limit: None,
             processors: 1,
             workers: 1,
         }
@@ -89,6 +93,8 @@ impl Stack {
             &GatewaySettings {
                 body_limit: options.body_limit,
                 request_timeout: Duration::from_secs(30),
+                per_zap_limit: options.per_zap_limit,
+                per_ip_limit: options.per_ip_limit,
             },
         );
         tasks.spawn({

@@ -10,7 +10,7 @@ use clap::Args;
 use zapflow_actions::{EmailSettings, Executor, HttpSettings, IpNet, Mailer};
 use zapflow_api::ApiSettings;
 use zapflow_bus::BusSettings;
-use zapflow_gateway::GatewaySettings;
+use zapflow_gateway::{GatewaySettings, RateLimit};
 use zapflow_processor::RelaySettings;
 use zapflow_store::Store;
 use zapflow_worker::WorkerSettings;
@@ -73,6 +73,14 @@ pub struct Config {
     /// Largest webhook body in bytes.
     #[arg(long, env = "ZAPFLOW_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
+    /// Webhook deliveries per second one zap accepts (bursts of twice as
+    /// many); 0 turns the limit off.
+    #[arg(long, env = "ZAPFLOW_ZAP_RATE_LIMIT", default_value_t = 500.0)]
+    pub zap_rate_limit: f64,
+    /// Webhook deliveries per second one source address may send (bursts
+    /// of twice as many); 0 turns the limit off.
+    #[arg(long, env = "ZAPFLOW_IP_RATE_LIMIT", default_value_t = 1000.0)]
+    pub ip_rate_limit: f64,
     /// Largest gRPC request message in bytes.
     #[arg(long, env = "ZAPFLOW_GRPC_MAX_MESSAGE", default_value_t = 4 * 1024 * 1024)]
     pub grpc_max_message: usize,
@@ -159,6 +167,8 @@ impl Config {
         GatewaySettings {
             body_limit: self.body_limit,
             request_timeout: Duration::from_secs(30),
+            per_zap_limit: rate_limit(self.zap_rate_limit),
+            per_ip_limit: rate_limit(self.ip_rate_limit),
         }
     }
 
@@ -211,4 +221,12 @@ fn redact_password(url: &str) -> String {
         Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
         None => url.to_owned(),
     }
+}
+
+/// A limit of `per_second` with bursts of twice that; none for 0.
+fn rate_limit(per_second: f64) -> Option<RateLimit> {
+    (per_second > 0.0).then(|| RateLimit {
+        per_second,
+        burst: (per_second * 2.0).ceil().min(f64::from(u32::MAX)) as u32,
+    })
 }

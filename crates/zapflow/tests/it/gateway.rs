@@ -234,3 +234,150 @@ async fn headers_and_query_are_kept_with_the_payload() {
     );
     stack.stop().await;
 }
+
+mod signatures {
+    use zapflow_core::webhook_signature::{Secret, sign};
+
+    use super::*;
+
+    /// Standard Webhooks headers for `body`, signed with `secret` at `at`.
+    fn signed(secret: &str, id: &str, at: i64, body: &str) -> Vec<(String, String)> {
+        let secret: Secret = secret.parse().unwrap();
+        vec![
+            ("webhook-id".into(), id.into()),
+            ("webhook-timestamp".into(), at.to_string()),
+            ("webhook-signature".into(), sign(&secret, id, at, body.as_bytes())),
+        ]
+    }
+
+    async fn post_signed(url: &str, body: &str, headers: &[(String, String)]) -> (u16, Value) {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        post(url, "application/json", body.to_owned(), &headers).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_zap_that_requires_signatures_accepts_only_valid_ones() {
+        let stack = stack(1024 * 1024).await;
+        let key = new_user(&stack, "alice").await;
+        let mut client = stack.zap_client().await;
+        let created = client
+            .create_zap(with_key(
+                &key,
+                pb::CreateZapRequest {
+                    name: "signed".into(),
+                    actions: vec![crate::support::email_action("a@example.com", "s", "b")],
+                    require_signature: true,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(created.zap.as_ref().unwrap().signature_required);
+        let secret = created.signing_secret;
+        assert!(secret.starts_with("whsec_"), "{secret}");
+        let url = created.webhook_url;
+        let body = r#"{"order": 1}"#;
+        let now = chrono_now();
+        let other: String = Secret::generate().expose();
+
+        let mut empty = signed(&secret, "msg_1", now, body);
+        empty[2].1 = "v1,".into();
+        let rejected = [
+            ("unsigned", body, Vec::new()),
+            ("wrong secret", body, signed(&other, "msg_1", now, body)),
+            ("one byte changed", r#"{"order": 2}"#, signed(&secret, "msg_1", now, body)),
+            ("empty signature", body, empty),
+            ("six minutes old", body, signed(&secret, "msg_1", now - 360, body)),
+            ("six minutes ahead", body, signed(&secret, "msg_1", now + 360, body)),
+        ];
+        for (case, sent, headers) in &rejected {
+            let (status, answer) = post_signed(&url, sent, headers).await;
+            assert_eq!(status, 401, "{case}: {answer}");
+            assert!(answer["error"].as_str().unwrap().starts_with("invalid webhook signature"), "{case}: {answer}");
+        }
+        assert_eq!(count_runs(&stack).await, 0);
+
+        let headers = signed(&secret, "msg_1", now, body);
+        let (status, first) = post_signed(&url, body, &headers).await;
+        assert_eq!(status, 202, "{first}");
+        let (status, again) = post_signed(&url, body, &headers).await;
+        assert_eq!((status, &again["run_id"]), (202, &first["run_id"]), "webhook-id makes a retry idempotent");
+
+        // Rotation: the old secret stops working, the new one works.
+        let rotated = client
+            .rotate_signing_secret(with_key(&key, pb::RotateSigningSecretRequest { id: created.zap.unwrap().id }))
+            .await
+            .unwrap()
+            .into_inner()
+            .signing_secret;
+        assert_eq!(post_signed(&url, body, &signed(&secret, "msg_2", now, body)).await.0, 401);
+        assert_eq!(post_signed(&url, body, &signed(&rotated, "msg_2", now, body)).await.0, 202);
+        assert_eq!(count_runs(&stack).await, 2);
+        stack.stop().await;
+    }
+
+    fn chrono_now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flooded_zap_gets_429_while_other_zaps_flow() {
+    let options = StackOptions {
+        per_zap_limit: Some(zapflow_gateway::RateLimit { per_second: 2.0, burst: 5 }),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(test_store().await, None, options).await;
+    let key = new_user(&stack, "alice").await;
+    let (_, flooded) = simple_zap(&stack, &key).await;
+    let (_, quiet) = simple_zap(&stack, &key).await;
+
+    // A bounded flood: 40 requests, 10 at a time.
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let answers = futures::future::join_all((0..10).map(|_| {
+            reqwest::Client::new()
+                .post(&flooded)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+        }))
+        .await;
+        for answer in answers {
+            let answer = answer.unwrap();
+            if answer.status() == 429 {
+                retry_after = answer.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            }
+            statuses.push(answer.status().as_u16());
+        }
+    }
+    let accepted = statuses.iter().filter(|&&s| s == 202).count();
+    assert!((5..=8).contains(&accepted), "burst of 5 plus a little refill, got {accepted}: {statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 40 - accepted);
+    let retry_after: u64 = retry_after.expect("429 carries Retry-After").parse().unwrap();
+    assert!((1..=3).contains(&retry_after), "{retry_after}");
+
+    assert_eq!(post_json(&quiet, &json!({})).await.0, 202, "another zap is unaffected");
+    assert_eq!(count_runs(&stack).await as usize, accepted + 1, "refused deliveries made no run");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_address_is_limited_across_zaps() {
+    let options = StackOptions {
+        per_ip_limit: Some(zapflow_gateway::RateLimit { per_second: 1.0, burst: 3 }),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(test_store().await, None, options).await;
+    let key = new_user(&stack, "alice").await;
+    let (_, first) = simple_zap(&stack, &key).await;
+    let (_, second) = simple_zap(&stack, &key).await;
+    let mut statuses = Vec::new();
+    for url in [&first, &second, &first, &second, &first] {
+        statuses.push(post_json(url, &json!({})).await.0);
+    }
+    assert_eq!(statuses[..3], [202, 202, 202]);
+    assert_eq!(statuses[3..], [429, 429]);
+    stack.stop().await;
+}

@@ -61,7 +61,7 @@ fn new_run(zap_id: Uuid, owner_id: Uuid, actions: usize, key: Option<&str>) -> N
 async fn user_and_zap(store: &Store, actions: usize) -> (Uuid, Uuid) {
     let (owner, _) = store.create_user(&format!("user-{}", Uuid::new_v4())).await.unwrap();
     let specs: Vec<_> = (0..actions).map(|i| email(&format!("to{i}@example.com"))).collect();
-    let zap = store.create_zap(owner, "zap", &specs, b"token-hash").await.unwrap();
+    let zap = store.create_zap(owner, "zap", &specs, b"token-hash", None).await.unwrap();
     (owner, zap.id)
 }
 
@@ -79,8 +79,8 @@ async fn users_and_keys(store: Store) {
 async fn zaps_belong_to_their_owner(store: Store) {
     let (alice, _) = store.create_user("alice").await.unwrap();
     let (bob, _) = store.create_user("bob").await.unwrap();
-    let zap = store.create_zap(alice, "first", &[email("a@example.com")], b"h1").await.unwrap();
-    assert_eq!(zap.status, ZapStatus::Active);
+    let zap = store.create_zap(alice, "first", &[email("a@example.com")], b"h1", Some("whsec_x")).await.unwrap();
+    assert_eq!((zap.status, zap.signature_required), (ZapStatus::Active, true));
     assert_eq!(store.get_zap(alice, zap.id).await.unwrap(), zap);
     assert!(matches!(store.get_zap(bob, zap.id).await, Err(StoreError::NotFound)));
     assert!(matches!(store.update_zap(bob, zap.id, "x", &[]).await, Err(StoreError::NotFound)));
@@ -93,10 +93,15 @@ async fn zaps_belong_to_their_owner(store: Store) {
     store.set_zap_token(alice, zap.id, b"h2").await.unwrap();
     let ingest = store.zap_for_ingest(zap.id).await.unwrap().unwrap();
     assert_eq!((ingest.owner_id, ingest.token_hash.as_slice(), ingest.status), (alice, &b"h2"[..], ZapStatus::Paused));
+    assert_eq!(ingest.signing_secret.as_deref(), Some("whsec_x"));
+    assert!(matches!(store.set_zap_signing_secret(bob, zap.id, "whsec_b").await, Err(StoreError::NotFound)));
+    store.set_zap_signing_secret(alice, zap.id, "whsec_y").await.unwrap();
+    let ingest = store.zap_for_ingest(zap.id).await.unwrap().unwrap();
+    assert_eq!(ingest.signing_secret.as_deref(), Some("whsec_y"));
 
     let mut ids = vec![zap.id];
     for i in 0..4 {
-        ids.push(store.create_zap(alice, &format!("z{i}"), &[email("a@example.com")], b"h").await.unwrap().id);
+        ids.push(store.create_zap(alice, &format!("z{i}"), &[email("a@example.com")], b"h", None).await.unwrap().id);
     }
     let first = store.list_zaps(alice, None, 3).await.unwrap();
     let rest = store.list_zaps(alice, Some(first[2].id), 3).await.unwrap();

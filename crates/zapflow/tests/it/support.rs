@@ -56,7 +56,7 @@ pub async fn create_zap(stack: &Stack, key: &str, actions: Vec<pb::Action>) -> (
             key,
             pb::CreateZapRequest {
                 name: "test zap".into(),
-                actions,
+                actions, ..Default::default()
             },
         ))
         .await

@@ -77,6 +77,15 @@ async fn call_every_rpc(
             ),
         ),
         (
+            "RotateSigningSecret",
+            code(
+                client
+                    .rotate_signing_secret(with_key(key, pb::RotateSigningSecretRequest { id: id.clone() }))
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
             "ListRuns",
             code(
                 client
@@ -191,7 +200,7 @@ async fn every_rpc_without_a_valid_key_is_unauthenticated() {
                 key,
                 pb::CreateZapRequest {
                     name: "x".into(),
-                    actions: vec![],
+                    actions: vec![], ..Default::default()
                 },
             ))
             .await;
@@ -240,7 +249,7 @@ async fn invalid_zaps_are_rejected_naming_the_field() {
                 &key,
                 pb::CreateZapRequest {
                     name: name.into(),
-                    actions,
+                    actions, ..Default::default()
                 },
             ))
             .await

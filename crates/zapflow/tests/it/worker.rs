@@ -36,7 +36,7 @@ async fn accepted_run(store: &Store) -> ZapEvent {
     }))
     .unwrap();
     let zap = store
-        .create_zap(owner_id, "zap", std::slice::from_ref(&action), b"hash")
+        .create_zap(owner_id, "zap", std::slice::from_ref(&action), b"hash", None)
         .await
         .unwrap();
     let run = NewRun {
