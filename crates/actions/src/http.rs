@@ -8,6 +8,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION
 use reqwest::redirect::Policy;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
+use zapflow_core::webhook_signature;
 
 use crate::catalog::{ActionField, ActionType, FieldError};
 use crate::ssrf::{self, AddressFilter, Blocked, GuardedResolver, IpNet};
@@ -52,6 +53,13 @@ pub const ACTION_TYPE: ActionType = ActionType {
             templated: false,
         },
         ActionField {
+            name: "signing_secret",
+            description: "A Standard Webhooks secret (whsec_...): requests then carry webhook-id, \
+                          webhook-timestamp and webhook-signature headers.",
+            required: false,
+            templated: false,
+        },
+        ActionField {
             name: "timeout_seconds",
             description: "Bound on the whole request, at most 60; 10 when omitted.",
             required: false,
@@ -68,7 +76,7 @@ const DEFAULT_CONTENT_TYPE: &str = "application/json";
 const ERROR_EXCERPT_CHARS: usize = 200;
 /// Headers zapflow sets itself, or that describe the connection rather than
 /// the request; a zap may not set them.
-const RESERVED_HEADERS: [&str; 11] = [
+const RESERVED_HEADERS: [&str; 14] = [
     "connection",
     "content-length",
     "content-type",
@@ -80,6 +88,9 @@ const RESERVED_HEADERS: [&str; 11] = [
     "transfer-encoding",
     "upgrade",
     "user-agent",
+    "webhook-id",
+    "webhook-signature",
+    "webhook-timestamp",
 ];
 
 /// Checks a plain-string field given without template syntax when the zap
@@ -91,6 +102,10 @@ pub(crate) fn validate_literal(field: &str, text: &str) -> Result<(), String> {
         "content_type" => HeaderValue::from_str(text)
             .map(drop)
             .map_err(|_| format!("not a valid header value: {text:?}")),
+        "signing_secret" => text
+            .parse::<webhook_signature::Secret>()
+            .map(drop)
+            .map_err(|error| error.to_string()),
         _ => Ok(()),
     }
 }
@@ -338,7 +353,26 @@ impl HttpClient {
                 ));
             }
         }
-        let idempotency_key = HeaderValue::from_str(&Self::idempotency_key(step))
+        let idempotency_key = Self::idempotency_key(step);
+        let body = render_field(config, "body", context)?;
+        if let Some(secret) = literal("signing_secret")? {
+            let secret: webhook_signature::Secret =
+                secret.parse().map_err(|error: webhook_signature::SecretError| permanent("signing_secret", error.to_string()))?;
+            // The message id is the idempotency key: the same on every
+            // attempt, so the receiver can drop a repeat.
+            let timestamp = chrono::Utc::now().timestamp();
+            let body = body.as_deref().unwrap_or_default().as_bytes();
+            let signature = webhook_signature::sign(&secret, &idempotency_key, timestamp, body);
+            for (name, value) in [
+                ("webhook-id", idempotency_key.clone()),
+                ("webhook-timestamp", timestamp.to_string()),
+                ("webhook-signature", signature),
+            ] {
+                let value = HeaderValue::from_str(&value).map_err(|error| permanent(name, error.to_string()))?;
+                headers.insert(name, value);
+            }
+        }
+        let idempotency_key = HeaderValue::from_str(&idempotency_key)
             .map_err(|error| permanent("Idempotency-Key", error.to_string()))?;
         headers.insert("idempotency-key", idempotency_key);
 
@@ -347,7 +381,7 @@ impl HttpClient {
             .request(method, url)
             .timeout(timeout)
             .headers(headers);
-        if let Some(body) = render_field(config, "body", context)? {
+        if let Some(body) = body {
             let content_type = literal("content_type")?.unwrap_or(DEFAULT_CONTENT_TYPE);
             let content_type = HeaderValue::from_str(content_type).map_err(|_| {
                 permanent(

@@ -42,6 +42,9 @@ async fn echo(State(hits): State<Hits>, headers: HeaderMap, body: Bytes) -> impl
         "user_agent": header("user-agent"),
         "content_type": header("content-type"),
         "authorization": header("authorization"),
+        "webhook_id": header("webhook-id"),
+        "webhook_timestamp": header("webhook-timestamp"),
+        "webhook_signature": header("webhook-signature"),
         "body": String::from_utf8_lossy(&body),
     });
     ([("x-reply", "yes")], axum::Json(reply))
@@ -334,4 +337,29 @@ async fn an_allowlist_for_another_range_does_not_open_loopback() {
     );
     assert!(message.starts_with("blocked: "), "{message}");
     assert_never_connected(&listener).await;
+}
+
+#[tokio::test]
+async fn a_signing_secret_adds_standard_webhooks_headers_the_receiver_can_verify() {
+    use zapflow_core::webhook_signature::{Secret, SignatureHeaders, verify};
+
+    let server = serve().await;
+    let secret = Secret::generate();
+    let config = json!({
+        "url": format!("http://127.0.0.1:{}/echo", server.port),
+        "body": "{\"name\": \"{{ trigger.name }}\"}",
+        "signing_secret": secret.expose(),
+    });
+    let output = run(&loopback_executor(), config).await.unwrap();
+    let seen = &output["body"];
+    let headers = SignatureHeaders {
+        id: seen["webhook_id"].as_str(),
+        timestamp: seen["webhook_timestamp"].as_str(),
+        signature: seen["webhook_signature"].as_str(),
+    };
+    assert_eq!(headers.id, seen["idempotency_key"].as_str(), "the message id is the idempotency key");
+    let body = seen["body"].as_str().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert_eq!(verify(&[secret], headers, body.as_bytes(), now), Ok(()));
+    assert!(verify(&[Secret::generate()], headers, body.as_bytes(), now).is_err());
 }

@@ -180,3 +180,59 @@ async fn a_payload_with_a_line_break_cannot_inject_a_header() {
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http_step_calls_out_and_a_later_step_uses_its_response() {
+    use axum::http::HeaderMap;
+
+    // The system the zap calls: answers with an order number and keeps
+    // what it received.
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = axum::Router::new().route(
+        "/orders",
+        axum::routing::post({
+            let received = received.clone();
+            move |headers: HeaderMap, body: String| async move {
+                let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                received.lock().unwrap().push((key, body));
+                axum::Json(json!({"order": 4711}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}/orders", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let smtp = SmtpSink::start().await;
+    let options = zapflow_testkit::StackOptions {
+        smtp_url: Some(smtp.url()),
+        http_allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    };
+    let stack = zapflow_testkit::Stack::start(zapflow_testkit::test_sqlite_store().await.0, None, options).await;
+    let key = new_user(&stack, "ada").await;
+    let http = pb::Action {
+        r#type: "http".into(),
+        config: Some(crate::support::to_struct(json!({
+            "url": target,
+            "body": "{\"item\": \"{{ trigger.item }}\"}",
+        }))),
+    };
+    let email = email_action("ops@example.com", "Order {{ steps[0].body.order }}", "status {{ steps[0].status }}");
+    let (_, webhook_url) = create_zap(&stack, &key, vec![http, email]).await;
+    let (status, answer) = post_json(&webhook_url, &json!({"item": "book"})).await;
+    assert_eq!(status, 202);
+    let run_id = answer["run_id"].as_str().unwrap().to_owned();
+
+    let run = wait_for_run(&stack, &key, &run_id, pb::RunStatus::Succeeded).await;
+    let output = run.steps[0].output.as_ref().unwrap();
+    assert_eq!(output.fields["status"].kind, Some(prost_types::value::Kind::NumberValue(200.0)));
+    assert_eq!(
+        *received.lock().unwrap(),
+        [(format!("{run_id}:0"), "{\"item\": \"book\"}".to_owned())]
+    );
+    let mails = smtp.wait_for(1, WAIT).await;
+    assert_eq!(mails[0].header("Subject").unwrap(), "Order 4711");
+    assert_eq!(mails[0].body().trim_end(), "status 200");
+    stack.stop().await;
+}
