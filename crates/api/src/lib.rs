@@ -68,6 +68,7 @@ pub async fn serve(
 
     Server::builder()
         .timeout(settings.request_timeout)
+        .concurrency_limit_per_connection(256)
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -78,3 +78,26 @@ async fn health_is_not_serving_while_the_database_does_not_answer() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_refused_and_the_server_carries_on() {
+    use tonic::Code;
+    use zapflow_proto::v1 as pb;
+    use zapflow_testkit::with_key;
+
+    let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
+    let key = crate::support::new_user(&stack, "alice").await;
+    let mut client = stack.zap_client().await;
+    let huge = pb::CreateZapRequest {
+        name: "x".repeat(5 * 1024 * 1024),
+        ..Default::default()
+    };
+    let status = client.create_zap(with_key(&key, huge)).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    let (zap, _) = crate::support::simple_zap(&stack, &key).await;
+    assert!(!zap.id.is_empty(), "the server still answers");
+    stack.stop().await;
+}
