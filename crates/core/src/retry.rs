@@ -64,4 +64,41 @@ mod tests {
         }
         assert_eq!(policy.delay_after(policy.max_attempts), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn every_delay_is_within_half_and_all_of_its_capped_ceiling(
+            max_attempts in 1u32..20,
+            initial_ms in 1u64..60_000,
+            multiplier in 1.0f64..10.0,
+            max_ms in 1u64..3_600_000,
+            attempt in 1u32..25,
+        ) {
+            let policy = RetryPolicy {
+                max_attempts,
+                initial_delay: Duration::from_millis(initial_ms),
+                multiplier,
+                max_delay: Duration::from_millis(max_ms),
+            };
+            match policy.delay_after(attempt) {
+                None => proptest::prop_assert!(attempt >= max_attempts),
+                Some(delay) => {
+                    proptest::prop_assert!(attempt < max_attempts);
+                    let ceiling = (initial_ms as f64 * multiplier.powi(attempt as i32 - 1)).min(max_ms as f64) / 1000.0;
+                    let delay = delay.as_secs_f64();
+                    proptest::prop_assert!(delay >= ceiling / 2.0 - 1e-9 && delay <= ceiling + 1e-9, "{} not in [{}, {}]", delay, ceiling / 2.0, ceiling);
+                }
+            }
+        }
+
+        #[test]
+        fn ceilings_never_shrink_from_one_attempt_to_the_next(attempt in 1u32..30) {
+            let policy = RetryPolicy { max_attempts: 40, ..RetryPolicy::default() };
+            // The lower bound of the next delay is at least half the upper
+            // bound of this one: later retries never come much sooner.
+            let this = policy.delay_after(attempt).unwrap().as_secs_f64();
+            let next = policy.delay_after(attempt + 1).unwrap().as_secs_f64();
+            proptest::prop_assert!(next >= this / 2.0 - 1e-9);
+        }
+    }
 }

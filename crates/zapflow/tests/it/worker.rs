@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use uuid::Uuid;
-use zapflow_actions::{EmailSettings, Executor, Mailer};
+use zapflow_actions::{EmailSettings, Executor, Mailer, StepRef};
 use zapflow_core::ActionSpec;
 use zapflow_proto::v1::ZapEvent;
-use zapflow_store::{NewRun, StepOutcome, Store};
+use zapflow_store::{NewRun, StepClaim, StepOutcome, Store};
 use zapflow_testkit::{SmtpSink, test_store};
 use zapflow_worker::{Handled, Worker, WorkerSettings};
 
@@ -165,4 +165,57 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
         .unwrap();
     assert_eq!(run.steps[0].attempts, 2);
     assert_eq!(smtp.mails().len(), 1);
+}
+
+/// The documented policy for a worker that dies after the SMTP server said
+/// 250 but before the step was recorded: the step's lease runs out, another
+/// attempt sends the email again, with the same Message-ID, and the step is
+/// recorded once. At least once, never silently lost; the receiver can
+/// drop the repeat by its Message-ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
+    let store = test_store().await;
+    let smtp = SmtpSink::start().await;
+    let event = accepted_run(&store).await;
+    let run_id: Uuid = event.run_id.parse().unwrap();
+
+    // The doomed worker: claims with a short lease, sends, and dies before
+    // recording anything.
+    let StepClaim::Claimed(step) = store.claim_step(run_id, 0, Duration::from_millis(200)).await.unwrap() else {
+        panic!("the first claim takes the step");
+    };
+    let mailer = Mailer::new(&EmailSettings {
+        smtp_url: Some(smtp.url()),
+        mailbox_dir: std::env::temp_dir(),
+        from: "zapflow@localhost".into(),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let context = json!({"trigger": step.run.trigger});
+    Executor::new(mailer)
+        .execute(&step.run.actions[0], &context, StepRef { run_id, stage: 0 })
+        .await
+        .unwrap();
+    assert_eq!(smtp.mails().len(), 1);
+
+    // The event comes again (its offset or outbox row was never released).
+    // While the lease holds, the step is left alone and looked at later...
+    let worker = worker(&store, &smtp);
+    assert_eq!(worker.execute(&event).await.unwrap(), Handled::Rescheduled);
+    assert_eq!(smtp.mails().len(), 1);
+    // ...and once it lapsed, the step runs again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handled = worker.execute(&event).await.unwrap();
+    assert!(matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))), "{handled:?}");
+
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 2, "the effect is repeated once");
+    assert_eq!(mails[0].header("Message-ID"), mails[1].header("Message-ID"));
+    assert_eq!(mails[0].header("Message-ID").unwrap(), format!("<{run_id}.0@zapflow>"));
+    let run = store.run(run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, zapflow_core::RunStatus::Succeeded);
+    assert_eq!(run.steps[0].attempts, 2);
+    // A further redelivery is a no-op.
+    assert_eq!(worker.execute(&event).await.unwrap(), Handled::Duplicate);
+    assert_eq!(smtp.mails().len(), 2);
 }

@@ -1,0 +1,361 @@
+//! The distributed deployment as separate processes of the `zapflow` binary:
+//! one-off commands (migrate, create-user), then one process per role.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Roles in start order: the API first, since the gateway forwards to it.
+pub const ROLES: [&str; 4] = ["api", "gateway", "processor", "worker"];
+
+/// How long the roles get to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a role gets to drain after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Linux reports process CPU time in ticks of USER_HZ, 100 on every
+/// architecture it runs on.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// What every process of the deployment is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub binary: PathBuf,
+    pub database_url: String,
+    pub kafka_brokers: String,
+    pub smtp_url: String,
+    pub events_topic: String,
+    pub dead_letter_topic: String,
+    pub consumer_group: String,
+    /// Logs of every process, and the roles' data directory.
+    pub work_dir: PathBuf,
+}
+
+/// Memory and CPU of one process, read from `/proc`.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub rss_kib: Option<u64>,
+    pub peak_rss_kib: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+}
+
+/// How a role ended after SIGTERM.
+#[derive(Debug, Clone)]
+pub struct Stopped {
+    pub role: &'static str,
+    pub took: Duration,
+    /// `None` when it had to be killed.
+    pub status: Option<ExitStatus>,
+}
+
+struct RoleProcess {
+    role: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+/// The running roles; any still running when this is dropped are killed.
+pub struct Cluster {
+    pub api_key: String,
+    pub grpc_address: SocketAddr,
+    pub http_address: SocketAddr,
+    roles: Vec<RoleProcess>,
+}
+
+impl Cluster {
+    /// Migrates, creates the `bench` user, starts every role and waits until
+    /// the API reports SERVING and the gateway answers `/healthz`.
+    pub async fn start(settings: &Settings) -> Result<Self> {
+        let grpc_address = free_port()?;
+        let http_address = free_port()?;
+        let env = Environment {
+            settings: settings.clone(),
+            grpc_address,
+            http_address,
+        };
+
+        env.run_once(&["migrate"])
+            .await
+            .context("zapflow migrate")?;
+        let stdout = env
+            .run_once(&["create-user", "bench"])
+            .await
+            .context("zapflow create-user")?;
+        let api_key = stdout
+            .lines()
+            .map(str::trim)
+            .rfind(|line| !line.is_empty())
+            .context("zapflow create-user printed no API key")?
+            .to_owned();
+
+        let mut cluster = Self {
+            api_key,
+            grpc_address,
+            http_address,
+            roles: Vec::new(),
+        };
+        for role in ROLES {
+            let log = settings.work_dir.join(format!("{role}.log"));
+            let child = env
+                .command(&[role], &log)?
+                .spawn()
+                .with_context(|| format!("starting zapflow {role}"))?;
+            cluster.roles.push(RoleProcess { role, child, log });
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        cluster.wait_for_api(deadline).await?;
+        cluster.wait_for_gateway(deadline).await?;
+        cluster.check_alive()?;
+        Ok(cluster)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_address)
+    }
+
+    /// Fails, with the end of its log, if a role has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        for process in &mut self.roles {
+            if let Some(status) = process.child.try_wait()? {
+                bail!(
+                    "zapflow {} exited ({status}); the end of {}:\n{}",
+                    process.role,
+                    process.log.display(),
+                    log_tail(&process.log, 20)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Memory and CPU of each role, in `ROLES` order.
+    pub fn usage(&self) -> Vec<(&'static str, Usage)> {
+        self.roles
+            .iter()
+            .map(|process| (process.role, usage(&process.child.id().to_string())))
+            .collect()
+    }
+
+    /// Sends SIGTERM to every role, then waits for each to drain; one that
+    /// takes longer than `STOP_TIMEOUT` is killed.
+    pub async fn stop(mut self) -> Vec<Stopped> {
+        let asked = Instant::now();
+        for process in &self.roles {
+            terminate(process.child.id());
+        }
+        let deadline = asked + STOP_TIMEOUT;
+        let mut stopped = Vec::new();
+        for process in &mut self.roles {
+            let status = loop {
+                match process.child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Ok(None) | Err(_) => {
+                        let _ = process.child.kill();
+                        let _ = process.child.wait();
+                        break None;
+                    }
+                }
+            };
+            stopped.push(Stopped {
+                role: process.role,
+                took: asked.elapsed(),
+                status,
+            });
+        }
+        self.roles.clear();
+        stopped
+    }
+
+    async fn wait_for_api(&mut self, deadline: Instant) -> Result<()> {
+        let url = self.grpc_url();
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            self.check_alive()?;
+            match health(&url).await {
+                Ok(ServingStatus::Serving) => return Ok(()),
+                Ok(status) => last = format!("health is {status:?}"),
+                Err(error) => last = format!("{error:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the API at {url} did not report SERVING within {READY_TIMEOUT:?} ({last})")
+    }
+
+    async fn wait_for_gateway(&mut self, deadline: Instant) -> Result<()> {
+        let url = format!("http://{}/healthz", self.http_address);
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            self.check_alive()?;
+            match client
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => last = format!("status {}", response.status()),
+                Err(error) => last = error.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the gateway at {url} did not answer within {READY_TIMEOUT:?} ({last})")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for process in &mut self.roles {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+    }
+}
+
+/// The configuration every process gets, as `ZAPFLOW_*` variables.
+struct Environment {
+    settings: Settings,
+    grpc_address: SocketAddr,
+    http_address: SocketAddr,
+}
+
+impl Environment {
+    /// `zapflow <args>` with only this deployment's configuration (inherited
+    /// `ZAPFLOW_*` variables are dropped), output appended to `log`.
+    fn command(&self, args: &[&str], log: &Path) -> Result<Command> {
+        let settings = &self.settings;
+        let mut command = Command::new(&settings.binary);
+        command.args(args);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("ZAPFLOW_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("ZAPFLOW_DATABASE_URL", &settings.database_url)
+            .env("ZAPFLOW_KAFKA_BROKERS", &settings.kafka_brokers)
+            .env("ZAPFLOW_EVENTS_TOPIC", &settings.events_topic)
+            .env("ZAPFLOW_DEAD_LETTER_TOPIC", &settings.dead_letter_topic)
+            .env("ZAPFLOW_CONSUMER_GROUP", &settings.consumer_group)
+            .env("ZAPFLOW_GRPC_LISTEN", self.grpc_address.to_string())
+            .env("ZAPFLOW_HTTP_LISTEN", self.http_address.to_string())
+            .env("ZAPFLOW_API_URL", format!("http://{}", self.grpc_address))
+            .env(
+                "ZAPFLOW_PUBLIC_URL",
+                format!("http://{}", self.http_address),
+            )
+            .env("ZAPFLOW_SMTP_URL", &settings.smtp_url)
+            .env("ZAPFLOW_DATA_DIR", settings.work_dir.join("data"));
+        let log_file = || {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(log)
+                .with_context(|| format!("opening {}", log.display()))
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(log_file()?)
+            .stderr(log_file()?);
+        Ok(command)
+    }
+
+    /// Runs a one-off command to its end and returns what it printed on
+    /// stdout (its log goes to `commands.log`).
+    async fn run_once(&self, args: &[&str]) -> Result<String> {
+        let log = self.settings.work_dir.join("commands.log");
+        let mut command = self.command(args, &log)?;
+        command.stdout(Stdio::piped());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await?
+            .with_context(|| format!("running {}", self.settings.binary.display()))?;
+        if !output.status.success() {
+            bail!(
+                "exited with {}; the end of {}:\n{}",
+                output.status,
+                log.display(),
+                log_tail(&log, 20)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+/// A loopback port nothing listens on right now. Another process could take
+/// it before the role binds it; the role would then fail to start, loudly.
+fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(listener.local_addr()?)
+}
+
+async fn health(url: &str) -> Result<ServingStatus> {
+    let channel = Channel::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    let mut client = HealthClient::new(channel);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.check(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await
+    .context("health check timed out")??;
+    Ok(reply.into_inner().status())
+}
+
+/// SIGTERM through kill(1): the workspace forbids the `unsafe` a direct
+/// `kill(2)` call needs.
+fn terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// `/proc/<pid>` figures; `pid` may be `self`.
+pub fn usage(pid: &str) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse().ok())
+    };
+    // Fields 14 and 15 of /proc/<pid>/stat (user and system time, all
+    // threads); the command name before them may contain spaces, so count
+    // from its closing parenthesis.
+    let cpu_seconds = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks: u64 =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / TICKS_PER_SECOND)
+        });
+    Usage {
+        rss_kib: kib("VmRSS:"),
+        peak_rss_kib: kib("VmHWM:"),
+        cpu_seconds,
+    }
+}
+
+/// The last `lines` lines of a log file.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,123 @@
+//! When each webhook's email reached the SMTP sink.
+//!
+//! The sink keeps messages but not their arrival time, so a task samples it
+//! every [`SAMPLE_EVERY`] and stamps the messages new since the last look:
+//! arrival times are late by at most that interval plus one look.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zapflow_testkit::SmtpSink;
+
+use crate::zap::sequence_in_subject;
+
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// What else the sink saw, and what watching it cost.
+#[derive(Debug, Clone, Default)]
+pub struct Anomalies {
+    /// Emails for a webhook that already had one (delivery is at least once).
+    pub duplicates: usize,
+    /// Emails whose subject carries no sequence number.
+    pub unmatched: usize,
+    /// Mean time of one look at the sink.
+    pub mean_look: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// First arrival of the email of each webhook sequence number.
+    arrivals: HashMap<u64, Instant>,
+    /// Emails for a sequence number that already had one.
+    duplicates: usize,
+    /// Emails whose subject carries no sequence number.
+    unmatched: usize,
+    /// Time spent reading the sink, and how many reads.
+    sampling: Duration,
+    samples: u32,
+}
+
+/// Stamps arrivals until dropped.
+pub struct Deliveries {
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Deliveries {
+    pub fn watch(sink: Arc<SmtpSink>) -> Self {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                let mut read = 0;
+                let mut ticker = tokio::time::interval(SAMPLE_EVERY);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    let started = Instant::now();
+                    let mails = sink.mails();
+                    let mut guard = seen.lock().unwrap();
+                    let seen = &mut *guard;
+                    for mail in mails.get(read..).unwrap_or_default() {
+                        match mail
+                            .header("Subject")
+                            .as_deref()
+                            .and_then(sequence_in_subject)
+                        {
+                            Some(n) => match seen.arrivals.entry(n) {
+                                Entry::Occupied(_) => seen.duplicates += 1,
+                                Entry::Vacant(slot) => {
+                                    slot.insert(started);
+                                }
+                            },
+                            None => seen.unmatched += 1,
+                        }
+                    }
+                    read = mails.len();
+                    seen.sampling += started.elapsed();
+                    seen.samples += 1;
+                }
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// The arrival of each of `sequence` numbers' email seen so far.
+    pub fn arrivals(&self, sequence: &[u64]) -> Vec<Option<Instant>> {
+        let seen = self.seen.lock().unwrap();
+        sequence
+            .iter()
+            .map(|n| seen.arrivals.get(n).copied())
+            .collect()
+    }
+
+    /// Waits until every one of `sequence` numbers' email arrived, or
+    /// `timeout` passed; returns their arrivals.
+    pub async fn wait_for(&self, sequence: &[u64], timeout: Duration) -> Vec<Option<Instant>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let arrivals = self.arrivals(sequence);
+            if arrivals.iter().all(Option::is_some) || Instant::now() >= deadline {
+                return arrivals;
+            }
+            tokio::time::sleep(SAMPLE_EVERY).await;
+        }
+    }
+
+    pub fn anomalies(&self) -> Anomalies {
+        let seen = self.seen.lock().unwrap();
+        Anomalies {
+            duplicates: seen.duplicates,
+            unmatched: seen.unmatched,
+            mean_look: seen.sampling / seen.samples.max(1),
+        }
+    }
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

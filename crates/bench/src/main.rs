@@ -1,0 +1,233 @@
+//! `zapflow-bench`: starts the distributed deployment on this machine, one
+//! process per role of the `zapflow` binary, sends it webhooks at several
+//! concurrencies and measures how fast they are accepted and how long their
+//! emails take to reach an SMTP server.
+//!
+//! Needs PostgreSQL (an empty database, `--database-url`) and a
+//! Kafka-protocol broker (`--kafka-brokers`); `scripts/bench.sh` provides
+//! both. Every address it uses is on 127.0.0.1.
+
+mod cluster;
+mod load;
+mod mail;
+mod report;
+mod zap;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use zapflow_testkit::{SmtpSink, unique};
+
+use crate::cluster::{Cluster, ROLES, Settings};
+use crate::load::Phase;
+use crate::mail::Deliveries;
+use crate::report::{PhaseResult, Report, WarmUp};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zapflow-bench",
+    about = "Benchmarks zapflow's distributed deployment on this machine"
+)]
+struct Args {
+    /// The zapflow binary; by default the one next to this program.
+    #[arg(long, env = "ZAPFLOW_BENCH_BINARY")]
+    zapflow: Option<PathBuf>,
+    /// An empty PostgreSQL database; the roles migrate it.
+    #[arg(long, env = "ZAPFLOW_BENCH_DATABASE_URL")]
+    database_url: String,
+    /// The Kafka-protocol broker; topic and group names are fresh each run.
+    #[arg(
+        long,
+        env = "ZAPFLOW_BENCH_KAFKA_BROKERS",
+        default_value = "127.0.0.1:19092"
+    )]
+    kafka_brokers: String,
+    /// Load phases as concurrency:requests, run in order.
+    #[arg(long, value_delimiter = ',', default_value = "1:500,16:3000,64:3000")]
+    phases: Vec<Phase>,
+    /// Longest a phase keeps sending, in seconds.
+    #[arg(long, default_value_t = 60)]
+    phase_time_limit: u64,
+    /// Longest wait for a phase's emails after its last answer, in seconds.
+    #[arg(long, default_value_t = 90)]
+    drain_timeout: u64,
+    /// Where the roles' logs go; a new temporary directory by default.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+/// Webhooks sent, after the first, to warm connections and caches.
+const WARM_UP_REQUESTS: u64 = 100;
+/// Longest wait for the first email; it includes the worker joining its
+/// consumer group.
+const FIRST_EMAIL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let binary = match &args.zapflow {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("locating this program's directory")?
+            .join("zapflow"),
+    };
+    if !binary.is_file() {
+        bail!(
+            "no zapflow binary at {} (build it with `cargo build --release -p zapflow`, or pass --zapflow)",
+            binary.display()
+        );
+    }
+    let work_dir = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(unique("zapflow-bench")),
+    };
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+
+    let sink = Arc::new(SmtpSink::start().await);
+    let settings = Settings {
+        binary,
+        database_url: args.database_url.clone(),
+        kafka_brokers: args.kafka_brokers.clone(),
+        smtp_url: sink.url(),
+        events_topic: unique("bench-events"),
+        dead_letter_topic: unique("bench-events-dlq"),
+        consumer_group: unique("bench-workers"),
+        work_dir,
+    };
+    report::print_setup(&settings);
+
+    let mut cluster = tokio::select! {
+        cluster = Cluster::start(&settings) => cluster.context("starting the deployment")?,
+        () = interrupted() => bail!("interrupted while starting"),
+    };
+    let measured = tokio::select! {
+        measured = measure(&args, &mut cluster, sink.clone()) => measured,
+        () = interrupted() => Err(anyhow!("interrupted")),
+    };
+    let usage = cluster.usage();
+    let own_usage = cluster::usage("self");
+    let alive = cluster.check_alive();
+    let stopped = cluster.stop().await;
+
+    let (warm_up, phases, anomalies) = measured.inspect_err(|_| {
+        for role in ROLES {
+            let log = settings.work_dir.join(format!("{role}.log"));
+            eprintln!(
+                "--- the end of {}:\n{}",
+                log.display(),
+                cluster::log_tail(&log, 10)
+            );
+        }
+    })?;
+    report::print(&Report {
+        warm_up,
+        phases,
+        anomalies,
+        usage,
+        own_usage,
+        stopped,
+    });
+    alive.context("a role died during the run")
+}
+
+/// Creates the zap, warms up, then runs each phase and waits for its emails.
+async fn measure(
+    args: &Args,
+    cluster: &mut Cluster,
+    sink: Arc<SmtpSink>,
+) -> Result<(WarmUp, Vec<PhaseResult>, mail::Anomalies)> {
+    let webhook_url = zap::create(&cluster.grpc_url(), &cluster.api_key).await?;
+    let webhook_host = reqwest::Url::parse(&webhook_url)?
+        .host_str()
+        .map(str::to_owned);
+    if webhook_host.as_deref() != Some("127.0.0.1") {
+        bail!("the webhook URL {webhook_url} does not point at 127.0.0.1");
+    }
+    let deliveries = Deliveries::watch(sink);
+    let max_concurrency = args
+        .phases
+        .iter()
+        .map(|phase| phase.concurrency)
+        .max()
+        .unwrap_or(1);
+    let client = load::client(max_concurrency)?;
+    let phase_time_limit = Duration::from_secs(args.phase_time_limit);
+    let drain_timeout = Duration::from_secs(args.drain_timeout);
+    let mut next_sequence = 0;
+
+    // The first email pays for the consumer group forming and every
+    // connection being opened; it is reported on its own.
+    let first = load::send(
+        &client,
+        &webhook_url,
+        Phase::single(),
+        next_sequence,
+        phase_time_limit,
+    )
+    .await;
+    if let Some(error) = &first.first_error {
+        bail!("the first webhook was not accepted: {error}");
+    }
+    let first_arrival = deliveries
+        .wait_for(&[next_sequence], FIRST_EMAIL_TIMEOUT)
+        .await[0]
+        .with_context(|| {
+            format!("the first email did not arrive within {FIRST_EMAIL_TIMEOUT:?}")
+        })?;
+    next_sequence += 1;
+    let warm = Phase {
+        concurrency: 4,
+        requests: WARM_UP_REQUESTS,
+    };
+    let warm_sent = load::send(&client, &webhook_url, warm, next_sequence, phase_time_limit).await;
+    next_sequence += warm.requests;
+    let warm_sequence: Vec<u64> = warm_sent
+        .samples
+        .iter()
+        .map(|sample| sample.sequence)
+        .collect();
+    deliveries.wait_for(&warm_sequence, drain_timeout).await;
+    let warm_up = WarmUp {
+        first_email: first_arrival - first.samples[0].sent_at,
+    };
+    cluster.check_alive()?;
+
+    let mut results = Vec::new();
+    for phase in &args.phases {
+        let started = Instant::now();
+        let sent = load::send(
+            &client,
+            &webhook_url,
+            *phase,
+            next_sequence,
+            phase_time_limit,
+        )
+        .await;
+        next_sequence += phase.requests;
+        let accepted: Vec<u64> = sent
+            .samples
+            .iter()
+            .filter(|sample| sample.accepted)
+            .map(|sample| sample.sequence)
+            .collect();
+        let arrivals = deliveries.wait_for(&accepted, drain_timeout).await;
+        results.push(PhaseResult::new(*phase, started, sent, &accepted, arrivals));
+        cluster.check_alive()?;
+    }
+    Ok((warm_up, results, deliveries.anomalies()))
+}
+
+/// SIGINT or SIGTERM.
+async fn interrupted() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,299 @@
+//! The figures of a run, and the plain-text tables they are printed as.
+
+use std::time::{Duration, Instant};
+
+use crate::cluster::{Settings, Stopped, Usage};
+use crate::load::{Phase, Sent};
+use crate::mail::{Anomalies, SAMPLE_EVERY};
+
+/// The ~rate at which the test broker consumes on the reference machine;
+/// quoted, not measured here.
+const BROKER_NOTE: &str = "The test broker tansu (SQLite storage) consumes only ~2,000 msg/s on this machine: \
+                           it bounds the distributed end-to-end figures (Kafka would not).";
+
+/// What the warm-up showed.
+#[derive(Debug, Clone)]
+pub struct WarmUp {
+    /// From the first POST to its email: includes the worker joining its
+    /// consumer group and every connection being opened.
+    pub first_email: Duration,
+}
+
+/// Nearest-rank percentiles of a set of durations.
+#[derive(Debug, Clone, Copy)]
+pub struct Percentiles {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl Percentiles {
+    pub fn of(mut values: Vec<Duration>) -> Option<Self> {
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_unstable();
+        let rank =
+            |p: f64| values[((p * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+        Some(Self {
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: values[values.len() - 1],
+        })
+    }
+}
+
+/// The figures of one phase.
+#[derive(Debug, Clone)]
+pub struct PhaseResult {
+    pub phase: Phase,
+    pub requests: usize,
+    pub accepted: usize,
+    pub first_error: Option<String>,
+    /// From the first POST to the last answer.
+    pub sending: Duration,
+    /// POST to 202, over accepted webhooks.
+    pub accept_latency: Option<Percentiles>,
+    pub delivered: usize,
+    /// POST to the email at the sink, over delivered webhooks.
+    pub end_to_end: Option<Percentiles>,
+    /// From the phase's first POST to its last email.
+    pub delivery_span: Duration,
+    /// From the phase's last answer to its last email.
+    pub drain: Duration,
+}
+
+impl PhaseResult {
+    /// `arrivals` belong to `accepted`, the sequence numbers answered 202,
+    /// in order.
+    pub fn new(
+        phase: Phase,
+        started: Instant,
+        sent: Sent,
+        accepted: &[u64],
+        arrivals: Vec<Option<Instant>>,
+    ) -> Self {
+        let accepted_samples: Vec<_> = sent
+            .samples
+            .iter()
+            .filter(|sample| sample.accepted)
+            .collect();
+        debug_assert!(
+            accepted_samples
+                .iter()
+                .map(|s| s.sequence)
+                .eq(accepted.iter().copied())
+        );
+        let first_post = sent
+            .samples
+            .iter()
+            .map(|s| s.sent_at)
+            .min()
+            .unwrap_or(started);
+        let last_answer = sent
+            .samples
+            .iter()
+            .map(|s| s.sent_at + s.latency)
+            .max()
+            .unwrap_or(started);
+        let delays: Vec<Duration> = accepted_samples
+            .iter()
+            .zip(&arrivals)
+            .filter_map(|(sample, arrival)| {
+                Some(arrival.as_ref()?.saturating_duration_since(sample.sent_at))
+            })
+            .collect();
+        let last_email = arrivals.iter().flatten().max().copied();
+        Self {
+            phase,
+            requests: sent.samples.len(),
+            accepted: accepted_samples.len(),
+            first_error: sent.first_error,
+            sending: sent.elapsed,
+            accept_latency: Percentiles::of(accepted_samples.iter().map(|s| s.latency).collect()),
+            delivered: delays.len(),
+            end_to_end: Percentiles::of(delays),
+            delivery_span: last_email.map_or(Duration::ZERO, |last| {
+                last.saturating_duration_since(first_post)
+            }),
+            drain: last_email.map_or(Duration::ZERO, |last| {
+                last.saturating_duration_since(last_answer)
+            }),
+        }
+    }
+}
+
+/// Everything printed after the run.
+#[derive(Debug)]
+pub struct Report {
+    pub warm_up: WarmUp,
+    pub phases: Vec<PhaseResult>,
+    pub anomalies: Anomalies,
+    pub usage: Vec<(&'static str, Usage)>,
+    pub own_usage: Usage,
+    pub stopped: Vec<Stopped>,
+}
+
+pub fn print_setup(settings: &Settings) {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    println!("zapflow distributed benchmark");
+    println!(
+        "  roles     api, gateway, processor, worker: one process each of {}",
+        settings.binary.display()
+    );
+    println!("  database  {}", settings.database_url);
+    println!(
+        "  broker    {} (topics {}, {})",
+        settings.kafka_brokers, settings.events_topic, settings.dead_letter_topic
+    );
+    println!("  smtp      in-process sink at {}", settings.smtp_url);
+    println!("  logs      {}", settings.work_dir.display());
+    println!(
+        "  cpus      {cpus}, shared by the roles, PostgreSQL, the broker and this load generator"
+    );
+    println!();
+}
+
+pub fn print(report: &Report) {
+    println!(
+        "Warm-up: first email {} after its POST (worker joining its consumer group, connections opening)",
+        seconds(report.warm_up.first_email)
+    );
+    println!();
+
+    println!("Accepted webhooks (POST -> 202 Accepted)");
+    println!(
+        "{:>11} {:>9} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9}",
+        "concurrency", "requests", "errors", "elapsed", "accepted/s", "p50 ms", "p99 ms", "max ms"
+    );
+    for result in &report.phases {
+        let latency = result.accept_latency;
+        println!(
+            "{:>11} {:>9} {:>7} {:>9} {:>11.1} {:>9} {:>9} {:>9}",
+            result.phase.concurrency,
+            result.requests,
+            result.requests - result.accepted,
+            seconds(result.sending),
+            per_second(result.accepted, result.sending),
+            millis(latency.map(|p| p.p50)),
+            millis(latency.map(|p| p.p99)),
+            millis(latency.map(|p| p.max)),
+        );
+    }
+    println!();
+
+    println!("End to end (POST -> email at the SMTP sink)");
+    println!(
+        "{:>11} {:>9} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9}",
+        "concurrency", "emails", "missing", "drain", "emails/s", "p50 ms", "p99 ms", "max ms"
+    );
+    for result in &report.phases {
+        let delay = result.end_to_end;
+        println!(
+            "{:>11} {:>9} {:>7} {:>9} {:>11.1} {:>9} {:>9} {:>9}",
+            result.phase.concurrency,
+            result.delivered,
+            result.accepted - result.delivered,
+            seconds(result.drain),
+            per_second(result.delivered, result.delivery_span),
+            millis(delay.map(|p| p.p50)),
+            millis(delay.map(|p| p.p99)),
+            millis(delay.map(|p| p.max)),
+        );
+    }
+    println!("  emails/s: the phase's emails over the time from its first POST to its last email.");
+    println!("  drain: from the phase's last 202 to its last email.");
+    println!(
+        "  Arrivals are sampled every {} ms (one look at the sink took {:.2} ms on average).",
+        SAMPLE_EVERY.as_millis(),
+        report.anomalies.mean_look.as_secs_f64() * 1000.0
+    );
+    println!("  {BROKER_NOTE}");
+    if report.anomalies.duplicates > 0 || report.anomalies.unmatched > 0 {
+        println!(
+            "  The sink also got {} duplicate and {} unrecognised emails.",
+            report.anomalies.duplicates, report.anomalies.unmatched
+        );
+    }
+    for result in &report.phases {
+        if let Some(error) = &result.first_error {
+            println!(
+                "  First error at concurrency {}: {error}",
+                result.phase.concurrency
+            );
+        }
+    }
+    println!();
+
+    println!("Processes at the end (/proc/<pid>/status, /proc/<pid>/stat)");
+    println!(
+        "{:<30} {:>10} {:>10} {:>10}",
+        "process", "VmRSS MiB", "VmHWM MiB", "CPU s"
+    );
+    let rows = report
+        .usage
+        .iter()
+        .map(|(role, usage)| (format!("zapflow {role}"), usage))
+        .chain(std::iter::once((
+            "zapflow-bench (load + sink)".to_owned(),
+            &report.own_usage,
+        )));
+    for (name, usage) in rows {
+        println!(
+            "{:<30} {:>10} {:>10} {:>10}",
+            name,
+            mebibytes(usage.rss_kib),
+            mebibytes(usage.peak_rss_kib),
+            usage
+                .cpu_seconds
+                .map_or("-".to_owned(), |s| format!("{s:.1}")),
+        );
+    }
+    println!();
+
+    println!("Shutdown (SIGTERM to every role at once)");
+    for stopped in &report.stopped {
+        let how = match stopped.status {
+            Some(status) => status.to_string(),
+            None => "did not stop; killed".to_owned(),
+        };
+        println!("  {:<10} {:>8}  {how}", stopped.role, seconds(stopped.took));
+    }
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
+fn millis(duration: Option<Duration>) -> String {
+    duration.map_or("-".to_owned(), |d| {
+        format!("{:.1}", d.as_secs_f64() * 1000.0)
+    })
+}
+
+fn mebibytes(kib: Option<u64>) -> String {
+    kib.map_or("-".to_owned(), |kib| format!("{:.1}", kib as f64 / 1024.0))
+}
+
+fn per_second(count: usize, over: Duration) -> f64 {
+    if over.is_zero() {
+        0.0
+    } else {
+        count as f64 / over.as_secs_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values = (1..=100).map(Duration::from_millis).collect();
+        let p = Percentiles::of(values).unwrap();
+        assert_eq!(p.p50, Duration::from_millis(50));
+        assert_eq!(p.p99, Duration::from_millis(99));
+        assert_eq!(p.max, Duration::from_millis(100));
+        assert!(Percentiles::of(Vec::new()).is_none());
+    }
+}
