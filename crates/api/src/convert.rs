@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use chrono::{DateTime, Utc};
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Timestamp, Value};
-use zapflow_core::{ActionSpec, RunStatus, StepStatus, ZapStatus};
+use zapflow_core::{ActionSpec, RetryOverride, RunStatus, StepStatus, ZapStatus};
 use zapflow_proto::v1 as pb;
 
 use crate::error::{ApiError, Result};
@@ -67,6 +67,7 @@ pub fn actions_from_proto(actions: &[pb::Action]) -> Vec<ActionSpec> {
                 .as_ref()
                 .map(struct_to_json)
                 .unwrap_or_default(),
+            retry: action.retry.as_ref().map(retry_from_proto),
         })
         .collect()
 }
@@ -75,6 +76,47 @@ fn action_to_proto(action: &ActionSpec) -> pb::Action {
     pb::Action {
         r#type: action.action_type.clone(),
         config: Some(json_to_struct(&action.config)),
+        retry: action.retry.as_ref().map(retry_to_proto),
+    }
+}
+
+fn millis(duration: &prost_types::Duration) -> u64 {
+    let millis = i128::from(duration.seconds) * 1000 + i128::from(duration.nanos) / 1_000_000;
+    u64::try_from(millis.max(0)).unwrap_or(u64::MAX)
+}
+
+fn duration(millis: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (millis / 1000) as i64,
+        nanos: ((millis % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn retry_from_proto(retry: &pb::RetryPolicy) -> RetryOverride {
+    RetryOverride {
+        max_attempts: (retry.max_attempts != 0).then_some(retry.max_attempts),
+        initial_delay_ms: retry.initial_delay.as_ref().map(millis),
+        multiplier: (retry.multiplier != 0.0).then_some(retry.multiplier),
+        max_delay_ms: retry.max_delay.as_ref().map(millis),
+    }
+}
+
+fn retry_to_proto(retry: &RetryOverride) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        max_attempts: retry.max_attempts.unwrap_or_default(),
+        initial_delay: retry.initial_delay_ms.map(duration),
+        multiplier: retry.multiplier.unwrap_or_default(),
+        max_delay: retry.max_delay_ms.map(duration),
+    }
+}
+
+fn step_status_to_proto(status: StepStatus) -> pb::StepStatus {
+    match status {
+        StepStatus::Pending => pb::StepStatus::Pending,
+        StepStatus::Running => pb::StepStatus::Running,
+        StepStatus::Retrying => pb::StepStatus::Retrying,
+        StepStatus::Succeeded => pb::StepStatus::Succeeded,
+        StepStatus::Failed => pb::StepStatus::Failed,
     }
 }
 
@@ -115,13 +157,7 @@ fn step_to_proto(step: &zapflow_store::Step) -> pb::Step {
     pb::Step {
         index: step.index,
         action_type: step.action_type.clone(),
-        status: match step.status {
-            StepStatus::Pending => pb::StepStatus::Pending,
-            StepStatus::Running => pb::StepStatus::Running,
-            StepStatus::Retrying => pb::StepStatus::Retrying,
-            StepStatus::Succeeded => pb::StepStatus::Succeeded,
-            StepStatus::Failed => pb::StepStatus::Failed,
-        } as i32,
+        status: step_status_to_proto(step.status) as i32,
         attempts: step.attempts,
         error: step.error.clone().unwrap_or_default(),
         output: step.output.as_ref().and_then(|output| match output {
@@ -130,6 +166,19 @@ fn step_to_proto(step: &zapflow_store::Step) -> pb::Step {
         }),
         start_time: step.started_at.map(timestamp),
         finish_time: step.finished_at.map(timestamp),
+        history: step
+            .history
+            .iter()
+            .map(|attempt| pb::Attempt {
+                number: attempt.number,
+                outcome: attempt
+                    .outcome
+                    .parse()
+                    .map_or(pb::StepStatus::Unspecified, step_status_to_proto) as i32,
+                error: attempt.error.clone().unwrap_or_default(),
+                finish_time: Some(timestamp(attempt.finished_at)),
+            })
+            .collect(),
     }
 }
 

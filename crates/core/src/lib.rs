@@ -7,4 +7,4 @@ pub mod secret;
 pub mod template;
 pub mod webhook_signature;
 
-pub use model::{ActionSpec, RunStatus, StepStatus, ZapStatus};
+pub use model::{ActionSpec, Attempt, RetryOverride, RunStatus, StepStatus, ZapStatus};

@@ -8,6 +8,35 @@ pub struct ActionSpec {
     #[serde(rename = "type")]
     pub action_type: String,
     pub config: serde_json::Map<String, serde_json::Value>,
+    /// Overrides of the worker's retry policy for this action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryOverride>,
+}
+
+/// The parts of a retry policy an action sets itself; the rest comes from
+/// the worker's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetryOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay_ms: Option<u64>,
+}
+
+/// One attempt at a step, as recorded when it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// From 1.
+    pub number: u32,
+    /// "succeeded", "retrying" (a transient failure) or "failed".
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub finished_at: chrono::DateTime<chrono::Utc>,
 }
 
 macro_rules! string_enum {

@@ -25,7 +25,42 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Bounds on what an action may ask for.
+const MAX_ATTEMPTS: u32 = 50;
+const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl RetryPolicy {
+    /// This policy with an action's overrides applied.
+    pub fn with_override(self, changes: Option<&crate::RetryOverride>) -> Self {
+        let Some(changes) = changes else { return self };
+        Self {
+            max_attempts: changes.max_attempts.unwrap_or(self.max_attempts),
+            initial_delay: changes.initial_delay_ms.map_or(self.initial_delay, Duration::from_millis),
+            multiplier: changes.multiplier.unwrap_or(self.multiplier),
+            max_delay: changes.max_delay_ms.map_or(self.max_delay, Duration::from_millis),
+        }
+    }
+
+    /// Checks an override; the error names the offending field.
+    pub fn validate_override(changes: &crate::RetryOverride) -> Result<(), (&'static str, String)> {
+        if let Some(attempts) = changes.max_attempts
+            && !(1..=MAX_ATTEMPTS).contains(&attempts)
+        {
+            return Err(("max_attempts", format!("must be between 1 and {MAX_ATTEMPTS}")));
+        }
+        if let Some(multiplier) = changes.multiplier
+            && !(1.0..=10.0).contains(&multiplier)
+        {
+            return Err(("multiplier", "must be between 1 and 10".into()));
+        }
+        for (field, delay) in [("initial_delay", changes.initial_delay_ms), ("max_delay", changes.max_delay_ms)] {
+            if delay.is_some_and(|ms| ms == 0 || Duration::from_millis(ms) > MAX_DELAY) {
+                return Err((field, "must be more than 0 and at most 24 hours".into()));
+            }
+        }
+        Ok(())
+    }
+
     /// The delay before the attempt after `attempt` (counted from 1), or
     /// `None` once the attempts are used up.
     pub fn delay_after(&self, attempt: u32) -> Option<Duration> {

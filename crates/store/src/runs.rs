@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::AssertSqlSafe;
 use sqlx::types::Json;
 use uuid::Uuid;
-use zapflow_core::{ActionSpec, RunStatus, StepStatus};
+use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
 
 use crate::zaps::parse_status as parse_stored_status;
 use crate::{PgStore, Result};
@@ -50,6 +50,8 @@ pub struct Step {
     pub error: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Every finished attempt, oldest first.
+    pub history: Vec<Attempt>,
 }
 
 /// One page of runs, newest first, and the id to continue before.
@@ -84,6 +86,7 @@ pub(crate) struct StepRow {
     error: Option<String>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    history: Json<Vec<Attempt>>,
 }
 
 pub(crate) const RUN_COLUMNS: &str = "id, zap_id, owner_id, status, trigger, headers, query, actions, \
@@ -104,6 +107,7 @@ impl RunRow {
                     error: row.error,
                     started_at: row.started_at,
                     finished_at: row.finished_at,
+                    history: row.history.0,
                 }),
                 None => Ok(Step {
                     index: index as u32,
@@ -114,6 +118,7 @@ impl RunRow {
                     error: None,
                     started_at: None,
                     finished_at: None,
+                    history: Vec::new(),
                 }),
             })
             .collect::<Result<_>>()?;
@@ -210,7 +215,7 @@ impl PgStore {
         .await?;
         let Some(row) = row else { return Ok(None) };
         let steps: Vec<StepRow> = sqlx::query_as(
-            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at
+            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at, history
              FROM zap_run_steps WHERE run_id = $1",
         )
         .bind(id)

@@ -18,7 +18,7 @@ use sqlx::{Sqlite, Transaction};
 use tokio::sync::Notify;
 use uuid::Uuid;
 use zapflow_core::secret::{self, ApiKey};
-use zapflow_core::{ActionSpec, RunStatus, ZapStatus};
+use zapflow_core::{ActionSpec, Attempt, RunStatus, ZapStatus};
 
 use crate::outbox::{OutboxKind, OutboxRecord};
 use crate::runs::{RUN_COLUMNS, RunRow, StepRow};
@@ -314,7 +314,7 @@ impl SqliteStore {
         .await?;
         let Some(row) = row else { return Ok(None) };
         let steps: Vec<StepRow> = sqlx::query_as(
-            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at
+            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at, history
              FROM zap_run_steps WHERE run_id = $1",
         )
         .bind(id)
@@ -407,7 +407,8 @@ impl SqliteStore {
         let updated = sqlx::query(
             "UPDATE zap_run_steps
              SET status = $4, output = $5, error = $6, lease_until = NULL,
-                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END
+                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
+                 history = json_insert(history, '$[#]', json($8))
              WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'",
         )
         .bind(run.id)
@@ -417,6 +418,7 @@ impl SqliteStore {
         .bind(output.map(Json))
         .bind(error)
         .bind(now)
+        .bind(Json(step.attempt_record(outcome, now)))
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
@@ -539,6 +541,17 @@ impl StepOutcome {
 }
 
 impl ClaimedStep {
+    /// The history entry of this attempt ending with `outcome` at `now`.
+    pub(crate) fn attempt_record(&self, outcome: &StepOutcome, now: DateTime<Utc>) -> Attempt {
+        let (status, _, error) = outcome.recorded();
+        Attempt {
+            number: self.attempt,
+            outcome: status.to_owned(),
+            error: error.map(str::to_owned),
+            finished_at: now,
+        }
+    }
+
     /// What follows an attempt's outcome: the outbox row to add (stage,
     /// kind, reason, delay; none once the run succeeded) and the run's status.
     pub(crate) fn next<'a>(

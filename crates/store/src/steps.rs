@@ -121,7 +121,8 @@ impl PgStore {
         let updated = sqlx::query(
             "UPDATE zap_run_steps
              SET status = $4, output = $5, error = $6, lease_until = NULL,
-                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE now() END
+                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE now() END,
+                 history = history || jsonb_build_array($7::jsonb)
              WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'",
         )
         .bind(run.id)
@@ -130,6 +131,7 @@ impl PgStore {
         .bind(status)
         .bind(output.map(Json))
         .bind(error)
+        .bind(Json(step.attempt_record(outcome, chrono::Utc::now())))
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {

@@ -217,6 +217,7 @@ async fn an_http_step_calls_out_and_a_later_step_uses_its_response() {
             "url": target,
             "body": "{\"item\": \"{{ trigger.item }}\"}",
         }))),
+        retry: None,
     };
     let email = email_action("ops@example.com", "Order {{ steps[0].body.order }}", "status {{ steps[0].status }}");
     let (_, webhook_url) = create_zap(&stack, &key, vec![http, email]).await;

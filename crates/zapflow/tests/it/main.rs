@@ -6,6 +6,7 @@ mod end_to_end;
 mod gateway;
 mod processor;
 mod restart;
+mod retries;
 mod store;
 mod support;
 mod tenancy;

@@ -38,6 +38,7 @@ pub fn email_action(to: &str, subject: &str, body: &str) -> pb::Action {
         config: Some(to_struct(
             json!({ "to": to, "subject": subject, "body": body }),
         )),
+        retry: None,
     }
 }
 

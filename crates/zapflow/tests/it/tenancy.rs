@@ -224,6 +224,7 @@ async fn invalid_zaps_are_rejected_naming_the_field() {
     let unknown_type = pb::Action {
         r#type: "fax".into(),
         config: None,
+        retry: None,
     };
     let cases = [
         ("", vec![email_action("a@example.com", "s", "b")], "name"),
