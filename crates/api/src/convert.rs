@@ -150,6 +150,7 @@ pub fn run_to_proto(run: &zapflow_store::Run) -> pb::Run {
         create_time: Some(timestamp(run.created_at)),
         update_time: Some(timestamp(run.updated_at)),
         finish_time: run.finished_at.map(timestamp),
+        replay_of: run.replay_of.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 

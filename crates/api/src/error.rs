@@ -19,6 +19,8 @@ pub enum ApiError {
     InvalidArgument { field: String, message: String },
     #[error("{0} already exists")]
     AlreadyExists(&'static str),
+    #[error("{0}")]
+    FailedPrecondition(&'static str),
     #[error("the database is unavailable; try again")]
     Unavailable,
     #[error("internal error")]
@@ -59,6 +61,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Unavailable => Code::Unavailable,
             ApiError::Internal => Code::Internal,
         };

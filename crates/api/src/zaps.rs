@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-use zapflow_core::{ZapStatus, secret, webhook_signature};
+use zapflow_core::{RunStatus, StepStatus, ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_server::ZapService;
 use zapflow_store::Store;
@@ -59,6 +59,30 @@ impl ZapApi {
         zapflow_actions::validate_actions(&actions)
             .map_err(|error| ApiError::invalid(error.field, error.message))?;
         Ok(actions)
+    }
+
+    /// Replays one of `owner`'s runs; returns the new run's id.
+    async fn replay(&self, owner: Uuid, run: &zapflow_store::Run, from_start: bool) -> Result<Uuid> {
+        if !run.status.is_final() {
+            return Err(ApiError::FailedPrecondition("the run is still in progress"));
+        }
+        let start_stage = if from_start {
+            0
+        } else {
+            if run.status != RunStatus::Failed {
+                return Err(ApiError::FailedPrecondition(
+                    "only a failed run replays from its failed step; set from_start to run it again",
+                ));
+            }
+            run.steps
+                .iter()
+                .position(|step| step.status != StepStatus::Succeeded)
+                .unwrap_or_default() as u32
+        };
+        let id = Uuid::now_v7();
+        self.store.insert_replay(run, id, start_stage).await.map_err(run_error)?;
+        tracing::info!(%owner, original = %run.id, replay = %id, start_stage, "run replayed");
+        Ok(id)
     }
 
     async fn set_status(
@@ -264,6 +288,49 @@ impl ZapService for ZapApi {
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
         }))
+    }
+
+    async fn replay_run(&self, request: Request<pb::ReplayRunRequest>) -> Reply<pb::ReplayRunResponse> {
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let id = parse_id(&body.id, "run")?;
+        let original = self.store.owned_run(owner, id).await.map_err(run_error)?;
+        let replay_id = self.replay(owner, &original, body.from_start).await?;
+        let replay = self.store.owned_run(owner, replay_id).await.map_err(run_error)?;
+        Ok(Response::new(pb::ReplayRunResponse {
+            run: Some(run_to_proto(&replay)),
+        }))
+    }
+
+    async fn replay_runs(&self, request: Request<pb::ReplayRunsRequest>) -> Reply<pb::ReplayRunsResponse> {
+        const MAX_REPLAYS: u32 = 1000;
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let zap_id = parse_id(&body.zap_id, "zap")?;
+        self.store.get_zap(owner, zap_id).await.map_err(zap_error)?;
+        let bound = |time: &Option<prost_types::Timestamp>, field: &str| {
+            time.as_ref()
+                .map(|time| {
+                    chrono::DateTime::from_timestamp(time.seconds, time.nanos.max(0) as u32)
+                        .ok_or_else(|| ApiError::invalid(field, "not a valid time"))
+                })
+                .transpose()
+        };
+        let (start, end) = (bound(&body.start_time, "start_time")?, bound(&body.end_time, "end_time")?);
+        let failed = self
+            .store
+            .failed_runs(owner, zap_id, MAX_REPLAYS)
+            .await
+            .map_err(run_error)?;
+        let mut run_ids = Vec::new();
+        for (id, created_at) in failed {
+            if start.is_some_and(|start| created_at < start) || end.is_some_and(|end| created_at >= end) {
+                continue;
+            }
+            let original = self.store.owned_run(owner, id).await.map_err(run_error)?;
+            run_ids.push(self.replay(owner, &original, body.from_start).await?.to_string());
+        }
+        Ok(Response::new(pb::ReplayRunsResponse { run_ids }))
     }
 
     async fn get_run(&self, request: Request<pb::GetRunRequest>) -> Reply<pb::GetRunResponse> {

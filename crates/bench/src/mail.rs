@@ -1,8 +1,10 @@
 //! When each webhook's email reached the SMTP sink.
 //!
-//! The sink keeps messages but not their arrival time, so a task samples it
-//! every [`SAMPLE_EVERY`] and stamps the messages new since the last look:
-//! arrival times are late by at most that interval plus one look.
+//! The sink keeps messages but not their arrival time, so a task looks at it
+//! periodically and stamps the messages new since the last look: arrival
+//! times are late by at most one interval plus one look. A look copies every
+//! message kept so far, so it grows slower as they pile up; the interval
+//! grows with it, keeping the watcher near a tenth of one CPU.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -13,7 +15,10 @@ use zapflow_testkit::SmtpSink;
 
 use crate::zap::sequence_in_subject;
 
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+/// The shortest interval between looks.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// The interval is at least this many times the last look.
+const INTERVAL_PER_LOOK: u32 = 10;
 
 /// What else the sink saw, and what watching it cost.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +29,8 @@ pub struct Anomalies {
     pub unmatched: usize,
     /// Mean time of one look at the sink.
     pub mean_look: Duration,
+    /// The longest interval between looks.
+    pub max_interval: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +44,7 @@ struct Seen {
     /// Time spent reading the sink, and how many reads.
     sampling: Duration,
     samples: u32,
+    max_interval: Duration,
 }
 
 /// Stamps arrivals until dropped.
@@ -52,10 +60,9 @@ impl Deliveries {
             let seen = seen.clone();
             async move {
                 let mut read = 0;
-                let mut ticker = tokio::time::interval(SAMPLE_EVERY);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut interval = MIN_INTERVAL;
                 loop {
-                    ticker.tick().await;
+                    tokio::time::sleep(interval).await;
                     let started = Instant::now();
                     let mails = sink.mails();
                     let mut guard = seen.lock().unwrap();
@@ -76,8 +83,11 @@ impl Deliveries {
                         }
                     }
                     read = mails.len();
-                    seen.sampling += started.elapsed();
+                    let look = started.elapsed();
+                    seen.sampling += look;
                     seen.samples += 1;
+                    interval = MIN_INTERVAL.max(look * INTERVAL_PER_LOOK);
+                    seen.max_interval = seen.max_interval.max(interval);
                 }
             }
         });
@@ -102,7 +112,7 @@ impl Deliveries {
             if arrivals.iter().all(Option::is_some) || Instant::now() >= deadline {
                 return arrivals;
             }
-            tokio::time::sleep(SAMPLE_EVERY).await;
+            tokio::time::sleep(MIN_INTERVAL).await;
         }
     }
 
@@ -112,6 +122,7 @@ impl Deliveries {
             duplicates: seen.duplicates,
             unmatched: seen.unmatched,
             mean_look: seen.sampling / seen.samples.max(1),
+            max_interval: seen.max_interval,
         }
     }
 }

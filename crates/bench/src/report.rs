@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{Settings, Stopped, Usage};
 use crate::load::{Phase, Sent};
-use crate::mail::{Anomalies, SAMPLE_EVERY};
+use crate::mail::{Anomalies, MIN_INTERVAL};
 
 /// The ~rate at which the test broker consumes on the reference machine;
 /// quoted, not measured here.
@@ -204,8 +204,9 @@ pub fn print(report: &Report) {
     println!("  emails/s: the phase's emails over the time from its first POST to its last email.");
     println!("  drain: from the phase's last 202 to its last email.");
     println!(
-        "  Arrivals are sampled every {} ms (one look at the sink took {:.2} ms on average).",
-        SAMPLE_EVERY.as_millis(),
+        "  Arrivals are stamped by looking at the sink every {}-{} ms (a look took {:.2} ms on average).",
+        MIN_INTERVAL.as_millis(),
+        report.anomalies.max_interval.max(MIN_INTERVAL).as_millis(),
         report.anomalies.mean_look.as_secs_f64() * 1000.0
     );
     println!("  {BROKER_NOTE}");

@@ -27,7 +27,9 @@ pub async fn create(grpc_url: &str, api_key: &str) -> Result<String> {
         actions: vec![Action {
             r#type: "email".into(),
             config: config.as_object().map(json_to_struct),
+            ..Action::default()
         }],
+        ..CreateZapRequest::default()
     });
     request
         .metadata_mut()

@@ -35,6 +35,8 @@ pub struct Run {
     pub query: serde_json::Value,
     pub actions: Vec<ActionSpec>,
     pub steps: Vec<Step>,
+    /// The run this one replays.
+    pub replay_of: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -71,6 +73,7 @@ pub(crate) struct RunRow {
     headers: Json<serde_json::Value>,
     query: Json<serde_json::Value>,
     actions: Json<Vec<ActionSpec>>,
+    replay_of: Option<Uuid>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
@@ -90,7 +93,7 @@ pub(crate) struct StepRow {
 }
 
 pub(crate) const RUN_COLUMNS: &str = "id, zap_id, owner_id, status, trigger, headers, query, actions, \
-                           created_at, updated_at, finished_at";
+                           replay_of, created_at, updated_at, finished_at";
 
 impl RunRow {
     pub(crate) fn into_run(self, step_rows: Vec<StepRow>) -> Result<Run> {
@@ -132,6 +135,7 @@ impl RunRow {
             query: self.query.0,
             actions: self.actions.0,
             steps,
+            replay_of: self.replay_of,
             created_at: self.created_at,
             updated_at: self.updated_at,
             finished_at: self.finished_at,
@@ -190,6 +194,52 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(results)
+    }
+
+    /// Records a replay of `original` as run `id`, starting at `start_stage`:
+    /// the steps before it are copied with their outputs, and the outbox
+    /// row of the first step to run is added, all in one transaction.
+    pub async fn insert_replay(&self, original: &Run, id: Uuid, start_stage: u32) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query, actions, replay_of)
+             SELECT $1, zap_id, owner_id, 'pending', trigger, headers, query, actions, id
+             FROM zap_runs WHERE id = $2",
+        )
+        .bind(id)
+        .bind(original.id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts, output, error,
+                                        started_at, finished_at, history)
+             SELECT $1, step, action_type, status, attempts, output, error, started_at, finished_at, history
+             FROM zap_run_steps WHERE run_id = $2 AND step < $3",
+        )
+        .bind(id)
+        .bind(original.id)
+        .bind(start_stage as i32)
+        .execute(&mut *tx)
+        .await?;
+        crate::outbox::enqueue(&mut tx, id, original.zap_id, start_stage, crate::OutboxKind::Step, None, std::time::Duration::ZERO).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Failed runs of a zap not replayed yet, oldest first (at most
+    /// `limit`), with when they were created.
+    pub async fn failed_runs(&self, owner_id: Uuid, zap_id: Uuid, limit: u32) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, created_at FROM zap_runs
+             WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
+               AND NOT EXISTS (SELECT 1 FROM zap_runs AS replay WHERE replay.replay_of = zap_runs.id)
+             ORDER BY created_at LIMIT $3",
+        )
+        .bind(owner_id)
+        .bind(zap_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// A run with its steps, whoever owns it (for workers).

@@ -296,6 +296,51 @@ impl SqliteStore {
         Ok(results)
     }
 
+    pub async fn insert_replay(&self, original: &Run, id: Uuid, start_stage: u32) -> Result<()> {
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query, actions, replay_of,
+                                   created_at, updated_at)
+             SELECT $1, zap_id, owner_id, 'pending', trigger, headers, query, actions, id, $3, $3
+             FROM zap_runs WHERE id = $2",
+        )
+        .bind(id)
+        .bind(original.id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts, output, error,
+                                        started_at, finished_at, history)
+             SELECT $1, step, action_type, status, attempts, output, error, started_at, finished_at, history
+             FROM zap_run_steps WHERE run_id = $2 AND step < $3",
+        )
+        .bind(id)
+        .bind(original.id)
+        .bind(start_stage as i32)
+        .execute(&mut *tx)
+        .await?;
+        enqueue(&mut tx, id, original.zap_id, start_stage, OutboxKind::Step, None, Duration::ZERO).await?;
+        tx.commit().await?;
+        self.outbox_written.notify_waiters();
+        Ok(())
+    }
+
+    pub async fn failed_runs(&self, owner_id: Uuid, zap_id: Uuid, limit: u32) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, created_at FROM zap_runs
+             WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
+               AND NOT EXISTS (SELECT 1 FROM zap_runs AS replay WHERE replay.replay_of = zap_runs.id)
+             ORDER BY created_at LIMIT $3",
+        )
+        .bind(owner_id)
+        .bind(zap_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn run(&self, id: Uuid) -> Result<Option<Run>> {
         self.fetch_run(id, None).await
     }

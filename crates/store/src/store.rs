@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -129,6 +130,19 @@ impl Store {
     /// recorded (then the earlier run's id, and nothing is written).
     pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<(Uuid, bool)>> {
         dispatch!(self.insert_runs(runs))
+    }
+
+    /// Records a replay of `original` as run `id`, starting at `start_stage`:
+    /// the steps before it are copied with their outputs, and the outbox row
+    /// of the first step to run is added, all in one transaction.
+    pub async fn insert_replay(&self, original: &Run, id: Uuid, start_stage: u32) -> Result<()> {
+        dispatch!(self.insert_replay(original, id, start_stage))
+    }
+
+    /// Failed runs of a zap not replayed yet, oldest first (at most
+    /// `limit`), with when they were created.
+    pub async fn failed_runs(&self, owner_id: Uuid, zap_id: Uuid, limit: u32) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
+        dispatch!(self.failed_runs(owner_id, zap_id, limit))
     }
 
     /// A run with its steps, whoever owns it (for workers).

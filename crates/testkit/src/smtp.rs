@@ -53,6 +53,8 @@ struct Shared {
     mails: Mutex<Vec<Mail>>,
     /// When set, the reply to every RCPT TO (for example "451 try later").
     reject_rcpt: Mutex<Option<String>>,
+    /// Replies to RCPT TO for particular addresses.
+    reject_address: Mutex<std::collections::HashMap<String, String>>,
     arrived: Notify,
 }
 
@@ -94,6 +96,16 @@ impl SmtpSink {
     /// accepts again with `None`.
     pub fn reject_recipients(&self, reply: Option<&str>) {
         *self.shared.reject_rcpt.lock().unwrap() = reply.map(str::to_owned);
+    }
+
+    /// Answers RCPT TO for `address` with `reply` (e.g. `550 5.1.1 no such
+    /// user`), or accepts it again with `None`.
+    pub fn reject_address(&self, address: &str, reply: Option<&str>) {
+        let mut rejected = self.shared.reject_address.lock().unwrap();
+        match reply {
+            Some(reply) => rejected.insert(address.to_owned(), reply.to_owned()),
+            None => rejected.remove(address),
+        };
     }
 
     pub fn mails(&self) -> Vec<Mail> {
@@ -150,13 +162,17 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                 recipients.clear();
                 "250 OK".into()
             }
-            "RCPT" => match shared.reject_rcpt.lock().unwrap().clone() {
-                Some(reply) => reply,
-                None => {
-                    recipients.push(address_of(&command));
-                    "250 OK".into()
+            "RCPT" => {
+                let address = address_of(&command);
+                let rejected = shared.reject_address.lock().unwrap().get(&address).cloned();
+                match rejected.or_else(|| shared.reject_rcpt.lock().unwrap().clone()) {
+                    Some(reply) => reply,
+                    None => {
+                        recipients.push(address);
+                        "250 OK".into()
+                    }
                 }
-            },
+            }
             "DATA" => {
                 writer.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await?;
                 let mut data = String::new();

@@ -5,6 +5,7 @@ mod api;
 mod end_to_end;
 mod gateway;
 mod processor;
+mod replay;
 mod restart;
 mod retries;
 mod store;
