@@ -2,6 +2,7 @@
 //! an SMTP server on loopback. See crates/testkit for how to reach them.
 
 mod api;
+mod crash;
 mod end_to_end;
 mod gateway;
 mod processor;

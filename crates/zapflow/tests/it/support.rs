@@ -108,7 +108,16 @@ pub async fn wait_for_run(
     run_id: &str,
     status: pb::RunStatus,
 ) -> pb::Run {
-    let client = stack.zap_client().await;
+    wait_for_run_at(&stack.zap_client().await, key, run_id, status).await
+}
+
+/// [`wait_for_run`] through a given client.
+pub async fn wait_for_run_at(
+    client: &zapflow_proto::v1::zap_service_client::ZapServiceClient<tonic::transport::Channel>,
+    key: &str,
+    run_id: &str,
+    status: pb::RunStatus,
+) -> pb::Run {
     zapflow_testkit::eventually(&format!("run {run_id} to be {status:?}"), WAIT, || {
         let mut client = client.clone();
         let request = with_key(
