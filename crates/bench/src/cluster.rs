@@ -255,6 +255,10 @@ impl Environment {
                 format!("http://{}", self.http_address),
             )
             .env("ZAPFLOW_SMTP_URL", &settings.smtp_url)
+            // The gateway's abuse limits would cap the load at their rate
+            // rather than at what the deployment can take.
+            .env("ZAPFLOW_ZAP_RATE_LIMIT", "0")
+            .env("ZAPFLOW_IP_RATE_LIMIT", "0")
             .env("ZAPFLOW_DATA_DIR", settings.work_dir.join("data"));
         let log_file = || {
             File::options()

@@ -19,9 +19,16 @@ impl From<minijinja::Error> for TemplateError {
     }
 }
 
+/// Bound on the work one rendering may do: templates are written by zap
+/// owners, and a loop over a huge range must not stall a worker.
+const FUEL: u64 = 100_000;
+/// Longest text one field may render to.
+const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(FUEL));
     env
 }
 
@@ -34,7 +41,14 @@ pub fn check(source: &str) -> Result<(), TemplateError> {
 /// Renders `source` with `context` (a JSON object whose keys become the
 /// template's variables).
 pub fn render(source: &str, context: &serde_json::Value) -> Result<String, TemplateError> {
-    Ok(environment().render_str(source, minijinja::value::Serde(context))?)
+    let text = environment().render_str(source, minijinja::value::Serde(context))?;
+    if text.len() > MAX_OUTPUT_BYTES {
+        return Err(TemplateError(format!(
+            "renders to {} bytes, more than the {MAX_OUTPUT_BYTES} allowed",
+            text.len()
+        )));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -66,6 +80,15 @@ mod tests {
             &json!({"trigger": {}}),
         );
         assert_eq!(text.unwrap(), "friend");
+    }
+
+    #[test]
+    fn runaway_templates_are_stopped() {
+        let context = json!({});
+        let looping = render("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", &context);
+        assert!(looping.unwrap_err().to_string().contains("fuel"));
+        let huge = render("{{ 'x' * 2000000 }}", &context);
+        assert!(huge.unwrap_err().to_string().contains("more than"));
     }
 
     #[test]
