@@ -59,10 +59,12 @@ pub fn validate_actions(actions: &[ActionSpec]) -> Result<(), FieldError> {
             });
         };
         if let Some(retry) = &action.retry {
-            zapflow_core::retry::RetryPolicy::validate_override(retry).map_err(|(field, message)| FieldError {
-                field: format!("{prefix}.retry.{field}"),
-                message,
-            })?;
+            zapflow_core::retry::RetryPolicy::validate_override(retry).map_err(
+                |(field, message)| FieldError {
+                    field: format!("{prefix}.retry.{field}"),
+                    message,
+                },
+            )?;
         }
         let field_error = |name: &str, message: String| FieldError {
             field: format!("{prefix}.config.{name}"),

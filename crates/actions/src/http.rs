@@ -357,7 +357,11 @@ impl HttpClient {
         let body = render_field(config, "body", context)?;
         if let Some(secret) = literal("signing_secret")? {
             let secret: webhook_signature::Secret =
-                secret.parse().map_err(|error: webhook_signature::SecretError| permanent("signing_secret", error.to_string()))?;
+                secret
+                    .parse()
+                    .map_err(|error: webhook_signature::SecretError| {
+                        permanent("signing_secret", error.to_string())
+                    })?;
             // The message id is the idempotency key: the same on every
             // attempt, so the receiver can drop a repeat.
             let timestamp = chrono::Utc::now().timestamp();
@@ -368,7 +372,8 @@ impl HttpClient {
                 ("webhook-timestamp", timestamp.to_string()),
                 ("webhook-signature", signature),
             ] {
-                let value = HeaderValue::from_str(&value).map_err(|error| permanent(name, error.to_string()))?;
+                let value = HeaderValue::from_str(&value)
+                    .map_err(|error| permanent(name, error.to_string()))?;
                 headers.insert(name, value);
             }
         }

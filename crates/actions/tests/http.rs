@@ -357,9 +357,16 @@ async fn a_signing_secret_adds_standard_webhooks_headers_the_receiver_can_verify
         timestamp: seen["webhook_timestamp"].as_str(),
         signature: seen["webhook_signature"].as_str(),
     };
-    assert_eq!(headers.id, seen["idempotency_key"].as_str(), "the message id is the idempotency key");
+    assert_eq!(
+        headers.id,
+        seen["idempotency_key"].as_str(),
+        "the message id is the idempotency key"
+    );
     let body = seen["body"].as_str().unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     assert_eq!(verify(&[secret], headers, body.as_bytes(), now), Ok(()));
     assert!(verify(&[Secret::generate()], headers, body.as_bytes(), now).is_err());
 }

@@ -175,7 +175,8 @@ fn step_to_proto(step: &zapflow_store::Step) -> pb::Step {
                 outcome: attempt
                     .outcome
                     .parse()
-                    .map_or(pb::StepStatus::Unspecified, step_status_to_proto) as i32,
+                    .map_or(pb::StepStatus::Unspecified, step_status_to_proto)
+                    as i32,
                 error: attempt.error.clone().unwrap_or_default(),
                 finish_time: Some(timestamp(attempt.finished_at)),
             })

@@ -86,7 +86,9 @@ fn verify_signature(signing_secret: &str, request: &pb::IngestRequest) -> Result
         tracing::error!(%error, zap_id = request.zap_id, "stored signing secret does not parse");
         ApiError::Internal
     })?;
-    let headers = webhook_signature::SignatureHeaders::from_fn(|name| request.headers.get(name).map(String::as_str));
+    let headers = webhook_signature::SignatureHeaders::from_fn(|name| {
+        request.headers.get(name).map(String::as_str)
+    });
     let now = chrono::Utc::now().timestamp();
     webhook_signature::verify(&[secret], headers, &request.body, now)
         .map_err(|error| ApiError::BadSignature(error.to_string()))

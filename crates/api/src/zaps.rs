@@ -62,7 +62,12 @@ impl ZapApi {
     }
 
     /// Replays one of `owner`'s runs; returns the new run's id.
-    async fn replay(&self, owner: Uuid, run: &zapflow_store::Run, from_start: bool) -> Result<Uuid> {
+    async fn replay(
+        &self,
+        owner: Uuid,
+        run: &zapflow_store::Run,
+        from_start: bool,
+    ) -> Result<Uuid> {
         if !run.status.is_final() {
             return Err(ApiError::FailedPrecondition("the run is still in progress"));
         }
@@ -80,7 +85,10 @@ impl ZapApi {
                 .unwrap_or_default() as u32
         };
         let id = Uuid::now_v7();
-        self.store.insert_replay(run, id, start_stage).await.map_err(run_error)?;
+        self.store
+            .insert_replay(run, id, start_stage)
+            .await
+            .map_err(run_error)?;
         tracing::info!(%owner, original = %run.id, replay = %id, start_stage, "run replayed");
         Ok(id)
     }
@@ -121,10 +129,18 @@ impl ZapService for ZapApi {
         let body = request.get_ref();
         let actions = Self::validate(&body.name, &body.actions)?;
         let token = secret::random_token();
-        let signing_secret = body.require_signature.then(|| webhook_signature::Secret::generate().expose());
+        let signing_secret = body
+            .require_signature
+            .then(|| webhook_signature::Secret::generate().expose());
         let zap = self
             .store
-            .create_zap(owner, body.name.trim(), &actions, &secret::hash(&token), signing_secret.as_deref())
+            .create_zap(
+                owner,
+                body.name.trim(),
+                &actions,
+                &secret::hash(&token),
+                signing_secret.as_deref(),
+            )
             .await
             .map_err(zap_error)?;
         tracing::info!(zap_id = %zap.id, "zap created");
@@ -243,7 +259,9 @@ impl ZapService for ZapApi {
             .set_zap_signing_secret(owner, id, &signing_secret)
             .await
             .map_err(zap_error)?;
-        Ok(Response::new(pb::RotateSigningSecretResponse { signing_secret }))
+        Ok(Response::new(pb::RotateSigningSecretResponse {
+            signing_secret,
+        }))
     }
 
     async fn list_action_types(
@@ -290,19 +308,29 @@ impl ZapService for ZapApi {
         }))
     }
 
-    async fn replay_run(&self, request: Request<pb::ReplayRunRequest>) -> Reply<pb::ReplayRunResponse> {
+    async fn replay_run(
+        &self,
+        request: Request<pb::ReplayRunRequest>,
+    ) -> Reply<pb::ReplayRunResponse> {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
         let id = parse_id(&body.id, "run")?;
         let original = self.store.owned_run(owner, id).await.map_err(run_error)?;
         let replay_id = self.replay(owner, &original, body.from_start).await?;
-        let replay = self.store.owned_run(owner, replay_id).await.map_err(run_error)?;
+        let replay = self
+            .store
+            .owned_run(owner, replay_id)
+            .await
+            .map_err(run_error)?;
         Ok(Response::new(pb::ReplayRunResponse {
             run: Some(run_to_proto(&replay)),
         }))
     }
 
-    async fn replay_runs(&self, request: Request<pb::ReplayRunsRequest>) -> Reply<pb::ReplayRunsResponse> {
+    async fn replay_runs(
+        &self,
+        request: Request<pb::ReplayRunsRequest>,
+    ) -> Reply<pb::ReplayRunsResponse> {
         const MAX_REPLAYS: u32 = 1000;
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
@@ -316,7 +344,10 @@ impl ZapService for ZapApi {
                 })
                 .transpose()
         };
-        let (start, end) = (bound(&body.start_time, "start_time")?, bound(&body.end_time, "end_time")?);
+        let (start, end) = (
+            bound(&body.start_time, "start_time")?,
+            bound(&body.end_time, "end_time")?,
+        );
         let failed = self
             .store
             .failed_runs(owner, zap_id, MAX_REPLAYS)
@@ -324,11 +355,17 @@ impl ZapService for ZapApi {
             .map_err(run_error)?;
         let mut run_ids = Vec::new();
         for (id, created_at) in failed {
-            if start.is_some_and(|start| created_at < start) || end.is_some_and(|end| created_at >= end) {
+            if start.is_some_and(|start| created_at < start)
+                || end.is_some_and(|end| created_at >= end)
+            {
                 continue;
             }
             let original = self.store.owned_run(owner, id).await.map_err(run_error)?;
-            run_ids.push(self.replay(owner, &original, body.from_start).await?.to_string());
+            run_ids.push(
+                self.replay(owner, &original, body.from_start)
+                    .await?
+                    .to_string(),
+            );
         }
         Ok(Response::new(pb::ReplayRunsResponse { run_ids }))
     }

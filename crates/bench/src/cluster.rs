@@ -151,27 +151,38 @@ impl Cluster {
             terminate(process.child.id());
         }
         let deadline = asked + STOP_TIMEOUT;
-        let mut stopped = Vec::new();
-        for process in &mut self.roles {
-            let status = loop {
+        let mut ended: Vec<Option<(Duration, Option<ExitStatus>)>> = vec![None; self.roles.len()];
+        while ended.iter().any(Option::is_none) {
+            let overdue = Instant::now() >= deadline;
+            for (process, end) in self.roles.iter_mut().zip(&mut ended) {
+                if end.is_some() {
+                    continue;
+                }
                 match process.child.try_wait() {
-                    Ok(Some(status)) => break Some(status),
-                    Ok(None) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(20)).await
-                    }
+                    Ok(Some(status)) => *end = Some((asked.elapsed(), Some(status))),
+                    Ok(None) if !overdue => {}
                     Ok(None) | Err(_) => {
                         let _ = process.child.kill();
                         let _ = process.child.wait();
-                        break None;
+                        *end = Some((asked.elapsed(), None));
                     }
                 }
-            };
-            stopped.push(Stopped {
-                role: process.role,
-                took: asked.elapsed(),
-                status,
-            });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let stopped = self
+            .roles
+            .iter()
+            .zip(ended)
+            .filter_map(|(process, end)| {
+                let (took, status) = end?;
+                Some(Stopped {
+                    role: process.role,
+                    took,
+                    status,
+                })
+            })
+            .collect();
         self.roles.clear();
         stopped
     }

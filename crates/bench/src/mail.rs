@@ -4,7 +4,8 @@
 //! periodically and stamps the messages new since the last look: arrival
 //! times are late by at most one interval plus one look. A look copies every
 //! message kept so far, so it grows slower as they pile up; the interval
-//! grows with it, keeping the watcher near a tenth of one CPU.
+//! grows with it (up to [`MAX_INTERVAL`]), keeping the watcher near a tenth
+//! of one CPU.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -17,8 +18,10 @@ use crate::zap::sequence_in_subject;
 
 /// The shortest interval between looks.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
-/// The interval is at least this many times the last look.
-const INTERVAL_PER_LOOK: u32 = 10;
+/// The longest interval between looks.
+pub const MAX_INTERVAL: Duration = Duration::from_millis(50);
+/// The interval is this many times the recent mean look.
+const INTERVAL_PER_LOOK: f64 = 10.0;
 
 /// What else the sink saw, and what watching it cost.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +64,9 @@ impl Deliveries {
             async move {
                 let mut read = 0;
                 let mut interval = MIN_INTERVAL;
+                // Smoothed, so one look slowed by a busy CPU does not
+                // stretch the interval.
+                let mut recent_look = Duration::ZERO;
                 loop {
                     tokio::time::sleep(interval).await;
                     let started = Instant::now();
@@ -86,7 +92,10 @@ impl Deliveries {
                     let look = started.elapsed();
                     seen.sampling += look;
                     seen.samples += 1;
-                    interval = MIN_INTERVAL.max(look * INTERVAL_PER_LOOK);
+                    recent_look = recent_look.mul_f64(0.8) + look.mul_f64(0.2);
+                    interval = recent_look
+                        .mul_f64(INTERVAL_PER_LOOK)
+                        .clamp(MIN_INTERVAL, MAX_INTERVAL);
                     seen.max_interval = seen.max_interval.max(interval);
                 }
             }

@@ -9,7 +9,7 @@ use crate::mail::{Anomalies, MIN_INTERVAL};
 /// The ~rate at which the test broker consumes on the reference machine;
 /// quoted, not measured here.
 const BROKER_NOTE: &str = "The test broker tansu (SQLite storage) consumes only ~2,000 msg/s on this machine: \
-                           it bounds the distributed end-to-end figures (Kafka would not).";
+                           it bounds the distributed end-to-end figures.";
 /// Measured with tansu 0.6 and librdkafka: a message produced while a fetch
 /// waits reaches the consumer ~460 ms later with the default
 /// fetch.wait.max.ms of 500, ~17 ms with 10.
@@ -153,7 +153,9 @@ pub fn print_setup(settings: &Settings) {
         settings.kafka_brokers, settings.events_topic, settings.dead_letter_topic
     );
     println!("  smtp      in-process sink at {}", settings.smtp_url);
-    println!("  gateway   rate limits off (ZAPFLOW_ZAP_RATE_LIMIT=0, ZAPFLOW_IP_RATE_LIMIT=0); other settings default");
+    println!(
+        "  gateway   rate limits off (ZAPFLOW_ZAP_RATE_LIMIT=0, ZAPFLOW_IP_RATE_LIMIT=0); other settings default"
+    );
     println!("  logs      {}", settings.work_dir.display());
     println!(
         "  cpus      {cpus}, shared by the roles, PostgreSQL, the broker and this load generator"
@@ -216,8 +218,8 @@ pub fn print(report: &Report) {
         report.anomalies.max_interval.max(MIN_INTERVAL).as_millis(),
         report.anomalies.mean_look.as_secs_f64() * 1000.0
     );
-    println!("  {BROKER_NOTE}");
-    println!("  {FETCH_NOTE}");
+    println!("{}", wrap(BROKER_NOTE, "  ", 100));
+    println!("{}", wrap(FETCH_NOTE, "  ", 100));
     if report.anomalies.duplicates > 0 || report.anomalies.unmatched > 0 {
         println!(
             "  The sink also got {} duplicate and {} unrecognised emails.",
@@ -270,6 +272,24 @@ pub fn print(report: &Report) {
     }
 }
 
+/// `text` in lines of at most `width` characters (longer words stay
+/// whole), each starting with `indent`.
+fn wrap(text: &str, indent: &str, width: usize) -> String {
+    let mut lines = vec![indent.to_owned()];
+    for word in text.split_whitespace() {
+        let line = lines.last_mut().expect("never empty");
+        if line.len() > indent.len() && line.len() + 1 + word.len() > width {
+            lines.push(format!("{indent}{word}"));
+        } else {
+            if line.len() > indent.len() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines.join("\n")
+}
+
 fn seconds(duration: Duration) -> String {
     format!("{:.2} s", duration.as_secs_f64())
 }
@@ -295,6 +315,12 @@ fn per_second(count: usize, over: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wraps_at_the_width_with_an_indent() {
+        assert_eq!(wrap("aa bb cc", "  ", 7), "  aa bb\n  cc");
+        assert_eq!(wrap("toolongword x", "- ", 5), "- toolongword\n- x");
+    }
 
     #[test]
     fn percentiles_use_the_nearest_rank() {

@@ -35,9 +35,13 @@ impl RetryPolicy {
         let Some(changes) = changes else { return self };
         Self {
             max_attempts: changes.max_attempts.unwrap_or(self.max_attempts),
-            initial_delay: changes.initial_delay_ms.map_or(self.initial_delay, Duration::from_millis),
+            initial_delay: changes
+                .initial_delay_ms
+                .map_or(self.initial_delay, Duration::from_millis),
             multiplier: changes.multiplier.unwrap_or(self.multiplier),
-            max_delay: changes.max_delay_ms.map_or(self.max_delay, Duration::from_millis),
+            max_delay: changes
+                .max_delay_ms
+                .map_or(self.max_delay, Duration::from_millis),
         }
     }
 
@@ -46,14 +50,20 @@ impl RetryPolicy {
         if let Some(attempts) = changes.max_attempts
             && !(1..=MAX_ATTEMPTS).contains(&attempts)
         {
-            return Err(("max_attempts", format!("must be between 1 and {MAX_ATTEMPTS}")));
+            return Err((
+                "max_attempts",
+                format!("must be between 1 and {MAX_ATTEMPTS}"),
+            ));
         }
         if let Some(multiplier) = changes.multiplier
             && !(1.0..=10.0).contains(&multiplier)
         {
             return Err(("multiplier", "must be between 1 and 10".into()));
         }
-        for (field, delay) in [("initial_delay", changes.initial_delay_ms), ("max_delay", changes.max_delay_ms)] {
+        for (field, delay) in [
+            ("initial_delay", changes.initial_delay_ms),
+            ("max_delay", changes.max_delay_ms),
+        ] {
             if delay.is_some_and(|ms| ms == 0 || Duration::from_millis(ms) > MAX_DELAY) {
                 return Err((field, "must be more than 0 and at most 24 hours".into()));
             }

@@ -85,7 +85,10 @@ mod tests {
     #[test]
     fn runaway_templates_are_stopped() {
         let context = json!({});
-        let looping = render("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", &context);
+        let looping = render(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            &context,
+        );
         assert!(looping.unwrap_err().to_string().contains("fuel"));
         let huge = render("{{ 'x' * 2000000 }}", &context);
         assert!(huge.unwrap_err().to_string().contains("more than"));

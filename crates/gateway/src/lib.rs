@@ -12,8 +12,8 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -67,8 +67,12 @@ struct Gateway {
 /// The gateway's routes, forwarding to `ingest`.
 pub fn router(ingest: IngestServiceClient<Channel>, settings: &GatewaySettings) -> Router {
     let limits = Arc::new(Limits {
-        per_zap: settings.per_zap_limit.map(|limit| RateLimiter::new(limit.per_second, limit.burst)),
-        per_ip: settings.per_ip_limit.map(|limit| RateLimiter::new(limit.per_second, limit.burst)),
+        per_zap: settings
+            .per_zap_limit
+            .map(|limit| RateLimiter::new(limit.per_second, limit.burst)),
+        per_ip: settings
+            .per_ip_limit
+            .map(|limit| RateLimiter::new(limit.per_second, limit.burst)),
     });
     Router::new()
         .route("/hooks/catch/{zap_id}/{token}", post(catch))
@@ -103,9 +107,12 @@ pub async fn serve(
     router: Router,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 async fn rate_limit(
@@ -119,14 +126,23 @@ async fn rate_limit(
         .per_ip
         .as_ref()
         .map_or(Ok(()), |limiter| limiter.check(&peer.ip()))
-        .and_then(|()| limits.per_zap.as_ref().map_or(Ok(()), |limiter| limiter.check(zap_id)));
+        .and_then(|()| {
+            limits
+                .per_zap
+                .as_ref()
+                .map_or(Ok(()), |limiter| limiter.check(zap_id))
+        });
     match verdict {
         Ok(()) => next.run(request).await,
         Err(retry_after) => {
-            let mut response = error(StatusCode::TOO_MANY_REQUESTS, "too many requests; retry later");
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_header_secs()));
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests; retry later",
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_header_secs()),
+            );
             response
         }
     }

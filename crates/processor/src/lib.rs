@@ -1,6 +1,7 @@
 //! The outbox relay: moves due `zap_run_outbox` rows to Kafka and deletes
 //! each row only once the broker acknowledged it.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -8,7 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
-use zapflow_bus::{BusSettings, encode, event_for};
+use zapflow_bus::{BusSettings, KafkaError, encode, event_for};
 use zapflow_store::{OUTBOX_CHANNEL, PgStore, StoreError};
 
 #[derive(Debug, Clone)]
@@ -18,12 +19,18 @@ pub struct RelaySettings {
     /// How often to look for due rows without a notification (delayed
     /// retries become due without one; a dropped LISTEN connection too).
     pub poll_interval: Duration,
+    /// How long a message may wait for the broker's acknowledgement before
+    /// its delivery counts as failed (`message.timeout.ms`).
+    pub delivery_timeout: Duration,
 }
 
 /// One relay; run several against one database to share the work.
 pub struct Relay {
     store: PgStore,
-    producer: FutureProducer,
+    /// Replaced after a failed delivery: an idempotent producer whose
+    /// broker lost its state (a restart, a failover) can stay broken for
+    /// good, and a new one costs little next to an outage.
+    producer: Mutex<FutureProducer>,
     bus: BusSettings,
     settings: RelaySettings,
 }
@@ -31,15 +38,29 @@ pub struct Relay {
 impl Relay {
     pub fn new(
         store: PgStore,
-        producer: FutureProducer,
         bus: BusSettings,
         settings: RelaySettings,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, KafkaError> {
+        let producer = bus.producer(settings.delivery_timeout)?;
+        Ok(Self {
             store,
-            producer,
+            producer: Mutex::new(producer),
             bus,
             settings,
+        })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn renew_producer(&self) {
+        match self.bus.producer(self.settings.delivery_timeout) {
+            Ok(fresh) => *self.producer.lock().unwrap_or_else(PoisonError::into_inner) = fresh,
+            Err(error) => tracing::warn!(%error, "cannot create a new producer"),
         }
     }
 
@@ -65,19 +86,26 @@ impl Relay {
                 )
             })
             .collect();
-        let reports = join_all(messages.iter().map(|(id, topic, key, payload)| async move {
-            let record = FutureRecord::to(topic).key(key).payload(payload);
-            match self.producer.send(record, Timeout::Never).await {
-                Ok(_) => Some(*id),
-                Err((error, _)) => {
-                    tracing::warn!(outbox_id = id, %error, "delivery failed; row kept");
-                    None
+        let producer = self.producer();
+        let reports = join_all(messages.iter().map(|(id, topic, key, payload)| {
+            let producer = &producer;
+            async move {
+                let record = FutureRecord::to(topic).key(key).payload(payload);
+                match producer.send(record, Timeout::Never).await {
+                    Ok(_) => Some(*id),
+                    Err((error, _)) => {
+                        tracing::warn!(outbox_id = id, %error, "delivery failed; row kept");
+                        None
+                    }
                 }
             }
         }))
         .await;
         let delivered: Vec<i64> = reports.into_iter().flatten().collect();
         let claimed = claim.rows.len();
+        if delivered.len() < claimed {
+            self.renew_producer();
+        }
         claim.finish(&delivered).await?;
         Ok((delivered.len(), claimed))
     }
@@ -124,7 +152,10 @@ impl Relay {
                 }
             }
         }
-        if let Err(error) = self.producer.flush(Timeout::After(Duration::from_secs(10))) {
+        if let Err(error) = self
+            .producer()
+            .flush(Timeout::After(Duration::from_secs(10)))
+        {
             tracing::warn!(%error, "producer flush at shutdown");
         }
     }

@@ -18,8 +18,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
 pub use runs::{NewRun, Run, RunPage, Step};
-pub use steps::{ClaimedStep, StepClaim, StepOutcome};
 pub use sqlite::SqliteStore;
+pub use steps::{ClaimedStep, StepClaim, StepOutcome};
 pub use store::{OutboxWakeups, Store};
 pub use zaps::{Zap, ZapForIngest};
 

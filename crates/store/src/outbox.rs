@@ -114,7 +114,11 @@ impl PgStore {
     /// Leases up to `limit` due step rows to the caller for `lease` (for
     /// workers that take work from the outbox directly, without Kafka): they
     /// are not due again until then, and come back if never deleted.
-    pub async fn lease_due_outbox_rows(&self, limit: u32, lease: Duration) -> Result<Vec<OutboxRow>> {
+    pub async fn lease_due_outbox_rows(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>> {
         let records: Vec<OutboxRecord> = sqlx::query_as(
             "UPDATE zap_run_outbox SET available_at = now() + $2 * interval '1 microsecond'
              WHERE id IN (SELECT id FROM zap_run_outbox WHERE kind = 'step' AND available_at <= now()

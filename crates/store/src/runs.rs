@@ -221,14 +221,28 @@ impl PgStore {
         .bind(start_stage as i32)
         .execute(&mut *tx)
         .await?;
-        crate::outbox::enqueue(&mut tx, id, original.zap_id, start_stage, crate::OutboxKind::Step, None, std::time::Duration::ZERO).await?;
+        crate::outbox::enqueue(
+            &mut tx,
+            id,
+            original.zap_id,
+            start_stage,
+            crate::OutboxKind::Step,
+            None,
+            std::time::Duration::ZERO,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Failed runs of a zap not replayed yet, oldest first (at most
     /// `limit`), with when they were created.
-    pub async fn failed_runs(&self, owner_id: Uuid, zap_id: Uuid, limit: u32) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
+    pub async fn failed_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
         Ok(sqlx::query_as(
             "SELECT id, created_at FROM zap_runs
              WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'

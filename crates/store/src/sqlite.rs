@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::types::Json;
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::Notify;
@@ -23,7 +25,10 @@ use zapflow_core::{ActionSpec, Attempt, RunStatus, ZapStatus};
 use crate::outbox::{OutboxKind, OutboxRecord};
 use crate::runs::{RUN_COLUMNS, RunRow, StepRow};
 use crate::zaps::{IngestRow, ZAP_COLUMNS, ZapRow, found, parse_status};
-use crate::{ClaimedStep, NewRun, OutboxRow, Result, Run, RunPage, SQLITE_MIGRATOR, StepClaim, StepOutcome, StoreError, Zap, ZapForIngest};
+use crate::{
+    ClaimedStep, NewRun, OutboxRow, Result, Run, RunPage, SQLITE_MIGRATOR, StepClaim, StepOutcome,
+    StoreError, Zap, ZapForIngest,
+};
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -103,28 +108,34 @@ impl SqliteStore {
             .bind(Utc::now())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO api_keys (id, user_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(key.id)
-            .bind(user_id)
-            .bind(secret::hash(&key.secret))
-            .bind(Utc::now())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, user_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(key.id)
+        .bind(user_id)
+        .bind(secret::hash(&key.secret))
+        .bind(Utc::now())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok((user_id, key))
     }
 
     pub async fn user_count(&self) -> Result<i64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users").fetch_one(&self.pool).await?;
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(count)
     }
 
     pub async fn authenticate(&self, key: &ApiKey) -> Result<Option<Uuid>> {
-        let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as("SELECT user_id, secret_hash FROM api_keys WHERE id = $1")
-            .bind(key.id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
+        let row: Option<(Uuid, Vec<u8>)> =
+            sqlx::query_as("SELECT user_id, secret_hash FROM api_keys WHERE id = $1")
+                .bind(key.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row
+            .and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
     }
 
     pub async fn create_zap(
@@ -164,7 +175,12 @@ impl SqliteStore {
         row.try_into()
     }
 
-    pub async fn list_zaps(&self, owner_id: Uuid, after: Option<Uuid>, limit: u32) -> Result<Vec<Zap>> {
+    pub async fn list_zaps(
+        &self,
+        owner_id: Uuid,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Zap>> {
         let rows: Vec<ZapRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {ZAP_COLUMNS} FROM zaps
              WHERE owner_id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR id > $2)
@@ -178,7 +194,13 @@ impl SqliteStore {
         rows.into_iter().map(Zap::try_from).collect()
     }
 
-    pub async fn update_zap(&self, owner_id: Uuid, id: Uuid, name: &str, actions: &[ActionSpec]) -> Result<Zap> {
+    pub async fn update_zap(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+    ) -> Result<Zap> {
         let row: ZapRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE zaps SET name = $3, actions = $4, updated_at = $5
              WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL RETURNING {ZAP_COLUMNS}"
@@ -221,7 +243,12 @@ impl SqliteStore {
         found(done.rows_affected())
     }
 
-    pub async fn set_zap_signing_secret(&self, owner_id: Uuid, id: Uuid, secret: &str) -> Result<()> {
+    pub async fn set_zap_signing_secret(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        secret: &str,
+    ) -> Result<()> {
         let done = sqlx::query(
             "UPDATE zaps SET signing_secret = $3, updated_at = $4
              WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
@@ -279,15 +306,25 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
             if inserted.rows_affected() == 1 {
-                enqueue(&mut tx, run.id, run.zap_id, 0, OutboxKind::Step, None, Duration::ZERO).await?;
+                enqueue(
+                    &mut tx,
+                    run.id,
+                    run.zap_id,
+                    0,
+                    OutboxKind::Step,
+                    None,
+                    Duration::ZERO,
+                )
+                .await?;
                 results.push((run.id, false));
             } else {
-                let (existing,): (Uuid,) =
-                    sqlx::query_as("SELECT id FROM zap_runs WHERE zap_id = $1 AND idempotency_key = $2")
-                        .bind(run.zap_id)
-                        .bind(&run.idempotency_key)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                let (existing,): (Uuid,) = sqlx::query_as(
+                    "SELECT id FROM zap_runs WHERE zap_id = $1 AND idempotency_key = $2",
+                )
+                .bind(run.zap_id)
+                .bind(&run.idempotency_key)
+                .fetch_one(&mut *tx)
+                .await?;
                 results.push((existing, true));
             }
         }
@@ -321,13 +358,27 @@ impl SqliteStore {
         .bind(start_stage as i32)
         .execute(&mut *tx)
         .await?;
-        enqueue(&mut tx, id, original.zap_id, start_stage, OutboxKind::Step, None, Duration::ZERO).await?;
+        enqueue(
+            &mut tx,
+            id,
+            original.zap_id,
+            start_stage,
+            OutboxKind::Step,
+            None,
+            Duration::ZERO,
+        )
+        .await?;
         tx.commit().await?;
         self.outbox_written.notify_waiters();
         Ok(())
     }
 
-    pub async fn failed_runs(&self, owner_id: Uuid, zap_id: Uuid, limit: u32) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
+    pub async fn failed_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
         Ok(sqlx::query_as(
             "SELECT id, created_at FROM zap_runs
              WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
@@ -346,7 +397,9 @@ impl SqliteStore {
     }
 
     pub async fn owned_run(&self, owner_id: Uuid, id: Uuid) -> Result<Run> {
-        self.fetch_run(id, Some(owner_id)).await?.ok_or(StoreError::NotFound)
+        self.fetch_run(id, Some(owner_id))
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
@@ -368,7 +421,13 @@ impl SqliteStore {
         row.into_run(steps).map(Some)
     }
 
-    pub async fn list_runs(&self, owner_id: Uuid, zap_id: Option<Uuid>, before: Option<Uuid>, limit: u32) -> Result<RunPage> {
+    pub async fn list_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<RunPage> {
         let rows: Vec<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {RUN_COLUMNS} FROM zap_runs
              WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
@@ -420,16 +479,22 @@ impl SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((attempt,)) = claimed else {
-            let (status, lease_until): (String, Option<i64>) =
-                sqlx::query_as("SELECT status, lease_until FROM zap_run_steps WHERE run_id = $1 AND step = $2")
-                    .bind(run_id)
-                    .bind(stage as i32)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            return Ok(match (status.as_str(), lease_until.and_then(DateTime::from_timestamp_micros)) {
-                ("running", Some(lease_until)) => StepClaim::Busy { lease_until },
-                _ => StepClaim::AlreadyDone,
-            });
+            let (status, lease_until): (String, Option<i64>) = sqlx::query_as(
+                "SELECT status, lease_until FROM zap_run_steps WHERE run_id = $1 AND step = $2",
+            )
+            .bind(run_id)
+            .bind(stage as i32)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(
+                match (
+                    status.as_str(),
+                    lease_until.and_then(DateTime::from_timestamp_micros),
+                ) {
+                    ("running", Some(lease_until)) => StepClaim::Busy { lease_until },
+                    _ => StepClaim::AlreadyDone,
+                },
+            );
         };
         sqlx::query("UPDATE zap_runs SET status = 'running', updated_at = $2 WHERE id = $1 AND status = 'pending'")
             .bind(run_id)
@@ -488,7 +553,15 @@ impl SqliteStore {
         Ok(true)
     }
 
-    pub async fn enqueue_one(&self, run_id: Uuid, zap_id: Uuid, stage: u32, kind: OutboxKind, reason: Option<&str>, delay: Duration) -> Result<()> {
+    pub async fn enqueue_one(
+        &self,
+        run_id: Uuid,
+        zap_id: Uuid,
+        stage: u32,
+        kind: OutboxKind,
+        reason: Option<&str>,
+        delay: Duration,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         enqueue(&mut tx, run_id, zap_id, stage, kind, reason, delay).await?;
         tx.commit().await?;
@@ -497,13 +570,19 @@ impl SqliteStore {
     }
 
     pub async fn outbox_len(&self) -> Result<i64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox").fetch_one(&self.pool).await?;
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(count)
     }
 
     /// Leases up to `limit` due step rows to the caller for `lease`: they
     /// are not due again until then, and come back if never deleted.
-    pub async fn lease_due_outbox_rows(&self, limit: u32, lease: Duration) -> Result<Vec<OutboxRow>> {
+    pub async fn lease_due_outbox_rows(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>> {
         let records: Vec<OutboxRecord> = sqlx::query_as(
             "UPDATE zap_run_outbox SET available_at = $3
              WHERE id IN (SELECT id FROM zap_run_outbox WHERE kind = 'step' AND available_at <= $1
@@ -563,7 +642,9 @@ async fn enqueue(
 impl TryFrom<IngestRow> for ZapForIngest {
     type Error = StoreError;
 
-    fn try_from((owner_id, token_hash, status, actions, signing_secret): IngestRow) -> Result<Self> {
+    fn try_from(
+        (owner_id, token_hash, status, actions, signing_secret): IngestRow,
+    ) -> Result<Self> {
         Ok(Self {
             owner_id,
             token_hash,
@@ -602,14 +683,36 @@ impl ClaimedStep {
     pub(crate) fn next<'a>(
         &self,
         outcome: &'a StepOutcome,
-    ) -> (Option<u32>, OutboxKind, Option<&'a str>, Duration, RunStatus) {
+    ) -> (
+        Option<u32>,
+        OutboxKind,
+        Option<&'a str>,
+        Duration,
+        RunStatus,
+    ) {
         let next_stage = self.stage + 1;
         match outcome {
-            StepOutcome::Succeeded(_) if (next_stage as usize) < self.run.actions.len() => {
-                (Some(next_stage), OutboxKind::Step, None, Duration::ZERO, RunStatus::Running)
-            }
-            StepOutcome::Succeeded(_) => (None, OutboxKind::Step, None, Duration::ZERO, RunStatus::Succeeded),
-            StepOutcome::Retry { delay, .. } => (Some(self.stage), OutboxKind::Step, None, *delay, RunStatus::Running),
+            StepOutcome::Succeeded(_) if (next_stage as usize) < self.run.actions.len() => (
+                Some(next_stage),
+                OutboxKind::Step,
+                None,
+                Duration::ZERO,
+                RunStatus::Running,
+            ),
+            StepOutcome::Succeeded(_) => (
+                None,
+                OutboxKind::Step,
+                None,
+                Duration::ZERO,
+                RunStatus::Succeeded,
+            ),
+            StepOutcome::Retry { delay, .. } => (
+                Some(self.stage),
+                OutboxKind::Step,
+                None,
+                *delay,
+                RunStatus::Running,
+            ),
             StepOutcome::Failed(reason) => (
                 Some(self.stage),
                 OutboxKind::DeadLetter,

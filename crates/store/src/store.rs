@@ -12,8 +12,8 @@ use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, ZapStatus};
 
 use crate::{
-    ClaimedStep, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow, PgStore, Result, Run, RunPage, SqliteStore,
-    StepClaim, StepOutcome, Zap, ZapForIngest,
+    ClaimedStep, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow, PgStore, Result, Run, RunPage,
+    SqliteStore, StepClaim, StepOutcome, Zap, ZapForIngest,
 };
 
 /// The database: PostgreSQL (distributed and PostgreSQL-only deployments)
@@ -95,11 +95,22 @@ impl Store {
         dispatch!(self.get_zap(owner_id, id))
     }
 
-    pub async fn list_zaps(&self, owner_id: Uuid, after: Option<Uuid>, limit: u32) -> Result<Vec<Zap>> {
+    pub async fn list_zaps(
+        &self,
+        owner_id: Uuid,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Zap>> {
         dispatch!(self.list_zaps(owner_id, after, limit))
     }
 
-    pub async fn update_zap(&self, owner_id: Uuid, id: Uuid, name: &str, actions: &[ActionSpec]) -> Result<Zap> {
+    pub async fn update_zap(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+    ) -> Result<Zap> {
         dispatch!(self.update_zap(owner_id, id, name, actions))
     }
 
@@ -111,7 +122,12 @@ impl Store {
         dispatch!(self.set_zap_token(owner_id, id, token_hash))
     }
 
-    pub async fn set_zap_signing_secret(&self, owner_id: Uuid, id: Uuid, secret: &str) -> Result<()> {
+    pub async fn set_zap_signing_secret(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        secret: &str,
+    ) -> Result<()> {
         dispatch!(self.set_zap_signing_secret(owner_id, id, secret))
     }
 
@@ -141,7 +157,12 @@ impl Store {
 
     /// Failed runs of a zap not replayed yet, oldest first (at most
     /// `limit`), with when they were created.
-    pub async fn failed_runs(&self, owner_id: Uuid, zap_id: Uuid, limit: u32) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
+    pub async fn failed_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
         dispatch!(self.failed_runs(owner_id, zap_id, limit))
     }
 
@@ -156,7 +177,13 @@ impl Store {
     }
 
     /// Runs of an owner (optionally of one zap), newest first, without steps.
-    pub async fn list_runs(&self, owner_id: Uuid, zap_id: Option<Uuid>, before: Option<Uuid>, limit: u32) -> Result<RunPage> {
+    pub async fn list_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<RunPage> {
         dispatch!(self.list_runs(owner_id, zap_id, before, limit))
     }
 
@@ -174,18 +201,41 @@ impl Store {
 
     /// Announces step `stage` again after `delay` (for a step another worker
     /// holds: if that worker vanished, its lease will have expired by then).
-    pub async fn reschedule_step(&self, run_id: Uuid, zap_id: Uuid, stage: u32, delay: Duration) -> Result<()> {
+    pub async fn reschedule_step(
+        &self,
+        run_id: Uuid,
+        zap_id: Uuid,
+        stage: u32,
+        delay: Duration,
+    ) -> Result<()> {
         dispatch!(self.enqueue_one(run_id, zap_id, stage, OutboxKind::Step, None, delay))
     }
 
     /// Dead-letters an event that points at nothing runnable.
-    pub async fn dead_letter(&self, run_id: Uuid, zap_id: Uuid, stage: u32, reason: &str) -> Result<()> {
-        dispatch!(self.enqueue_one(run_id, zap_id, stage, OutboxKind::DeadLetter, Some(reason), Duration::ZERO))
+    pub async fn dead_letter(
+        &self,
+        run_id: Uuid,
+        zap_id: Uuid,
+        stage: u32,
+        reason: &str,
+    ) -> Result<()> {
+        dispatch!(self.enqueue_one(
+            run_id,
+            zap_id,
+            stage,
+            OutboxKind::DeadLetter,
+            Some(reason),
+            Duration::ZERO
+        ))
     }
 
     /// Leases up to `limit` due step rows for `lease`, for workers that take
     /// work from the outbox directly (no Kafka).
-    pub async fn lease_due_outbox_rows(&self, limit: u32, lease: Duration) -> Result<Vec<OutboxRow>> {
+    pub async fn lease_due_outbox_rows(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>> {
         dispatch!(self.lease_due_outbox_rows(limit, lease))
     }
 

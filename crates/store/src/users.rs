@@ -36,7 +36,9 @@ impl PgStore {
     }
 
     pub async fn user_count(&self) -> Result<i64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users").fetch_one(&self.pool).await?;
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(count)
     }
 }

@@ -69,8 +69,7 @@ pub(crate) fn parse_status<T: std::str::FromStr<Err = zapflow_core::model::Unkno
         .map_err(|error| StoreError::Db(sqlx::Error::Decode(Box::new(error))))
 }
 
-pub(crate) const ZAP_COLUMNS: &str =
-    "id, owner_id, name, actions, status, signing_secret IS NOT NULL AS signature_required, created_at, updated_at";
+pub(crate) const ZAP_COLUMNS: &str = "id, owner_id, name, actions, status, signing_secret IS NOT NULL AS signature_required, created_at, updated_at";
 
 impl PgStore {
     pub async fn create_zap(
@@ -176,7 +175,12 @@ impl PgStore {
         found(done.rows_affected())
     }
 
-    pub async fn set_zap_signing_secret(&self, owner_id: Uuid, id: Uuid, secret: &str) -> Result<()> {
+    pub async fn set_zap_signing_secret(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        secret: &str,
+    ) -> Result<()> {
         let done = sqlx::query(
             "UPDATE zaps SET signing_secret = $3, updated_at = now()
              WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",

@@ -8,6 +8,7 @@
 //!
 //! A service that cannot be reached fails the test with how to start it.
 
+mod broker;
 mod smtp;
 mod stack;
 
@@ -17,6 +18,7 @@ use sqlx::Connection;
 use zapflow_bus::BusSettings;
 use zapflow_store::Store;
 
+pub use broker::PrivateBroker;
 pub use smtp::{Mail, SmtpSink};
 pub use stack::{Stack, StackOptions, with_key};
 
@@ -49,7 +51,9 @@ pub async fn test_store() -> Store {
         .execute(&mut admin)
         .await
         .expect("creating the test database");
-    let store = Store::open(&format!("{server}/{name}"), 20).await.expect("database URL");
+    let store = Store::open(&format!("{server}/{name}"), 20)
+        .await
+        .expect("database URL");
     store.migrate().await.expect("migrating the test database");
     store
 }
@@ -58,8 +62,13 @@ pub async fn test_store() -> Store {
 /// under the system's temporary directory).
 pub async fn test_sqlite_store() -> (Store, std::path::PathBuf) {
     let path = std::env::temp_dir().join(format!("{}.db", unique("zapflow-test")));
-    let store = Store::open_file(&path).await.expect("creating the SQLite database");
-    store.migrate().await.expect("migrating the SQLite database");
+    let store = Store::open_file(&path)
+        .await
+        .expect("creating the SQLite database");
+    store
+        .migrate()
+        .await
+        .expect("migrating the SQLite database");
     (store, path)
 }
 

@@ -107,10 +107,11 @@ impl Stack {
         });
 
         if let Some(bus) = &bus {
-            let pg = store.postgres().expect("the Kafka deployment runs on PostgreSQL");
+            let pg = store
+                .postgres()
+                .expect("the Kafka deployment runs on PostgreSQL");
             for _ in 0..options.processors {
-                let producer = bus.producer(Duration::from_secs(10)).unwrap();
-                let relay = Relay::new(pg.clone(), producer, bus.clone(), relay_settings());
+                let relay = Relay::new(pg.clone(), bus.clone(), relay_settings()).unwrap();
                 tasks.spawn(relay.run(shutdown.clone()));
             }
         }
@@ -138,11 +139,21 @@ impl Stack {
                         producer: bus.producer(Duration::from_secs(10)).unwrap(),
                         topic: bus.dead_letter_topic.clone(),
                     };
-                    tasks.spawn(zapflow_worker::consume(worker, consumer, dead_letters, shutdown.clone()));
+                    tasks.spawn(zapflow_worker::consume(
+                        worker,
+                        consumer,
+                        dead_letters,
+                        shutdown.clone(),
+                    ));
                 }
                 None => {
                     let poll = relay_settings().poll_interval;
-                    tasks.spawn(zapflow_worker::run_local(worker, store.clone(), poll, shutdown.clone()));
+                    tasks.spawn(zapflow_worker::run_local(
+                        worker,
+                        store.clone(),
+                        poll,
+                        shutdown.clone(),
+                    ));
                 }
             }
         }
@@ -188,6 +199,7 @@ fn relay_settings() -> RelaySettings {
     RelaySettings {
         batch_size: 500,
         poll_interval: Duration::from_millis(200),
+        delivery_timeout: Duration::from_secs(10),
     }
 }
 

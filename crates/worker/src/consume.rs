@@ -122,7 +122,9 @@ async fn handle(
         }
     };
     match worker.execute_until_recorded(&event, shutdown).await {
-        Some(Handled::Poison(reason)) => publish_poison(dead_letters, payload, &reason, shutdown).await,
+        Some(Handled::Poison(reason)) => {
+            publish_poison(dead_letters, payload, &reason, shutdown).await
+        }
         Some(_) => true,
         None => false,
     }

@@ -176,7 +176,12 @@ impl Worker {
             Ok(output) => StepOutcome::Succeeded(output),
             Err(ActionError::Permanent(error)) => StepOutcome::Failed(error),
             Err(ActionError::Transient(error)) => {
-                match self.settings.retry.with_override(action.retry.as_ref()).delay_after(step.attempt) {
+                match self
+                    .settings
+                    .retry
+                    .with_override(action.retry.as_ref())
+                    .delay_after(step.attempt)
+                {
                     Some(delay) => StepOutcome::Retry { error, delay },
                     None => StepOutcome::Failed(format!(
                         "{error} (gave up after {} attempts)",

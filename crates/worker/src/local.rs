@@ -17,7 +17,12 @@ use crate::{Handled, Worker};
 
 /// Takes work from the outbox until `shutdown`, then lets in-flight steps
 /// finish; rows of abandoned steps come due again after their lease.
-pub async fn run_local(worker: Worker, store: Store, poll_interval: Duration, shutdown: CancellationToken) {
+pub async fn run_local(
+    worker: Worker,
+    store: Store,
+    poll_interval: Duration,
+    shutdown: CancellationToken,
+) {
     let concurrency = worker.settings().concurrency.max(1);
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
@@ -29,7 +34,10 @@ pub async fn run_local(worker: Worker, store: Store, poll_interval: Duration, sh
         let rows = if free == 0 {
             Vec::new()
         } else {
-            match store.lease_due_outbox_rows(free, worker.settings().lease).await {
+            match store
+                .lease_due_outbox_rows(free, worker.settings().lease)
+                .await
+            {
                 Ok(rows) => rows,
                 Err(error) => {
                     tracing::warn!(%error, "cannot lease outbox rows");
@@ -39,7 +47,11 @@ pub async fn run_local(worker: Worker, store: Store, poll_interval: Duration, sh
         };
         let idle = rows.is_empty();
         for row in rows {
-            let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
             let (worker, store, shutdown) = (worker.clone(), store.clone(), shutdown.clone());
             tasks.spawn(async move {
                 let _permit = permit;
@@ -69,7 +81,11 @@ pub async fn run_local(worker: Worker, store: Store, poll_interval: Duration, sh
 
 /// Handles one event until its outcome is recorded (true), or gives up at
 /// shutdown (false).
-async fn record(worker: &Worker, event: &zapflow_proto::v1::ZapEvent, shutdown: &CancellationToken) -> bool {
+async fn record(
+    worker: &Worker,
+    event: &zapflow_proto::v1::ZapEvent,
+    shutdown: &CancellationToken,
+) -> bool {
     match worker.execute_until_recorded(event, shutdown).await {
         Some(Handled::Poison(reason)) => {
             tracing::error!(reason, "unreadable outbox row");

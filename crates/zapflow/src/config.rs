@@ -137,8 +137,9 @@ impl Config {
         match &self.database_url {
             Some(url) => Ok(Store::open(url, self.database_pool).await?),
             None => {
-                std::fs::create_dir_all(&self.data_dir)
-                    .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
+                std::fs::create_dir_all(&self.data_dir).with_context(|| {
+                    format!("creating the data directory {}", self.data_dir.display())
+                })?;
                 let path = self.data_dir.join("zapflow.db");
                 Store::open_file(&path)
                     .await
@@ -176,6 +177,7 @@ impl Config {
         RelaySettings {
             batch_size: 500,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
+            delivery_timeout: Duration::from_secs(30),
         }
     }
 
@@ -196,7 +198,9 @@ impl Config {
             allow_cidrs: self.http_allow_cidrs.clone(),
             ..HttpSettings::default()
         };
-        Executor::new(mailer).with_http(http).map_err(anyhow::Error::msg)
+        Executor::new(mailer)
+            .with_http(http)
+            .map_err(anyhow::Error::msg)
     }
 
     pub fn email(&self) -> EmailSettings {

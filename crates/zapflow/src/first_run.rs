@@ -16,7 +16,10 @@ const KEY_FILE: &str = "admin-api-key";
 pub async fn greet(config: &Config, store: &Store, roles: &[Role]) -> Result<()> {
     let key_path = config.data_dir.join(KEY_FILE);
     let new_key = if store.user_count().await.context("counting users")? == 0 {
-        let (_, key) = store.create_user("admin").await.context("creating the admin user")?;
+        let (_, key) = store
+            .create_user("admin")
+            .await
+            .context("creating the admin user")?;
         std::fs::create_dir_all(&config.data_dir)?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -37,12 +40,21 @@ pub async fn greet(config: &Config, store: &Store, roles: &[Role]) -> Result<()>
     };
     let email = match &config.smtp_url {
         Some(_) => "over SMTP".to_owned(),
-        None => format!("to the mailbox {} (no SMTP configured)", config.email().mailbox_dir.display()),
+        None => format!(
+            "to the mailbox {} (no SMTP configured)",
+            config.email().mailbox_dir.display()
+        ),
     };
     let mut lines = vec![
         format!("zapflow is running: {deployment}"),
-        format!("  gRPC API      {} (reflection on: grpcurl -plaintext {} list)", config.grpc_listen, config.grpc_listen),
-        format!("  webhooks      {}/hooks/catch/<zap id>/<token>", config.public_url),
+        format!(
+            "  gRPC API      {} (reflection on: grpcurl -plaintext {} list)",
+            config.grpc_listen, config.grpc_listen
+        ),
+        format!(
+            "  webhooks      {}/hooks/catch/<zap id>/<token>",
+            config.public_url
+        ),
         format!("  data          {}", config.database_description()),
         format!("  email         {email}"),
     ];
@@ -52,7 +64,10 @@ pub async fn greet(config: &Config, store: &Store, roles: &[Role]) -> Result<()>
     match &new_key {
         Some(key) => {
             lines.push(format!("  admin API key {key}"));
-            lines.push(format!("                (shown once; also in {}, mode 0600)", key_path.display()));
+            lines.push(format!(
+                "                (shown once; also in {}, mode 0600)",
+                key_path.display()
+            ));
         }
         None => lines.push(format!("  admin API key in {}", key_path.display())),
     }

@@ -12,7 +12,11 @@ use crate::config::Config;
 use crate::roles::{ALL_ROLES, Role};
 
 #[derive(Debug, Parser)]
-#[command(name = "zapflow", version, about = "Self-hostable, gRPC-first task automation")]
+#[command(
+    name = "zapflow",
+    version,
+    about = "Self-hostable, gRPC-first task automation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -62,7 +66,10 @@ async fn main() -> Result<()> {
         }
         Command::CreateUser { name } => {
             migrate().await?;
-            let (user_id, key) = store.create_user(&name).await.context("creating the user")?;
+            let (user_id, key) = store
+                .create_user(&name)
+                .await
+                .context("creating the user")?;
             eprintln!("created user {name} ({user_id}); its API key (shown only now):");
             println!("{key}");
             return Ok(());

@@ -34,7 +34,9 @@ pub async fn start(
         bail!("the Kafka deployment needs PostgreSQL: set ZAPFLOW_DATABASE_URL=postgres://...");
     }
     if let Some(bus) = &bus
-        && roles.iter().any(|role| matches!(role, Role::Processor | Role::Worker))
+        && roles
+            .iter()
+            .any(|role| matches!(role, Role::Processor | Role::Worker))
     {
         bus.ensure_topics()
             .await
@@ -48,19 +50,27 @@ pub async fn start(
             Role::Api => {
                 let listener = bind(config.grpc_listen).await?;
                 let (store, settings) = (store.clone(), config.api());
-                tasks.spawn(async move { zapflow_api::serve(listener, store, settings, shutdown).await.context("gRPC API") });
+                tasks.spawn(async move {
+                    zapflow_api::serve(listener, store, settings, shutdown)
+                        .await
+                        .context("gRPC API")
+                });
             }
             Role::Gateway => {
                 let listener = bind(config.http_listen).await?;
-                let client = zapflow_gateway::ingest_client(&config.api_url, config.grpc_max_message)
-                    .with_context(|| format!("invalid API URL {:?}", config.api_url))?;
+                let client =
+                    zapflow_gateway::ingest_client(&config.api_url, config.grpc_max_message)
+                        .with_context(|| format!("invalid API URL {:?}", config.api_url))?;
                 let router = zapflow_gateway::router(client, &config.gateway());
-                tasks.spawn(async move { zapflow_gateway::serve(listener, router, shutdown).await.context("gateway") });
+                tasks.spawn(async move {
+                    zapflow_gateway::serve(listener, router, shutdown)
+                        .await
+                        .context("gateway")
+                });
             }
             Role::Processor => match (&bus, store.postgres()) {
                 (Some(bus), Some(pg)) => {
-                    let producer = bus.producer(Duration::from_secs(30))?;
-                    let relay = Relay::new(pg.clone(), producer, bus.clone(), config.relay());
+                    let relay = Relay::new(pg.clone(), bus.clone(), config.relay())?;
                     tasks.spawn(async move {
                         relay.run(shutdown).await;
                         Ok(())
@@ -74,7 +84,8 @@ pub async fn start(
                 let worker = Worker::new(store.clone(), config.executor()?, config.worker());
                 match &bus {
                     Some(bus) => {
-                        let consumer = bus.consumer(&config.consumer_group, Duration::from_secs(300))?;
+                        let consumer =
+                            bus.consumer(&config.consumer_group, Duration::from_secs(300))?;
                         let dead_letters = DeadLetters {
                             producer: bus.producer(Duration::from_secs(30))?,
                             topic: bus.dead_letter_topic.clone(),

@@ -4,20 +4,22 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 use zapflow_api::ApiSettings;
 use zapflow_store::Store;
 use zapflow_testkit::{Stack, StackOptions, eventually, test_store};
 
 async fn health(channel: Channel, service: &str) -> i32 {
     HealthClient::new(channel)
-        .check(HealthCheckRequest { service: service.into() })
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -27,11 +29,17 @@ async fn health(channel: Channel, service: &str) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_and_reflection_lists_the_services() {
     let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
-    let channel = Channel::from_shared(stack.grpc_url()).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(stack.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     for service in ["", "zapflow.v1.ZapService", "zapflow.v1.IngestService"] {
         eventually("health SERVING", Duration::from_secs(10), || {
             let channel = channel.clone();
-            async move { (health(channel, service).await == ServingStatus::Serving as i32).then_some(()) }
+            async move {
+                (health(channel, service).await == ServingStatus::Serving as i32).then_some(())
+            }
         })
         .await;
     }
@@ -49,9 +57,20 @@ async fn health_is_serving_and_reflection_lists_the_services() {
     let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
         panic!("unexpected reflection answer {answer:?}");
     };
-    let names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
-    for expected in ["zapflow.v1.ZapService", "zapflow.v1.IngestService", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|name| name == expected), "{expected} missing from {names:?}");
+    let names: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
+    for expected in [
+        "zapflow.v1.ZapService",
+        "zapflow.v1.IngestService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|name| name == expected),
+            "{expected} missing from {names:?}"
+        );
     }
     stack.stop().await;
 }
@@ -60,21 +79,42 @@ async fn health_is_serving_and_reflection_lists_the_services() {
 async fn health_is_not_serving_while_the_database_does_not_answer() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let store = Store::open("postgres://postgres@127.0.0.1:1/nowhere", 2).await.unwrap();
+    let store = Store::open("postgres://postgres@127.0.0.1:1/nowhere", 2)
+        .await
+        .unwrap();
     let settings = ApiSettings {
         public_url: "http://127.0.0.1:8080".into(),
         max_message_bytes: 1024 * 1024,
         request_timeout: Duration::from_secs(5),
     };
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(zapflow_api::serve(listener, store, settings, shutdown.clone()));
-    let channel = eventually("the API to listen", Duration::from_secs(10), || async move {
-        Channel::from_shared(format!("http://{address}")).unwrap().connect().await.ok()
-    })
+    let server = tokio::spawn(zapflow_api::serve(
+        listener,
+        store,
+        settings,
+        shutdown.clone(),
+    ));
+    let channel = eventually(
+        "the API to listen",
+        Duration::from_secs(10),
+        || async move {
+            Channel::from_shared(format!("http://{address}"))
+                .unwrap()
+                .connect()
+                .await
+                .ok()
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(health(channel.clone(), "").await, ServingStatus::NotServing as i32);
-    assert_eq!(health(channel, "zapflow.v1.ZapService").await, ServingStatus::NotServing as i32);
+    assert_eq!(
+        health(channel.clone(), "").await,
+        ServingStatus::NotServing as i32
+    );
+    assert_eq!(
+        health(channel, "zapflow.v1.ZapService").await,
+        ServingStatus::NotServing as i32
+    );
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }

@@ -20,13 +20,14 @@ use zapflow_testkit::{SmtpSink, eventually, unique, with_key};
 use crate::support::{email_action, to_struct};
 
 fn free_address() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 struct Zapflow {
     child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
 }
 
 impl Zapflow {
@@ -50,13 +51,18 @@ impl Zapflow {
             .kill_on_drop(true)
             .spawn()
             .expect("starting the zapflow binary");
-        eventually("zapflow to answer", Duration::from_secs(30), || async move {
-            let key_written = data_dir.join("admin-api-key").exists();
-            let up = tokio::net::TcpStream::connect(grpc).await.is_ok() && tokio::net::TcpStream::connect(http).await.is_ok();
-            (key_written && up).then_some(())
-        })
+        eventually(
+            "zapflow to answer",
+            Duration::from_secs(30),
+            || async move {
+                let key_written = data_dir.join("admin-api-key").exists();
+                let up = tokio::net::TcpStream::connect(grpc).await.is_ok()
+                    && tokio::net::TcpStream::connect(http).await.is_ok();
+                (key_written && up).then_some(())
+            },
+        )
         .await;
-        Self { child, grpc, http }
+        Self { child }
     }
 
     async fn kill(mut self) {
@@ -65,7 +71,10 @@ impl Zapflow {
 }
 
 fn admin_key(data_dir: &Path) -> String {
-    std::fs::read_to_string(data_dir.join("admin-api-key")).unwrap().trim().to_owned()
+    std::fs::read_to_string(data_dir.join("admin-api-key"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// Sends webhook `n` with idempotency key `n`; the run id if it got 202.
@@ -95,9 +104,13 @@ async fn sigkill_under_load_loses_no_webhook_and_repeats_no_email_beyond_the_pol
 
     let first = Zapflow::start(&data_dir, grpc, http, &smtp.url()).await;
     let key = admin_key(&data_dir);
-    let mut zaps = ZapServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+    let mut zaps = ZapServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
     let slow_email = |subject: &str| pb::Action {
-        config: Some(to_struct(json!({"to": "{{ trigger.to }}", "subject": subject, "body": "b"}))),
+        config: Some(to_struct(
+            json!({"to": "{{ trigger.to }}", "subject": subject, "body": "b"}),
+        )),
         ..email_action("", "", "")
     };
     let created = zaps
@@ -105,7 +118,10 @@ async fn sigkill_under_load_loses_no_webhook_and_repeats_no_email_beyond_the_pol
             &key,
             pb::CreateZapRequest {
                 name: "crash".into(),
-                actions: vec![slow_email("a {{ trigger.n }}"), slow_email("b {{ trigger.n }}")],
+                actions: vec![
+                    slow_email("a {{ trigger.n }}"),
+                    slow_email("b {{ trigger.n }}"),
+                ],
                 ..Default::default()
             },
         ))
@@ -129,31 +145,52 @@ async fn sigkill_under_load_loses_no_webhook_and_repeats_no_email_beyond_the_pol
             accepted
         }
     });
-    eventually("some emails to go out", Duration::from_secs(30), || async { (smtp.mails().len() >= 10).then_some(()) }).await;
+    eventually("some emails to go out", Duration::from_secs(30), || async {
+        (smtp.mails().len() >= 10).then_some(())
+    })
+    .await;
     first.kill().await;
     let accepted_before = sender.await.unwrap();
-    assert!(!accepted_before.is_empty() && accepted_before.len() < WEBHOOKS, "the kill came mid-stream: {}", accepted_before.len());
+    assert!(
+        !accepted_before.is_empty() && accepted_before.len() < WEBHOOKS,
+        "the kill came mid-stream: {}",
+        accepted_before.len()
+    );
 
     // The restart, and the senders retrying every delivery (those whose
     // answer they got as well, as if it had been lost).
     let second = Zapflow::start(&data_dir, grpc, http, &smtp.url()).await;
     let mut run_ids = HashSet::new();
     for n in 0..WEBHOOKS {
-        let run_id = deliver(&client, &url, n).await.expect("accepted after the restart");
+        let run_id = deliver(&client, &url, n)
+            .await
+            .expect("accepted after the restart");
         if let Some(before) = accepted_before.get(&n) {
-            assert_eq!(&run_id, before, "delivery {n} got 2xx before the crash: the same run");
+            assert_eq!(
+                &run_id, before,
+                "delivery {n} got 2xx before the crash: the same run"
+            );
         }
         run_ids.insert(run_id);
     }
     assert_eq!(run_ids.len(), WEBHOOKS, "one run per delivery");
 
     // Every run finishes...
-    let mut zaps = ZapServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+    let mut zaps = ZapServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
     for run_id in &run_ids {
         crate::support::wait_for_run_at(&zaps, &key, run_id, pb::RunStatus::Succeeded).await;
     }
     let listed = zaps
-        .list_runs(with_key(&key, pb::ListRunsRequest { zap_id, page_size: 500, ..Default::default() }))
+        .list_runs(with_key(
+            &key,
+            pb::ListRunsRequest {
+                zap_id,
+                page_size: 500,
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -163,7 +200,9 @@ async fn sigkill_under_load_loses_no_webhook_and_repeats_no_email_beyond_the_pol
     // ...each email went out, and a repeat is always of the same message.
     let mut by_message_id: HashMap<String, usize> = HashMap::new();
     for mail in smtp.mails() {
-        *by_message_id.entry(mail.header("Message-ID").unwrap()).or_default() += 1;
+        *by_message_id
+            .entry(mail.header("Message-ID").unwrap())
+            .or_default() += 1;
     }
     for run_id in &run_ids {
         for stage in 0..2 {
@@ -171,12 +210,89 @@ async fn sigkill_under_load_loses_no_webhook_and_repeats_no_email_beyond_the_pol
             assert!(by_message_id.contains_key(&id), "no email for {id}");
         }
     }
-    assert_eq!(by_message_id.len(), WEBHOOKS * 2, "no email outside the runs");
+    assert_eq!(
+        by_message_id.len(),
+        WEBHOOKS * 2,
+        "no email outside the runs"
+    );
     let repeats: usize = by_message_id.values().map(|count| count - 1).sum();
     // Only steps under way at the kill can repeat (64 at most run at once).
     assert!(repeats <= 64, "{repeats} repeated emails");
-    println!("crash test: {} accepted before the kill, {repeats} emails repeated under the policy", accepted_before.len());
+    println!(
+        "crash test: {} accepted before the kill, {repeats} emails repeated under the policy",
+        accepted_before.len()
+    );
     second.kill().await;
     let _ = std::fs::remove_dir_all(&data_dir);
-    let _ = http;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_delays_runs_and_loses_none() {
+    use zapflow_testkit::{PrivateBroker, Stack, StackOptions, test_store};
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,zapflow=debug")
+        .try_init();
+
+    let smtp = SmtpSink::start().await;
+    let mut broker = PrivateBroker::start().await;
+    let bus = zapflow_bus::BusSettings {
+        brokers: broker.brokers(),
+        events_topic: unique("zap-events"),
+        dead_letter_topic: unique("zap-events-dlq"),
+        partitions: 2,
+    };
+    bus.ensure_topics().await.unwrap();
+    let options = StackOptions {
+        smtp_url: Some(smtp.url()),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(test_store().await, Some(bus), options).await;
+    let key = crate::support::new_user(&stack, "ada").await;
+    let (_, url) = crate::support::create_zap(
+        &stack,
+        &key,
+        vec![email_action("{{ trigger.to }}", "{{ trigger.n }}", "b")],
+    )
+    .await;
+    let client = reqwest::Client::new();
+
+    for n in 0..3 {
+        deliver(&client, &url, n).await.expect("accepted");
+    }
+    smtp.wait_for(3, crate::support::WAIT).await;
+
+    // The broker goes away: webhooks are still accepted (the outbox keeps
+    // them), nothing is delivered, nothing is lost.
+    broker.stop().await;
+    let mut run_ids = Vec::new();
+    for n in 3..8 {
+        run_ids.push(
+            deliver(&client, &url, n)
+                .await
+                .expect("accepted while the broker is down"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(smtp.mails().len(), 3);
+    assert!(
+        stack.store.outbox_len().await.unwrap() >= 5,
+        "the outbox holds the undelivered work"
+    );
+
+    broker.restart().await;
+    for run_id in &run_ids {
+        crate::support::wait_for_run(&stack, &key, run_id, pb::RunStatus::Succeeded).await;
+    }
+    let mut subjects: Vec<String> = smtp
+        .mails()
+        .iter()
+        .map(|mail| mail.header("Subject").unwrap())
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        ["0", "1", "2", "3", "4", "5", "6", "7"],
+        "each email once"
+    );
+    stack.stop().await;
 }

@@ -209,7 +209,9 @@ async fn an_http_step_calls_out_and_a_later_step_uses_its_response() {
         http_allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
         ..Default::default()
     };
-    let stack = zapflow_testkit::Stack::start(zapflow_testkit::test_sqlite_store().await.0, None, options).await;
+    let stack =
+        zapflow_testkit::Stack::start(zapflow_testkit::test_sqlite_store().await.0, None, options)
+            .await;
     let key = new_user(&stack, "ada").await;
     let http = pb::Action {
         r#type: "http".into(),
@@ -219,7 +221,11 @@ async fn an_http_step_calls_out_and_a_later_step_uses_its_response() {
         }))),
         retry: None,
     };
-    let email = email_action("ops@example.com", "Order {{ steps[0].body.order }}", "status {{ steps[0].status }}");
+    let email = email_action(
+        "ops@example.com",
+        "Order {{ steps[0].body.order }}",
+        "status {{ steps[0].status }}",
+    );
     let (_, webhook_url) = create_zap(&stack, &key, vec![http, email]).await;
     let (status, answer) = post_json(&webhook_url, &json!({"item": "book"})).await;
     assert_eq!(status, 202);
@@ -227,7 +233,10 @@ async fn an_http_step_calls_out_and_a_later_step_uses_its_response() {
 
     let run = wait_for_run(&stack, &key, &run_id, pb::RunStatus::Succeeded).await;
     let output = run.steps[0].output.as_ref().unwrap();
-    assert_eq!(output.fields["status"].kind, Some(prost_types::value::Kind::NumberValue(200.0)));
+    assert_eq!(
+        output.fields["status"].kind,
+        Some(prost_types::value::Kind::NumberValue(200.0))
+    );
     assert_eq!(
         *received.lock().unwrap(),
         [(format!("{run_id}:0"), "{\"item\": \"book\"}".to_owned())]

@@ -246,12 +246,18 @@ mod signatures {
         vec![
             ("webhook-id".into(), id.into()),
             ("webhook-timestamp".into(), at.to_string()),
-            ("webhook-signature".into(), sign(&secret, id, at, body.as_bytes())),
+            (
+                "webhook-signature".into(),
+                sign(&secret, id, at, body.as_bytes()),
+            ),
         ]
     }
 
     async fn post_signed(url: &str, body: &str, headers: &[(String, String)]) -> (u16, Value) {
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         post(url, "application/json", body.to_owned(), &headers).await
     }
 
@@ -285,15 +291,33 @@ mod signatures {
         let rejected = [
             ("unsigned", body, Vec::new()),
             ("wrong secret", body, signed(&other, "msg_1", now, body)),
-            ("one byte changed", r#"{"order": 2}"#, signed(&secret, "msg_1", now, body)),
+            (
+                "one byte changed",
+                r#"{"order": 2}"#,
+                signed(&secret, "msg_1", now, body),
+            ),
             ("empty signature", body, empty),
-            ("six minutes old", body, signed(&secret, "msg_1", now - 360, body)),
-            ("six minutes ahead", body, signed(&secret, "msg_1", now + 360, body)),
+            (
+                "six minutes old",
+                body,
+                signed(&secret, "msg_1", now - 360, body),
+            ),
+            (
+                "six minutes ahead",
+                body,
+                signed(&secret, "msg_1", now + 360, body),
+            ),
         ];
         for (case, sent, headers) in &rejected {
             let (status, answer) = post_signed(&url, sent, headers).await;
             assert_eq!(status, 401, "{case}: {answer}");
-            assert!(answer["error"].as_str().unwrap().starts_with("invalid webhook signature"), "{case}: {answer}");
+            assert!(
+                answer["error"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("invalid webhook signature"),
+                "{case}: {answer}"
+            );
         }
         assert_eq!(count_runs(&stack).await, 0);
 
@@ -301,30 +325,55 @@ mod signatures {
         let (status, first) = post_signed(&url, body, &headers).await;
         assert_eq!(status, 202, "{first}");
         let (status, again) = post_signed(&url, body, &headers).await;
-        assert_eq!((status, &again["run_id"]), (202, &first["run_id"]), "webhook-id makes a retry idempotent");
+        assert_eq!(
+            (status, &again["run_id"]),
+            (202, &first["run_id"]),
+            "webhook-id makes a retry idempotent"
+        );
 
         // Rotation: the old secret stops working, the new one works.
         let rotated = client
-            .rotate_signing_secret(with_key(&key, pb::RotateSigningSecretRequest { id: created.zap.unwrap().id }))
+            .rotate_signing_secret(with_key(
+                &key,
+                pb::RotateSigningSecretRequest {
+                    id: created.zap.unwrap().id,
+                },
+            ))
             .await
             .unwrap()
             .into_inner()
             .signing_secret;
-        assert_eq!(post_signed(&url, body, &signed(&secret, "msg_2", now, body)).await.0, 401);
-        assert_eq!(post_signed(&url, body, &signed(&rotated, "msg_2", now, body)).await.0, 202);
+        assert_eq!(
+            post_signed(&url, body, &signed(&secret, "msg_2", now, body))
+                .await
+                .0,
+            401
+        );
+        assert_eq!(
+            post_signed(&url, body, &signed(&rotated, "msg_2", now, body))
+                .await
+                .0,
+            202
+        );
         assert_eq!(count_runs(&stack).await, 2);
         stack.stop().await;
     }
 
     fn chrono_now() -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flooded_zap_gets_429_while_other_zaps_flow() {
     let options = StackOptions {
-        per_zap_limit: Some(zapflow_gateway::RateLimit { per_second: 2.0, burst: 5 }),
+        per_zap_limit: Some(zapflow_gateway::RateLimit {
+            per_second: 2.0,
+            burst: 5,
+        }),
         ..StackOptions::default()
     };
     let stack = Stack::start(test_store().await, None, options).await;
@@ -347,26 +396,49 @@ async fn a_flooded_zap_gets_429_while_other_zaps_flow() {
         for answer in answers {
             let answer = answer.unwrap();
             if answer.status() == 429 {
-                retry_after = answer.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                retry_after = answer
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
             }
             statuses.push(answer.status().as_u16());
         }
     }
     let accepted = statuses.iter().filter(|&&s| s == 202).count();
-    assert!((5..=8).contains(&accepted), "burst of 5 plus a little refill, got {accepted}: {statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 40 - accepted);
-    let retry_after: u64 = retry_after.expect("429 carries Retry-After").parse().unwrap();
+    assert!(
+        (5..=8).contains(&accepted),
+        "burst of 5 plus a little refill, got {accepted}: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        40 - accepted
+    );
+    let retry_after: u64 = retry_after
+        .expect("429 carries Retry-After")
+        .parse()
+        .unwrap();
     assert!((1..=3).contains(&retry_after), "{retry_after}");
 
-    assert_eq!(post_json(&quiet, &json!({})).await.0, 202, "another zap is unaffected");
-    assert_eq!(count_runs(&stack).await as usize, accepted + 1, "refused deliveries made no run");
+    assert_eq!(
+        post_json(&quiet, &json!({})).await.0,
+        202,
+        "another zap is unaffected"
+    );
+    assert_eq!(
+        count_runs(&stack).await as usize,
+        accepted + 1,
+        "refused deliveries made no run"
+    );
     stack.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_source_address_is_limited_across_zaps() {
     let options = StackOptions {
-        per_ip_limit: Some(zapflow_gateway::RateLimit { per_second: 1.0, burst: 3 }),
+        per_ip_limit: Some(zapflow_gateway::RateLimit {
+            per_second: 1.0,
+            burst: 3,
+        }),
         ..StackOptions::default()
     };
     let stack = Stack::start(test_store().await, None, options).await;

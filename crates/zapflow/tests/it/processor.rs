@@ -31,13 +31,9 @@ fn relay(store: &PgStore, bus: &BusSettings, delivery_timeout: Duration) -> Rela
     let settings = RelaySettings {
         batch_size: 250,
         poll_interval: Duration::from_millis(100),
+        delivery_timeout,
     };
-    Relay::new(
-        store.clone(),
-        bus.producer(delivery_timeout).unwrap(),
-        bus.clone(),
-        settings,
-    )
+    Relay::new(store.clone(), bus.clone(), settings).unwrap()
 }
 
 /// Reads `expected` messages from the events topic; returns their event ids.

@@ -6,12 +6,18 @@ use tonic::Code;
 use zapflow_proto::v1 as pb;
 use zapflow_testkit::{SmtpSink, with_key};
 
-use crate::support::{Deployment, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run};
+use crate::support::{
+    Deployment, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run,
+};
 
 const REJECT: &str = "550 5.1.1 no such user";
 
 fn subjects(smtp: &SmtpSink) -> Vec<String> {
-    let mut subjects: Vec<String> = smtp.mails().iter().map(|mail| mail.header("Subject").unwrap()).collect();
+    let mut subjects: Vec<String> = smtp
+        .mails()
+        .iter()
+        .map(|mail| mail.header("Subject").unwrap())
+        .collect();
     subjects.sort();
     subjects
 }
@@ -32,16 +38,29 @@ async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
     )
     .await;
     let payload = json!({"second": "flaky@example.com"});
-    let original_id = post_json(&url, &payload).await.1["run_id"].as_str().unwrap().to_owned();
+    let original_id = post_json(&url, &payload).await.1["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let original = wait_for_run(&stack, &key, &original_id, pb::RunStatus::Failed).await;
-    assert!(original.steps[1].error.contains("550"), "{}", original.steps[1].error);
+    assert!(
+        original.steps[1].error.contains("550"),
+        "{}",
+        original.steps[1].error
+    );
     assert_eq!(subjects(&smtp), ["first"]);
 
     // The mailbox is fixed; replay from the failed step.
     smtp.reject_address("flaky@example.com", None);
     let mut client = stack.zap_client().await;
     let replay = client
-        .replay_run(with_key(&key, pb::ReplayRunRequest { id: original_id.clone(), from_start: false }))
+        .replay_run(with_key(
+            &key,
+            pb::ReplayRunRequest {
+                id: original_id.clone(),
+                from_start: false,
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -50,20 +69,42 @@ async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
     assert_eq!(replay.replay_of, original_id);
     assert_ne!(replay.id, original_id);
     let replay = wait_for_run(&stack, &key, &replay.id, pb::RunStatus::Succeeded).await;
-    assert_eq!(subjects(&smtp), ["first", "second"], "the step that succeeded is not repeated");
-    assert_eq!(replay.steps[0].output, original.steps[0].output, "its output is carried over");
+    assert_eq!(
+        subjects(&smtp),
+        ["first", "second"],
+        "the step that succeeded is not repeated"
+    );
+    assert_eq!(
+        replay.steps[0].output, original.steps[0].output,
+        "its output is carried over"
+    );
     assert_eq!(replay.trigger, original.trigger);
     let original_now = wait_for_run(&stack, &key, &original_id, pb::RunStatus::Failed).await;
-    assert_eq!(original_now.steps[1].error, original.steps[1].error, "the original keeps its history");
+    assert_eq!(
+        original_now.steps[1].error, original.steps[1].error,
+        "the original keeps its history"
+    );
 
     // A succeeded run only replays from the start.
     let status = client
-        .replay_run(with_key(&key, pb::ReplayRunRequest { id: replay.id.clone(), from_start: false }))
+        .replay_run(with_key(
+            &key,
+            pb::ReplayRunRequest {
+                id: replay.id.clone(),
+                from_start: false,
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     let again = client
-        .replay_run(with_key(&key, pb::ReplayRunRequest { id: replay.id.clone(), from_start: true }))
+        .replay_run(with_key(
+            &key,
+            pb::ReplayRunRequest {
+                id: replay.id.clone(),
+                from_start: true,
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -75,12 +116,24 @@ async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
     // Another user cannot replay it.
     let mallory = new_user(&stack, "mallory").await;
     let status = client
-        .replay_run(with_key(&mallory, pb::ReplayRunRequest { id: original_id.clone(), from_start: true }))
+        .replay_run(with_key(
+            &mallory,
+            pb::ReplayRunRequest {
+                id: original_id.clone(),
+                from_start: true,
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = client
-        .replay_runs(with_key(&mallory, pb::ReplayRunsRequest { zap_id: zap.id.clone(), ..Default::default() }))
+        .replay_runs(with_key(
+            &mallory,
+            pb::ReplayRunsRequest {
+                zap_id: zap.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -93,27 +146,52 @@ async fn failed_runs_of_a_time_range_replay_in_bulk_once() {
     smtp.reject_address("flaky@example.com", Some(REJECT));
     let stack = stack_with_smtp(&smtp, Deployment::PostgresOnly).await;
     let key = new_user(&stack, "ada").await;
-    let (zap, url) = create_zap(&stack, &key, vec![email_action("{{ trigger.to }}", "{{ trigger.n }}", "b")]).await;
+    let (zap, url) = create_zap(
+        &stack,
+        &key,
+        vec![email_action("{{ trigger.to }}", "{{ trigger.n }}", "b")],
+    )
+    .await;
     let mut failed = Vec::new();
     for n in 0..3 {
-        let run_id = post_json(&url, &json!({"to": "flaky@example.com", "n": n})).await.1["run_id"]
+        let run_id = post_json(&url, &json!({"to": "flaky@example.com", "n": n}))
+            .await
+            .1["run_id"]
             .as_str()
             .unwrap()
             .to_owned();
         failed.push(wait_for_run(&stack, &key, &run_id, pb::RunStatus::Failed).await);
     }
-    let ok = post_json(&url, &json!({"to": "fine@example.com", "n": 9})).await.1["run_id"].as_str().unwrap().to_owned();
+    let ok = post_json(&url, &json!({"to": "fine@example.com", "n": 9}))
+        .await
+        .1["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     wait_for_run(&stack, &key, &ok, pb::RunStatus::Succeeded).await;
     smtp.reject_address("flaky@example.com", None);
 
     let client = stack.zap_client().await;
-    let replay_runs = |start: Option<prost_types::Timestamp>, end: Option<prost_types::Timestamp>| {
+    let replay_runs = |start: Option<prost_types::Timestamp>,
+                       end: Option<prost_types::Timestamp>| {
         let mut client = client.clone();
         let request = with_key(
             &key,
-            pb::ReplayRunsRequest { zap_id: zap.id.clone(), start_time: start, end_time: end, from_start: false },
+            pb::ReplayRunsRequest {
+                zap_id: zap.id.clone(),
+                start_time: start,
+                end_time: end,
+                from_start: false,
+            },
         );
-        async move { client.replay_runs(request).await.unwrap().into_inner().run_ids }
+        async move {
+            client
+                .replay_runs(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .run_ids
+        }
     };
     // A range that holds only the first two failures.
     let replayed = replay_runs(failed[0].create_time, failed[2].create_time).await;
@@ -127,7 +205,10 @@ async fn failed_runs_of_a_time_range_replay_in_bulk_once() {
     assert_eq!(rest.len(), 1);
     let run = wait_for_run(&stack, &key, &rest[0], pb::RunStatus::Succeeded).await;
     assert_eq!(run.replay_of, failed[2].id);
-    assert!(replay_runs(None, None).await.is_empty(), "each failed run is replayed once");
+    assert!(
+        replay_runs(None, None).await.is_empty(),
+        "each failed run is replayed once"
+    );
     assert_eq!(subjects(&smtp), ["0", "1", "2", "9"]);
     stack.stop().await;
 }

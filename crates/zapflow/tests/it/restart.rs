@@ -7,7 +7,7 @@ use zapflow_proto::v1 as pb;
 use zapflow_store::Store;
 use zapflow_testkit::{SmtpSink, Stack, StackOptions, test_sqlite_store};
 
-use crate::support::{email_action, create_zap, new_user, post_json, wait_for_run};
+use crate::support::{create_zap, email_action, new_user, post_json, wait_for_run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_accepted_before_a_restart_finish_after_it_exactly_once() {
@@ -22,10 +22,19 @@ async fn runs_accepted_before_a_restart_finish_after_it_exactly_once() {
     // Before: webhooks are accepted, but no worker runs them yet.
     let before = Stack::start(store, None, options(0)).await;
     let key = new_user(&before, "ada").await;
-    let (_, webhook_url) = create_zap(&before, &key, vec![email_action("{{ trigger.to }}", "n={{ trigger.n }}", "b")]).await;
+    let (_, webhook_url) = create_zap(
+        &before,
+        &key,
+        vec![email_action("{{ trigger.to }}", "n={{ trigger.n }}", "b")],
+    )
+    .await;
     let mut run_ids = Vec::new();
     for n in 0..3 {
-        let (status, answer) = post_json(&webhook_url, &json!({"to": format!("r{n}@example.com"), "n": n})).await;
+        let (status, answer) = post_json(
+            &webhook_url,
+            &json!({"to": format!("r{n}@example.com"), "n": n}),
+        )
+        .await;
         assert_eq!(status, 202);
         run_ids.push(answer["run_id"].as_str().unwrap().to_owned());
     }
@@ -34,18 +43,35 @@ async fn runs_accepted_before_a_restart_finish_after_it_exactly_once() {
 
     // After: the same file, now with a worker.
     let store = Store::open_file(&path).await.unwrap();
-    assert_eq!(store.outbox_len().await.unwrap(), 3, "undelivered work survived");
+    assert_eq!(
+        store.outbox_len().await.unwrap(),
+        3,
+        "undelivered work survived"
+    );
     let after = Stack::start(store, None, options(1)).await;
     for run_id in &run_ids {
         wait_for_run(&after, &key, run_id, pb::RunStatus::Succeeded).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut subjects: Vec<String> = smtp.mails().iter().map(|mail| mail.header("Subject").unwrap()).collect();
+    let mut subjects: Vec<String> = smtp
+        .mails()
+        .iter()
+        .map(|mail| mail.header("Subject").unwrap())
+        .collect();
     subjects.sort();
-    assert_eq!(subjects, ["n=0", "n=1", "n=2"], "each run's email exactly once");
+    assert_eq!(
+        subjects,
+        ["n=0", "n=1", "n=2"],
+        "each run's email exactly once"
+    );
     // The zap and its token survived too (the gateway's port is new).
     let path = webhook_url.split_once("/hooks/").unwrap().1;
     let moved = format!("{}/hooks/{path}", after.http_url());
-    assert_eq!(post_json(&moved, &json!({"to": "x@example.com", "n": 9})).await.0, 202);
+    assert_eq!(
+        post_json(&moved, &json!({"to": "x@example.com", "n": 9}))
+            .await
+            .0,
+        202
+    );
     after.stop().await;
 }

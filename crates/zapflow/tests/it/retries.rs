@@ -10,14 +10,19 @@ use tonic::Code;
 use zapflow_proto::v1 as pb;
 use zapflow_testkit::{SmtpSink, unique, with_key};
 
-use crate::support::{Deployment, WAIT, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run};
+use crate::support::{
+    Deployment, WAIT, create_zap, email_action, new_user, post_json, stack_with_smtp, wait_for_run,
+};
 
 /// An email action retried quickly: `attempts` in all, 200 ms apart.
 fn quick_retry_email(attempts: u32) -> pb::Action {
     pb::Action {
         retry: Some(pb::RetryPolicy {
             max_attempts: attempts,
-            initial_delay: Some(prost_types::Duration { seconds: 0, nanos: 200_000_000 }),
+            initial_delay: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 200_000_000,
+            }),
             multiplier: 1.0,
             max_delay: None,
         }),
@@ -38,7 +43,12 @@ async fn an_smtp_outage_is_retried_until_the_server_is_back() {
 
     // Let a few attempts fail, then bring the server back.
     zapflow_testkit::eventually("two failed attempts", WAIT, || async {
-        let run = stack.store.run(run_id.parse().unwrap()).await.unwrap().unwrap();
+        let run = stack
+            .store
+            .run(run_id.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
         (run.steps[0].history.len() >= 2).then_some(())
     })
     .await;
@@ -47,7 +57,11 @@ async fn an_smtp_outage_is_retried_until_the_server_is_back() {
     let step = &run.steps[0];
     assert_eq!(smtp.mails().len(), 1);
     assert!(step.attempts >= 3, "{step:?}");
-    assert_eq!(step.history.len() as u32, step.attempts, "every attempt is recorded");
+    assert_eq!(
+        step.history.len() as u32,
+        step.attempts,
+        "every attempt is recorded"
+    );
     let (last, failed) = step.history.split_last().unwrap();
     assert_eq!(last.outcome, pb::StepStatus::Succeeded as i32);
     for attempt in failed {
@@ -73,8 +87,15 @@ async fn exhausted_retries_fail_the_run_and_publish_a_dead_letter() {
 
     let run = wait_for_run(&stack, &key, &run_id, pb::RunStatus::Failed).await;
     let step = &run.steps[0];
-    assert_eq!((step.status, step.attempts), (pb::StepStatus::Failed as i32, 2));
-    assert!(step.error.contains("gave up after 2 attempts"), "{}", step.error);
+    assert_eq!(
+        (step.status, step.attempts),
+        (pb::StepStatus::Failed as i32, 2)
+    );
+    assert!(
+        step.error.contains("gave up after 2 attempts"),
+        "{}",
+        step.error
+    );
     assert_eq!(step.history.len(), 2);
     assert!(smtp.mails().is_empty());
 
@@ -92,7 +113,11 @@ async fn exhausted_retries_fail_the_run_and_publish_a_dead_letter() {
         .unwrap();
     let event = zapflow_bus::decode(message.payload().unwrap()).unwrap();
     assert_eq!(event.run_id, run_id);
-    assert!(event.dead_letter_reason.contains("gave up"), "{}", event.dead_letter_reason);
+    assert!(
+        event.dead_letter_reason.contains("gave up"),
+        "{}",
+        event.dead_letter_reason
+    );
     stack.stop().await;
 }
 
@@ -117,7 +142,13 @@ async fn an_invalid_retry_policy_names_its_field() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(status.message().starts_with(&format!("actions[0].retry.{field}: ")), "{}", status.message());
+        assert!(
+            status
+                .message()
+                .starts_with(&format!("actions[0].retry.{field}: ")),
+            "{}",
+            status.message()
+        );
     }
     stack.stop().await;
 }

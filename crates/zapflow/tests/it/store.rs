@@ -41,7 +41,10 @@ conformance!(
 );
 
 fn email(to: &str) -> ActionSpec {
-    serde_json::from_value(json!({"type": "email", "config": {"to": to, "subject": "s", "body": "b"}})).unwrap()
+    serde_json::from_value(
+        json!({"type": "email", "config": {"to": to, "subject": "s", "body": "b"}}),
+    )
+    .unwrap()
 }
 
 fn new_run(zap_id: Uuid, owner_id: Uuid, actions: usize, key: Option<&str>) -> NewRun {
@@ -52,16 +55,26 @@ fn new_run(zap_id: Uuid, owner_id: Uuid, actions: usize, key: Option<&str>) -> N
         trigger: json!({"n": 1}),
         headers: json!({"x-test": "1"}),
         query: json!({}),
-        actions: (0..actions).map(|i| email(&format!("to{i}@example.com"))).collect(),
+        actions: (0..actions)
+            .map(|i| email(&format!("to{i}@example.com")))
+            .collect(),
         idempotency_key: key.map(str::to_owned),
     }
 }
 
 /// A user and a zap with `actions` emails.
 async fn user_and_zap(store: &Store, actions: usize) -> (Uuid, Uuid) {
-    let (owner, _) = store.create_user(&format!("user-{}", Uuid::new_v4())).await.unwrap();
-    let specs: Vec<_> = (0..actions).map(|i| email(&format!("to{i}@example.com"))).collect();
-    let zap = store.create_zap(owner, "zap", &specs, b"token-hash", None).await.unwrap();
+    let (owner, _) = store
+        .create_user(&format!("user-{}", Uuid::new_v4()))
+        .await
+        .unwrap();
+    let specs: Vec<_> = (0..actions)
+        .map(|i| email(&format!("to{i}@example.com")))
+        .collect();
+    let zap = store
+        .create_zap(owner, "zap", &specs, b"token-hash", None)
+        .await
+        .unwrap();
     (owner, zap.id)
 }
 
@@ -70,38 +83,95 @@ async fn users_and_keys(store: Store) {
     let (user, key) = store.create_user("ada").await.unwrap();
     assert_eq!(store.user_count().await.unwrap(), 1);
     assert_eq!(store.authenticate(&key).await.unwrap(), Some(user));
-    let wrong_secret = ApiKey { secret: "nope".into(), ..key.clone() };
+    let wrong_secret = ApiKey {
+        secret: "nope".into(),
+        ..key.clone()
+    };
     assert_eq!(store.authenticate(&wrong_secret).await.unwrap(), None);
     assert_eq!(store.authenticate(&ApiKey::generate()).await.unwrap(), None);
-    assert!(matches!(store.create_user("ada").await, Err(StoreError::AlreadyExists)));
+    assert!(matches!(
+        store.create_user("ada").await,
+        Err(StoreError::AlreadyExists)
+    ));
 }
 
 async fn zaps_belong_to_their_owner(store: Store) {
     let (alice, _) = store.create_user("alice").await.unwrap();
     let (bob, _) = store.create_user("bob").await.unwrap();
-    let zap = store.create_zap(alice, "first", &[email("a@example.com")], b"h1", Some("whsec_x")).await.unwrap();
-    assert_eq!((zap.status, zap.signature_required), (ZapStatus::Active, true));
+    let zap = store
+        .create_zap(
+            alice,
+            "first",
+            &[email("a@example.com")],
+            b"h1",
+            Some("whsec_x"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (zap.status, zap.signature_required),
+        (ZapStatus::Active, true)
+    );
     assert_eq!(store.get_zap(alice, zap.id).await.unwrap(), zap);
-    assert!(matches!(store.get_zap(bob, zap.id).await, Err(StoreError::NotFound)));
-    assert!(matches!(store.update_zap(bob, zap.id, "x", &[]).await, Err(StoreError::NotFound)));
-    assert!(matches!(store.delete_zap(bob, zap.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.get_zap(bob, zap.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.update_zap(bob, zap.id, "x", &[]).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_zap(bob, zap.id).await,
+        Err(StoreError::NotFound)
+    ));
 
-    let updated = store.update_zap(alice, zap.id, "renamed", &[email("b@example.com")]).await.unwrap();
-    assert_eq!((updated.name.as_str(), updated.actions.len()), ("renamed", 1));
-    let paused = store.set_zap_status(alice, zap.id, ZapStatus::Paused).await.unwrap();
+    let updated = store
+        .update_zap(alice, zap.id, "renamed", &[email("b@example.com")])
+        .await
+        .unwrap();
+    assert_eq!(
+        (updated.name.as_str(), updated.actions.len()),
+        ("renamed", 1)
+    );
+    let paused = store
+        .set_zap_status(alice, zap.id, ZapStatus::Paused)
+        .await
+        .unwrap();
     assert_eq!(paused.status, ZapStatus::Paused);
     store.set_zap_token(alice, zap.id, b"h2").await.unwrap();
     let ingest = store.zap_for_ingest(zap.id).await.unwrap().unwrap();
-    assert_eq!((ingest.owner_id, ingest.token_hash.as_slice(), ingest.status), (alice, &b"h2"[..], ZapStatus::Paused));
+    assert_eq!(
+        (ingest.owner_id, ingest.token_hash.as_slice(), ingest.status),
+        (alice, &b"h2"[..], ZapStatus::Paused)
+    );
     assert_eq!(ingest.signing_secret.as_deref(), Some("whsec_x"));
-    assert!(matches!(store.set_zap_signing_secret(bob, zap.id, "whsec_b").await, Err(StoreError::NotFound)));
-    store.set_zap_signing_secret(alice, zap.id, "whsec_y").await.unwrap();
+    assert!(matches!(
+        store.set_zap_signing_secret(bob, zap.id, "whsec_b").await,
+        Err(StoreError::NotFound)
+    ));
+    store
+        .set_zap_signing_secret(alice, zap.id, "whsec_y")
+        .await
+        .unwrap();
     let ingest = store.zap_for_ingest(zap.id).await.unwrap().unwrap();
     assert_eq!(ingest.signing_secret.as_deref(), Some("whsec_y"));
 
     let mut ids = vec![zap.id];
     for i in 0..4 {
-        ids.push(store.create_zap(alice, &format!("z{i}"), &[email("a@example.com")], b"h", None).await.unwrap().id);
+        ids.push(
+            store
+                .create_zap(
+                    alice,
+                    &format!("z{i}"),
+                    &[email("a@example.com")],
+                    b"h",
+                    None,
+                )
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let first = store.list_zaps(alice, None, 3).await.unwrap();
     let rest = store.list_zaps(alice, Some(first[2].id), 3).await.unwrap();
@@ -110,7 +180,10 @@ async fn zaps_belong_to_their_owner(store: Store) {
     assert!(store.list_zaps(bob, None, 10).await.unwrap().is_empty());
 
     store.delete_zap(alice, zap.id).await.unwrap();
-    assert!(matches!(store.get_zap(alice, zap.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.get_zap(alice, zap.id).await,
+        Err(StoreError::NotFound)
+    ));
     assert!(store.zap_for_ingest(zap.id).await.unwrap().is_none());
 }
 
@@ -125,12 +198,26 @@ async fn ingest_is_idempotent_per_key(store: Store) {
     assert_eq!(results[0], (batch[0].id, false));
     assert_eq!(results[1], (batch[1].id, false));
     assert_eq!(results[2], (batch[0].id, true), "same key in one batch");
-    let again = store.insert_runs(&[new_run(zap, owner, 1, Some("k1"))]).await.unwrap();
+    let again = store
+        .insert_runs(&[new_run(zap, owner, 1, Some("k1"))])
+        .await
+        .unwrap();
     assert_eq!(again, [(batch[0].id, true)], "same key in a later batch");
-    assert_eq!(store.outbox_len().await.unwrap(), 2, "one outbox row per new run");
+    assert_eq!(
+        store.outbox_len().await.unwrap(),
+        2,
+        "one outbox row per new run"
+    );
 
     let run = store.run(batch[0].id).await.unwrap().unwrap();
-    assert_eq!((run.status, run.trigger.clone(), run.headers["x-test"].clone()), (RunStatus::Pending, json!({"n": 1}), json!("1")));
+    assert_eq!(
+        (
+            run.status,
+            run.trigger.clone(),
+            run.headers["x-test"].clone()
+        ),
+        (RunStatus::Pending, json!({"n": 1}), json!("1"))
+    );
     assert_eq!(run.steps[0].status, StepStatus::Pending);
 }
 
@@ -149,61 +236,161 @@ async fn a_step_goes_through_retry_success_and_failure(store: Store) {
 
     let first = claimed(store.claim_step(run.id, 0, lease).await.unwrap());
     assert_eq!(first.attempt, 1);
-    assert!(matches!(store.claim_step(run.id, 0, lease).await.unwrap(), StepClaim::Busy { .. }));
-    let retry = StepOutcome::Retry { error: "451 later".into(), delay: Duration::from_secs(30) };
+    assert!(matches!(
+        store.claim_step(run.id, 0, lease).await.unwrap(),
+        StepClaim::Busy { .. }
+    ));
+    let retry = StepOutcome::Retry {
+        error: "451 later".into(),
+        delay: Duration::from_secs(30),
+    };
     assert!(store.finish_step(&first, &retry).await.unwrap());
-    assert!(!store.finish_step(&first, &retry).await.unwrap(), "an attempt is recorded once");
+    assert!(
+        !store.finish_step(&first, &retry).await.unwrap(),
+        "an attempt is recorded once"
+    );
     let recorded = store.run(run.id).await.unwrap().unwrap();
-    assert_eq!((recorded.status, recorded.steps[0].status), (RunStatus::Running, StepStatus::Retrying));
+    assert_eq!(
+        (recorded.status, recorded.steps[0].status),
+        (RunStatus::Running, StepStatus::Retrying)
+    );
     assert_eq!(recorded.steps[0].error.as_deref(), Some("451 later"));
-    assert!(store.lease_due_outbox_rows(10, lease).await.unwrap().len() == 1, "only the first event is due; the retry waits");
+    assert!(
+        store.lease_due_outbox_rows(10, lease).await.unwrap().len() == 1,
+        "only the first event is due; the retry waits"
+    );
 
     let second = claimed(store.claim_step(run.id, 0, lease).await.unwrap());
     assert_eq!(second.attempt, 2);
-    assert!(store.finish_step(&second, &StepOutcome::Succeeded(json!({"ok": true}))).await.unwrap());
-    assert!(matches!(store.claim_step(run.id, 0, lease).await.unwrap(), StepClaim::AlreadyDone));
+    assert!(
+        store
+            .finish_step(&second, &StepOutcome::Succeeded(json!({"ok": true})))
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        store.claim_step(run.id, 0, lease).await.unwrap(),
+        StepClaim::AlreadyDone
+    ));
 
     let last = claimed(store.claim_step(run.id, 1, lease).await.unwrap());
-    assert_eq!(last.run.steps[0].output, Some(json!({"ok": true})), "earlier outputs come with the claim");
-    assert!(store.finish_step(&last, &StepOutcome::Failed("550 no such user".into())).await.unwrap());
+    assert_eq!(
+        last.run.steps[0].output,
+        Some(json!({"ok": true})),
+        "earlier outputs come with the claim"
+    );
+    assert!(
+        store
+            .finish_step(&last, &StepOutcome::Failed("550 no such user".into()))
+            .await
+            .unwrap()
+    );
     let recorded = store.run(run.id).await.unwrap().unwrap();
     assert_eq!(recorded.status, RunStatus::Failed);
     assert!(recorded.finished_at.is_some());
-    assert_eq!((recorded.steps[0].status, recorded.steps[0].attempts), (StepStatus::Succeeded, 2));
-    assert_eq!((recorded.steps[1].status, recorded.steps[1].error.as_deref()), (StepStatus::Failed, Some("550 no such user")));
-    assert!(matches!(store.claim_step(run.id, 1, lease).await.unwrap(), StepClaim::RunFinished));
-    assert!(matches!(store.claim_step(run.id, 7, lease).await.unwrap(), StepClaim::RunFinished));
-    assert!(matches!(store.claim_step(Uuid::new_v4(), 0, lease).await.unwrap(), StepClaim::Unknown));
+    assert_eq!(
+        (recorded.steps[0].status, recorded.steps[0].attempts),
+        (StepStatus::Succeeded, 2)
+    );
+    assert_eq!(
+        (recorded.steps[1].status, recorded.steps[1].error.as_deref()),
+        (StepStatus::Failed, Some("550 no such user"))
+    );
+    assert!(matches!(
+        store.claim_step(run.id, 1, lease).await.unwrap(),
+        StepClaim::RunFinished
+    ));
+    assert!(matches!(
+        store.claim_step(run.id, 7, lease).await.unwrap(),
+        StepClaim::RunFinished
+    ));
+    assert!(matches!(
+        store.claim_step(Uuid::new_v4(), 0, lease).await.unwrap(),
+        StepClaim::Unknown
+    ));
 }
 
 async fn a_lapsed_lease_lets_another_worker_take_the_step(store: Store) {
     let (owner, zap) = user_and_zap(&store, 1).await;
     let run = new_run(zap, owner, 1, None);
     store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
-    let vanished = claimed(store.claim_step(run.id, 0, Duration::from_millis(20)).await.unwrap());
+    let vanished = claimed(
+        store
+            .claim_step(run.id, 0, Duration::from_millis(20))
+            .await
+            .unwrap(),
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let successor = claimed(store.claim_step(run.id, 0, Duration::from_secs(60)).await.unwrap());
+    let successor = claimed(
+        store
+            .claim_step(run.id, 0, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
     assert_eq!(successor.attempt, 2);
     let late = StepOutcome::Succeeded(json!({"from": "vanished"}));
-    assert!(!store.finish_step(&vanished, &late).await.unwrap(), "the old lease holder cannot record");
-    assert!(store.finish_step(&successor, &StepOutcome::Succeeded(json!({}))).await.unwrap());
-    assert_eq!(store.run(run.id).await.unwrap().unwrap().status, RunStatus::Succeeded);
+    assert!(
+        !store.finish_step(&vanished, &late).await.unwrap(),
+        "the old lease holder cannot record"
+    );
+    assert!(
+        store
+            .finish_step(&successor, &StepOutcome::Succeeded(json!({})))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.run(run.id).await.unwrap().unwrap().status,
+        RunStatus::Succeeded
+    );
 }
 
 async fn outbox_rows_are_leased_and_come_back(store: Store) {
     let (owner, zap) = user_and_zap(&store, 1).await;
     let runs: Vec<NewRun> = (0..3).map(|_| new_run(zap, owner, 1, None)).collect();
     store.insert_runs(&runs).await.unwrap();
-    let leased = store.lease_due_outbox_rows(10, Duration::from_millis(100)).await.unwrap();
-    assert_eq!(leased.iter().map(|row| row.run_id).collect::<Vec<_>>(), runs.iter().map(|run| run.id).collect::<Vec<_>>());
-    assert!(store.lease_due_outbox_rows(10, Duration::from_secs(60)).await.unwrap().is_empty(), "leased rows are not due");
-    store.delete_outbox_rows(&[leased[0].id, leased[1].id]).await.unwrap();
+    let leased = store
+        .lease_due_outbox_rows(10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        leased.iter().map(|row| row.run_id).collect::<Vec<_>>(),
+        runs.iter().map(|run| run.id).collect::<Vec<_>>()
+    );
+    assert!(
+        store
+            .lease_due_outbox_rows(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased rows are not due"
+    );
+    store
+        .delete_outbox_rows(&[leased[0].id, leased[1].id])
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let back = store.lease_due_outbox_rows(10, Duration::from_secs(60)).await.unwrap();
+    let back = store
+        .lease_due_outbox_rows(10, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(back.len(), 1, "an undeleted row comes back after its lease");
-    assert_eq!(back[0].event_id, leased[2].event_id, "with the same event id");
-    store.dead_letter(runs[0].id, zap, 0, "poison").await.unwrap();
-    assert!(store.lease_due_outbox_rows(10, Duration::from_secs(60)).await.unwrap().is_empty(), "dead letters are not work");
+    assert_eq!(
+        back[0].event_id, leased[2].event_id,
+        "with the same event id"
+    );
+    store
+        .dead_letter(runs[0].id, zap, 0, "poison")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .lease_due_outbox_rows(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "dead letters are not work"
+    );
     assert_eq!(store.outbox_len().await.unwrap(), 2);
 }
 
@@ -218,12 +405,32 @@ async fn runs_page_newest_first(store: Store) {
     }
     ids.reverse();
     let first = store.list_runs(owner, Some(zap), None, 2).await.unwrap();
-    let second = store.list_runs(owner, None, first.next_before, 2).await.unwrap();
-    let third = store.list_runs(owner, None, second.next_before, 2).await.unwrap();
-    let listed: Vec<Uuid> = [first.runs, second.runs, third.runs].concat().iter().map(|run| run.id).collect();
+    let second = store
+        .list_runs(owner, None, first.next_before, 2)
+        .await
+        .unwrap();
+    let third = store
+        .list_runs(owner, None, second.next_before, 2)
+        .await
+        .unwrap();
+    let listed: Vec<Uuid> = [first.runs, second.runs, third.runs]
+        .concat()
+        .iter()
+        .map(|run| run.id)
+        .collect();
     assert_eq!(listed, ids);
     assert_eq!(third.next_before, None);
-    assert!(store.list_runs(stranger, None, None, 10).await.unwrap().runs.is_empty());
-    assert!(matches!(store.owned_run(stranger, ids[0]).await, Err(StoreError::NotFound)));
+    assert!(
+        store
+            .list_runs(stranger, None, None, 10)
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    assert!(matches!(
+        store.owned_run(stranger, ids[0]).await,
+        Err(StoreError::NotFound)
+    ));
     assert_eq!(store.owned_run(owner, ids[0]).await.unwrap().id, ids[0]);
 }

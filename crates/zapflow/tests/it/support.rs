@@ -57,7 +57,8 @@ pub async fn create_zap(stack: &Stack, key: &str, actions: Vec<pb::Action>) -> (
             key,
             pb::CreateZapRequest {
                 name: "test zap".into(),
-                actions, ..Default::default()
+                actions,
+                ..Default::default()
             },
         ))
         .await

@@ -80,7 +80,10 @@ async fn call_every_rpc(
             "RotateSigningSecret",
             code(
                 client
-                    .rotate_signing_secret(with_key(key, pb::RotateSigningSecretRequest { id: id.clone() }))
+                    .rotate_signing_secret(with_key(
+                        key,
+                        pb::RotateSigningSecretRequest { id: id.clone() },
+                    ))
                     .await
                     .map(drop),
             ),
@@ -128,8 +131,7 @@ async fn call_every_rpc(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_users_zaps_and_runs_are_not_found_and_stay_untouched() {
-    let stack = Stack::start(test_store().await, None, StackOptions::default())
-    .await;
+    let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
     let alice = new_user(&stack, "alice").await;
     let bob = new_user(&stack, "bob").await;
     let (zap, webhook_url) = simple_zap(&stack, &alice).await;
@@ -174,8 +176,7 @@ async fn another_users_zaps_and_runs_are_not_found_and_stay_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_rpc_without_a_valid_key_is_unauthenticated() {
-    let stack = Stack::start(test_store().await, None, StackOptions::default())
-    .await;
+    let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
     let alice = new_user(&stack, "alice").await;
     let (zap, _) = simple_zap(&stack, &alice).await;
     let mut client = stack.zap_client().await;
@@ -200,7 +201,8 @@ async fn every_rpc_without_a_valid_key_is_unauthenticated() {
                 key,
                 pb::CreateZapRequest {
                     name: "x".into(),
-                    actions: vec![], ..Default::default()
+                    actions: vec![],
+                    ..Default::default()
                 },
             ))
             .await;
@@ -217,8 +219,7 @@ async fn every_rpc_without_a_valid_key_is_unauthenticated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_zaps_are_rejected_naming_the_field() {
-    let stack = Stack::start(test_store().await, None, StackOptions::default())
-    .await;
+    let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
     let key = new_user(&stack, "alice").await;
     let mut client = stack.zap_client().await;
     let unknown_type = pb::Action {
@@ -250,7 +251,8 @@ async fn invalid_zaps_are_rejected_naming_the_field() {
                 &key,
                 pb::CreateZapRequest {
                     name: name.into(),
-                    actions, ..Default::default()
+                    actions,
+                    ..Default::default()
                 },
             ))
             .await
@@ -285,8 +287,7 @@ async fn invalid_zaps_are_rejected_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zaps_page_through_in_creation_order() {
-    let stack = Stack::start(test_store().await, None, StackOptions::default())
-    .await;
+    let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
     let key = new_user(&stack, "alice").await;
     let mut created = Vec::new();
     for _ in 0..5 {

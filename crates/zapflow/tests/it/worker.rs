@@ -36,7 +36,13 @@ async fn accepted_run(store: &Store) -> ZapEvent {
     }))
     .unwrap();
     let zap = store
-        .create_zap(owner_id, "zap", std::slice::from_ref(&action), b"hash", None)
+        .create_zap(
+            owner_id,
+            "zap",
+            std::slice::from_ref(&action),
+            b"hash",
+            None,
+        )
         .await
         .unwrap();
     let run = NewRun {
@@ -181,7 +187,11 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
 
     // The doomed worker: claims with a short lease, sends, and dies before
     // recording anything.
-    let StepClaim::Claimed(step) = store.claim_step(run_id, 0, Duration::from_millis(200)).await.unwrap() else {
+    let StepClaim::Claimed(step) = store
+        .claim_step(run_id, 0, Duration::from_millis(200))
+        .await
+        .unwrap()
+    else {
         panic!("the first claim takes the step");
     };
     let mailer = Mailer::new(&EmailSettings {
@@ -206,12 +216,18 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
     // ...and once it lapsed, the step runs again.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let handled = worker.execute(&event).await.unwrap();
-    assert!(matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))), "{handled:?}");
+    assert!(
+        matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))),
+        "{handled:?}"
+    );
 
     let mails = smtp.mails();
     assert_eq!(mails.len(), 2, "the effect is repeated once");
     assert_eq!(mails[0].header("Message-ID"), mails[1].header("Message-ID"));
-    assert_eq!(mails[0].header("Message-ID").unwrap(), format!("<{run_id}.0@zapflow>"));
+    assert_eq!(
+        mails[0].header("Message-ID").unwrap(),
+        format!("<{run_id}.0@zapflow>")
+    );
     let run = store.run(run_id).await.unwrap().unwrap();
     assert_eq!(run.status, zapflow_core::RunStatus::Succeeded);
     assert_eq!(run.steps[0].attempts, 2);
