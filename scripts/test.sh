@@ -13,4 +13,12 @@ pg_isready -h 127.0.0.1 -p 5432
 
 bash scripts/start-broker.sh
 
-cargo test --workspace "$@"
+log=$(mktemp)
+status=0
+cargo test --workspace --all-targets "$@" 2>&1 | tee "$log" || status=$?
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s += $1} END {print s + 0}')
+failed=$(grep -Eo '^test result: .* ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s += $1} END {print s + 0}')
+mkdir -p target
+echo "tests: $passed passed, $failed failed" | tee target/test-summary.txt
+rm -f "$log"
+exit "$status"

@@ -212,10 +212,17 @@ pub fn print(report: &Report) {
     }
     println!("  emails/s: the phase's emails over the time from its first POST to its last email.");
     println!("  drain: from the phase's last 202 to its last email.");
-    println!(
-        "  Arrivals are stamped by looking at the sink every {}-{} ms (a look took {:.2} ms on average).",
+    let (shortest, longest) = (
         MIN_INTERVAL.as_millis(),
         report.anomalies.max_interval.max(MIN_INTERVAL).as_millis(),
+    );
+    let every = if longest > shortest {
+        format!("{shortest}-{longest}")
+    } else {
+        shortest.to_string()
+    };
+    println!(
+        "  Arrivals are stamped by looking at the sink every {every} ms (a look took {:.2} ms on average).",
         report.anomalies.mean_look.as_secs_f64() * 1000.0
     );
     println!("{}", wrap(BROKER_NOTE, "  ", 100));

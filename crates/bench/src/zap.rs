@@ -1,10 +1,9 @@
 //! The zap under test, created over gRPC like any user would.
 
 use anyhow::{Context, Result};
-use prost_types::value::Kind;
-use prost_types::{ListValue, Struct, Value};
 use serde_json::json;
 use tonic::Request;
+use zapflow_proto::json::json_to_struct;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
 use zapflow_proto::v1::{Action, CreateZapRequest};
 
@@ -45,29 +44,6 @@ pub async fn create(grpc_url: &str, api_key: &str) -> Result<String> {
 /// The webhook's sequence number in a subject written by [`create`]'s zap.
 pub fn sequence_in_subject(subject: &str) -> Option<u64> {
     subject.strip_prefix(SUBJECT_PREFIX)?.trim().parse().ok()
-}
-
-fn json_to_struct(map: &serde_json::Map<String, serde_json::Value>) -> Struct {
-    Struct {
-        fields: map
-            .iter()
-            .map(|(key, value)| (key.clone(), json_to_value(value)))
-            .collect(),
-    }
-}
-
-fn json_to_value(json: &serde_json::Value) -> Value {
-    let kind = match json {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.iter().map(json_to_value).collect(),
-        }),
-        serde_json::Value::Object(map) => Kind::StructValue(json_to_struct(map)),
-    };
-    Value { kind: Some(kind) }
 }
 
 #[cfg(test)]

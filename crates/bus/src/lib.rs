@@ -76,6 +76,10 @@ impl BusSettings {
                 max_poll_interval.as_millis().to_string(),
             )
             .set("session.timeout.ms", "10000")
+            // A fetch waits at most this long for data. Kafka answers as
+            // soon as data arrives anyway; brokers that only answer when the
+            // wait runs out (tansu) would otherwise add 500 ms to every step.
+            .set("fetch.wait.max.ms", "20")
             .create()?;
         consumer.subscribe(&[&self.events_topic])?;
         Ok(consumer)

@@ -1,5 +1,7 @@
 //! The zapflow contract: generated from `proto/zapflow/v1`.
 
+pub mod json;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("zapflow.v1");

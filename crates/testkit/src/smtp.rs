@@ -112,6 +112,17 @@ impl SmtpSink {
         self.shared.mails.lock().unwrap().clone()
     }
 
+    /// The subjects of every message so far, sorted.
+    pub fn sorted_subjects(&self) -> Vec<String> {
+        let mut subjects: Vec<String> = self
+            .mails()
+            .iter()
+            .map(|mail| mail.header("Subject").unwrap_or_default())
+            .collect();
+        subjects.sort();
+        subjects
+    }
+
     /// Waits until at least `count` messages arrived; panics after `timeout`.
     pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Mail> {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -283,14 +283,8 @@ async fn a_broker_outage_delays_runs_and_loses_none() {
     for run_id in &run_ids {
         crate::support::wait_for_run(&stack, &key, run_id, pb::RunStatus::Succeeded).await;
     }
-    let mut subjects: Vec<String> = smtp
-        .mails()
-        .iter()
-        .map(|mail| mail.header("Subject").unwrap())
-        .collect();
-    subjects.sort();
     assert_eq!(
-        subjects,
+        smtp.sorted_subjects(),
         ["0", "1", "2", "3", "4", "5", "6", "7"],
         "each email once"
     );

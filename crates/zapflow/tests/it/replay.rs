@@ -12,16 +12,6 @@ use crate::support::{
 
 const REJECT: &str = "550 5.1.1 no such user";
 
-fn subjects(smtp: &SmtpSink) -> Vec<String> {
-    let mut subjects: Vec<String> = smtp
-        .mails()
-        .iter()
-        .map(|mail| mail.header("Subject").unwrap())
-        .collect();
-    subjects.sort();
-    subjects
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
     let smtp = SmtpSink::start().await;
@@ -48,7 +38,7 @@ async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
         "{}",
         original.steps[1].error
     );
-    assert_eq!(subjects(&smtp), ["first"]);
+    assert_eq!(smtp.sorted_subjects(), ["first"]);
 
     // The mailbox is fixed; replay from the failed step.
     smtp.reject_address("flaky@example.com", None);
@@ -70,7 +60,7 @@ async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
     assert_ne!(replay.id, original_id);
     let replay = wait_for_run(&stack, &key, &replay.id, pb::RunStatus::Succeeded).await;
     assert_eq!(
-        subjects(&smtp),
+        smtp.sorted_subjects(),
         ["first", "second"],
         "the step that succeeded is not repeated"
     );
@@ -111,7 +101,10 @@ async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
         .run
         .unwrap();
     wait_for_run(&stack, &key, &again.id, pb::RunStatus::Succeeded).await;
-    assert_eq!(subjects(&smtp), ["first", "first", "second", "second"]);
+    assert_eq!(
+        smtp.sorted_subjects(),
+        ["first", "first", "second", "second"]
+    );
 
     // Another user cannot replay it.
     let mallory = new_user(&stack, "mallory").await;
@@ -209,6 +202,6 @@ async fn failed_runs_of_a_time_range_replay_in_bulk_once() {
         replay_runs(None, None).await.is_empty(),
         "each failed run is replayed once"
     );
-    assert_eq!(subjects(&smtp), ["0", "1", "2", "9"]);
+    assert_eq!(smtp.sorted_subjects(), ["0", "1", "2", "9"]);
     stack.stop().await;
 }

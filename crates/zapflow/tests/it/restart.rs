@@ -53,14 +53,8 @@ async fn runs_accepted_before_a_restart_finish_after_it_exactly_once() {
         wait_for_run(&after, &key, run_id, pb::RunStatus::Succeeded).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut subjects: Vec<String> = smtp
-        .mails()
-        .iter()
-        .map(|mail| mail.header("Subject").unwrap())
-        .collect();
-    subjects.sort();
     assert_eq!(
-        subjects,
+        smtp.sorted_subjects(),
         ["n=0", "n=1", "n=2"],
         "each run's email exactly once"
     );

@@ -10,26 +10,10 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// JSON object -> protobuf Struct, as a gRPC client would send it.
 pub fn to_struct(json: Value) -> prost_types::Struct {
-    fn to_value(json: Value) -> prost_types::Value {
-        use prost_types::value::Kind;
-        let kind = match json {
-            Value::Null => Kind::NullValue(0),
-            Value::Bool(b) => Kind::BoolValue(b),
-            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-            Value::String(s) => Kind::StringValue(s),
-            Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-                values: items.into_iter().map(to_value).collect(),
-            }),
-            Value::Object(_) => Kind::StructValue(to_struct(json)),
-        };
-        prost_types::Value { kind: Some(kind) }
-    }
     let Value::Object(map) = json else {
         panic!("not an object: {json}")
     };
-    prost_types::Struct {
-        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
-    }
+    zapflow_proto::json::json_to_struct(&map)
 }
 
 pub fn email_action(to: &str, subject: &str, body: &str) -> pb::Action {
