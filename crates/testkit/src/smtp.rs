@@ -53,6 +53,10 @@ struct Shared {
     mails: Mutex<Vec<Mail>>,
     /// When set, the reply to every RCPT TO (for example "451 try later").
     reject_rcpt: Mutex<Option<String>>,
+    /// How long to wait before accepting a message (a slow server).
+    stall: Mutex<Duration>,
+    /// Messages whose DATA has begun, accepted or not.
+    data_started: std::sync::atomic::AtomicUsize,
     /// Replies to RCPT TO for particular addresses.
     reject_address: Mutex<std::collections::HashMap<String, String>>,
     arrived: Notify,
@@ -106,6 +110,16 @@ impl SmtpSink {
             Some(reply) => rejected.insert(address.to_owned(), reply.to_owned()),
             None => rejected.remove(address),
         };
+    }
+
+    /// Waits `stall` before answering each message's DATA (a slow server).
+    pub fn stall(&self, stall: Duration) {
+        *self.shared.stall.lock().unwrap() = stall;
+    }
+
+    /// How many messages have begun their DATA, accepted or not.
+    pub fn data_started(&self) -> usize {
+        self.shared.data_started.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn mails(&self) -> Vec<Mail> {
@@ -185,6 +199,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                 }
             }
             "DATA" => {
+                shared.data_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 writer.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await?;
                 let mut data = String::new();
                 loop {
@@ -203,6 +218,8 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                     );
                 }
                 let data = data.strip_suffix("\r\n").unwrap_or(&data).to_owned();
+                let stall = *shared.stall.lock().unwrap();
+                tokio::time::sleep(stall).await;
                 shared.mails.lock().unwrap().push(Mail {
                     from: std::mem::take(&mut from),
                     recipients: std::mem::take(&mut recipients),

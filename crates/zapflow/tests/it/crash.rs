@@ -290,3 +290,60 @@ async fn a_broker_outage_delays_runs_and_loses_none() {
     );
     stack.stop().await;
 }
+
+/// Sends `signal` (by name, e.g. "INT") to a process with the `kill` command.
+async fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("the process runs").to_string();
+    let status = Command::new("kill").args([format!("-{signal}"), pid]).status().await.unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_drains_and_exits_cleanly_and_a_second_one_exits_at_once() {
+    let smtp = SmtpSink::start().await;
+    let data_dir = std::env::temp_dir().join(unique("zapflow-signal"));
+
+    let mut zapflow = Zapflow::start(&data_dir, free_address(), free_address(), &smtp.url()).await;
+    signal(&zapflow.child, "INT").await;
+    let status = tokio::time::timeout(Duration::from_secs(20), zapflow.child.wait())
+        .await
+        .expect("exits after draining")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // Restarted on the same data: the key is kept (and not printed again).
+    let key = admin_key(&data_dir);
+    let (grpc, http) = (free_address(), free_address());
+    let mut zapflow = Zapflow::start(&data_dir, grpc, http, &smtp.url()).await;
+    assert_eq!(admin_key(&data_dir), key);
+
+    // A slow SMTP server keeps a step in flight: the first signal waits
+    // for it, the second ends the process at once.
+    smtp.stall(Duration::from_secs(60));
+    let mut zaps = ZapServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+    let url = zaps
+        .create_zap(with_key(
+            &key,
+            pb::CreateZapRequest {
+                name: "slow".into(),
+                actions: vec![email_action("{{ trigger.to }}", "slow", "b")],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook_url;
+    deliver(&reqwest::Client::new(), &url, 1).await.expect("accepted");
+    eventually("the email to be under way", Duration::from_secs(20), || async { (smtp.data_started() == 1).then_some(()) }).await;
+    signal(&zapflow.child, "INT").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(zapflow.child.try_wait().unwrap().is_none(), "the first signal waits for the step");
+    signal(&zapflow.child, "INT").await;
+    let status = tokio::time::timeout(Duration::from_secs(5), zapflow.child.wait())
+        .await
+        .expect("the second signal exits at once")
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
