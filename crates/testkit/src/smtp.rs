@@ -119,7 +119,9 @@ impl SmtpSink {
 
     /// How many messages have begun their DATA, accepted or not.
     pub fn data_started(&self) -> usize {
-        self.shared.data_started.load(std::sync::atomic::Ordering::SeqCst)
+        self.shared
+            .data_started
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn mails(&self) -> Vec<Mail> {
@@ -199,7 +201,9 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                 }
             }
             "DATA" => {
-                shared.data_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                shared
+                    .data_started
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 writer.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await?;
                 let mut data = String::new();
                 loop {

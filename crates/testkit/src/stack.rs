@@ -32,6 +32,8 @@ pub struct StackOptions {
     pub processors: usize,
     /// Workers to run (members of one consumer group).
     pub workers: usize,
+    /// The workers' consumer group; a fresh one when `None`.
+    pub consumer_group: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -45,6 +47,7 @@ impl Default for StackOptions {
             per_ip_limit: None,
             processors: 1,
             workers: 1,
+            consumer_group: None,
         }
     }
 }
@@ -116,7 +119,10 @@ impl Stack {
             }
         }
 
-        let group = crate::unique("zapflow-workers");
+        let group = options
+            .consumer_group
+            .clone()
+            .unwrap_or_else(|| crate::unique("zapflow-workers"));
         let mailbox_dir = std::env::temp_dir().join(crate::unique("zapflow-mailbox"));
         for _ in 0..options.workers {
             let mailer = Mailer::new(&EmailSettings {

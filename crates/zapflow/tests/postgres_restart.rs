@@ -12,7 +12,9 @@ use serde_json::json;
 use zapflow_proto::v1 as pb;
 use zapflow_testkit::{SmtpSink, eventually};
 
-use crate::support::{Deployment, create_zap, email_action, new_user, stack_with_smtp, wait_for_run};
+use crate::support::{
+    Deployment, create_zap, email_action, new_user, stack_with_smtp, wait_for_run,
+};
 
 /// Restarts the local PostgreSQL cluster (the one the tests use).
 async fn restart_postgres() {
@@ -23,29 +25,37 @@ async fn restart_postgres() {
             .expect("no /etc/postgresql: set ZAPFLOW_TEST_PG_RESTART to a command that restarts PostgreSQL");
         format!("pg_ctlcluster --skip-systemctl-redirect {} main restart", version.to_string_lossy())
     });
-    let status = tokio::process::Command::new("sh").args(["-c", &command]).status().await.unwrap();
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", &command])
+        .status()
+        .await
+        .unwrap();
     assert!(status.success(), "`{command}` failed: {status:?}");
 }
 
 /// POSTs like a webhook sender that retries on 5xx; the run id.
 async fn deliver_with_retries(url: &str, body: &serde_json::Value) -> String {
     let client = reqwest::Client::new();
-    eventually("the delivery to be accepted", Duration::from_secs(60), || {
-        let request = client
-            .post(url)
-            .header("content-type", "application/json")
-            .header("idempotency-key", body["n"].to_string())
-            .body(body.to_string())
-            .send();
-        async move {
-            let response = request.await.ok()?;
-            if response.status() != 202 {
-                return None;
+    eventually(
+        "the delivery to be accepted",
+        Duration::from_secs(60),
+        || {
+            let request = client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("idempotency-key", body["n"].to_string())
+                .body(body.to_string())
+                .send();
+            async move {
+                let response = request.await.ok()?;
+                if response.status() != 202 {
+                    return None;
+                }
+                let answer: serde_json::Value = response.json().await.ok()?;
+                Some(answer["run_id"].as_str()?.to_owned())
             }
-            let answer: serde_json::Value = response.json().await.ok()?;
-            Some(answer["run_id"].as_str()?.to_owned())
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -54,7 +64,12 @@ async fn a_postgres_restart_delays_runs_and_loses_none() {
     let smtp = SmtpSink::start().await;
     let stack = stack_with_smtp(&smtp, Deployment::Distributed).await;
     let key = new_user(&stack, "ada").await;
-    let (_, url) = create_zap(&stack, &key, vec![email_action("r@example.com", "{{ trigger.n }}", "b")]).await;
+    let (_, url) = create_zap(
+        &stack,
+        &key,
+        vec![email_action("r@example.com", "{{ trigger.n }}", "b")],
+    )
+    .await;
     for n in 0..3 {
         deliver_with_retries(&url, &json!({"n": n})).await;
     }
@@ -68,6 +83,10 @@ async fn a_postgres_restart_delays_runs_and_loses_none() {
     for run_id in &run_ids {
         wait_for_run(&stack, &key, run_id, pb::RunStatus::Succeeded).await;
     }
-    assert_eq!(smtp.sorted_subjects(), ["0", "1", "2", "3", "4", "5", "6", "7"], "each email once");
+    assert_eq!(
+        smtp.sorted_subjects(),
+        ["0", "1", "2", "3", "4", "5", "6", "7"],
+        "each email once"
+    );
     stack.stop().await;
 }

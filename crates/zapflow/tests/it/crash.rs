@@ -294,7 +294,11 @@ async fn a_broker_outage_delays_runs_and_loses_none() {
 /// Sends `signal` (by name, e.g. "INT") to a process with the `kill` command.
 async fn signal(child: &Child, signal: &str) {
     let pid = child.id().expect("the process runs").to_string();
-    let status = Command::new("kill").args([format!("-{signal}"), pid]).status().await.unwrap();
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid])
+        .status()
+        .await
+        .unwrap();
     assert!(status.success());
 }
 
@@ -320,7 +324,9 @@ async fn ctrl_c_drains_and_exits_cleanly_and_a_second_one_exits_at_once() {
     // A slow SMTP server keeps a step in flight: the first signal waits
     // for it, the second ends the process at once.
     smtp.stall(Duration::from_secs(60));
-    let mut zaps = ZapServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+    let mut zaps = ZapServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
     let url = zaps
         .create_zap(with_key(
             &key,
@@ -334,11 +340,21 @@ async fn ctrl_c_drains_and_exits_cleanly_and_a_second_one_exits_at_once() {
         .unwrap()
         .into_inner()
         .webhook_url;
-    deliver(&reqwest::Client::new(), &url, 1).await.expect("accepted");
-    eventually("the email to be under way", Duration::from_secs(20), || async { (smtp.data_started() == 1).then_some(()) }).await;
+    deliver(&reqwest::Client::new(), &url, 1)
+        .await
+        .expect("accepted");
+    eventually(
+        "the email to be under way",
+        Duration::from_secs(20),
+        || async { (smtp.data_started() == 1).then_some(()) },
+    )
+    .await;
     signal(&zapflow.child, "INT").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(zapflow.child.try_wait().unwrap().is_none(), "the first signal waits for the step");
+    assert!(
+        zapflow.child.try_wait().unwrap().is_none(),
+        "the first signal waits for the step"
+    );
     signal(&zapflow.child, "INT").await;
     let status = tokio::time::timeout(Duration::from_secs(5), zapflow.child.wait())
         .await

@@ -3,6 +3,7 @@
 
 mod api;
 mod crash;
+mod crash_points;
 mod end_to_end;
 mod gateway;
 mod processor;
