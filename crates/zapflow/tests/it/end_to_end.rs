@@ -246,3 +246,45 @@ async fn an_http_step_calls_out_and_a_later_step_uses_its_response() {
     assert_eq!(mails[0].body().trim_end(), "status 200");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_smtp_server_does_not_serialize_a_partition() {
+    let smtp = SmtpSink::start().await;
+    let bus = zapflow_testkit::test_bus(1).await;
+    let options = zapflow_testkit::StackOptions {
+        smtp_url: Some(smtp.url()),
+        ..Default::default()
+    };
+    let stack =
+        zapflow_testkit::Stack::start(zapflow_testkit::test_store().await, Some(bus), options)
+            .await;
+    let key = new_user(&stack, "ada").await;
+    let (_, webhook_url) = create_zap(
+        &stack,
+        &key,
+        vec![email_action("r@example.com", "{{ trigger.n }}", "b")],
+    )
+    .await;
+
+    // Every message hangs at the server; ten runs on one partition must
+    // still all be under way at once.
+    smtp.stall(std::time::Duration::from_secs(3));
+    let mut run_ids = Vec::new();
+    for n in 0..10 {
+        run_ids.push(
+            post_json(&webhook_url, &json!({"n": n})).await.1["run_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    zapflow_testkit::eventually("ten emails under way together", WAIT, || async {
+        (smtp.data_started() == 10 && smtp.mails().is_empty()).then_some(())
+    })
+    .await;
+    for run_id in &run_ids {
+        wait_for_run(&stack, &key, run_id, pb::RunStatus::Succeeded).await;
+    }
+    assert_eq!(smtp.mails().len(), 10);
+    stack.stop().await;
+}
