@@ -30,6 +30,9 @@ pub struct ApiSettings {
     pub max_message_bytes: usize,
     /// Calls taking longer are cancelled with DEADLINE_EXCEEDED.
     pub request_timeout: Duration,
+    /// The broker, when this process also relays or consumes through it:
+    /// health is SERVING only while it answers too.
+    pub broker: Option<zapflow_bus::BusSettings>,
 }
 
 const SERVICES: [&str; 3] = ["", "zapflow.v1.ZapService", "zapflow.v1.IngestService"];
@@ -48,7 +51,12 @@ pub async fn serve(
             .set_service_status(service, ServingStatus::NotServing)
             .await;
     }
-    tokio::spawn(watch_database(store.clone(), reporter, shutdown.clone()));
+    tokio::spawn(watch_dependencies(
+        store.clone(),
+        settings.broker.clone(),
+        reporter,
+        shutdown.clone(),
+    ));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(zapflow_proto::FILE_DESCRIPTOR_SET)
@@ -78,16 +86,26 @@ pub async fn serve(
         .await
 }
 
-/// Keeps the health status in step with whether the database answers.
-async fn watch_database(store: Store, reporter: HealthReporter, shutdown: CancellationToken) {
+/// Keeps the health status in step with whether the database (and the
+/// broker, when this process needs one) answers.
+async fn watch_dependencies(
+    store: Store,
+    broker: Option<zapflow_bus::BusSettings>,
+    reporter: HealthReporter,
+    shutdown: CancellationToken,
+) {
     let mut serving = None;
     loop {
-        let now_serving = store.ping().await.is_ok();
+        let broker_up = match &broker {
+            Some(broker) => broker.ping().await.is_ok(),
+            None => true,
+        };
+        let now_serving = broker_up && store.ping().await.is_ok();
         if serving != Some(now_serving) {
             let status = if now_serving {
                 ServingStatus::Serving
             } else {
-                tracing::warn!("database unreachable; health is NOT_SERVING");
+                tracing::warn!("database or broker unreachable; health is NOT_SERVING");
                 ServingStatus::NotServing
             };
             for service in SERVICES {

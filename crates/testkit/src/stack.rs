@@ -78,6 +78,7 @@ impl Stack {
             public_url: format!("http://{http_address}"),
             max_message_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            broker: bus.clone(),
         };
         tasks.spawn({
             let (store, shutdown) = (store.clone(), shutdown.clone());

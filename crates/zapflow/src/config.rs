@@ -161,6 +161,7 @@ impl Config {
             public_url: self.public_url.clone(),
             max_message_bytes: self.grpc_max_message,
             request_timeout: Duration::from_secs(30),
+            broker: None,
         }
     }
 

@@ -49,7 +49,16 @@ pub async fn start(
         match role {
             Role::Api => {
                 let listener = bind(config.grpc_listen).await?;
-                let (store, settings) = (store.clone(), config.api());
+                let mut settings = config.api();
+                // In one process with the relay or the workers, the API is
+                // only healthy while their broker answers too.
+                if roles
+                    .iter()
+                    .any(|role| matches!(role, Role::Processor | Role::Worker))
+                {
+                    settings.broker = bus.clone();
+                }
+                let store = store.clone();
                 tasks.spawn(async move {
                     zapflow_api::serve(listener, store, settings, shutdown)
                         .await

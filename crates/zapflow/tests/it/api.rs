@@ -77,15 +77,33 @@ async fn health_is_serving_and_reflection_lists_the_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_not_serving_while_the_database_does_not_answer() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
     let store = Store::open("postgres://postgres@127.0.0.1:1/nowhere", 2)
         .await
         .unwrap();
+    assert_not_serving(store, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_while_the_broker_of_this_process_does_not_answer() {
+    let broker = zapflow_bus::BusSettings {
+        brokers: "127.0.0.1:1".into(),
+        events_topic: "unused".into(),
+        dead_letter_topic: "unused-dlq".into(),
+        partitions: 1,
+    };
+    assert_not_serving(test_store().await, Some(broker)).await;
+}
+
+/// Serves the API with `store` and `broker` and checks that health stays
+/// NOT_SERVING.
+async fn assert_not_serving(store: Store, broker: Option<zapflow_bus::BusSettings>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
     let settings = ApiSettings {
         public_url: "http://127.0.0.1:8080".into(),
         max_message_bytes: 1024 * 1024,
         request_timeout: Duration::from_secs(5),
+        broker,
     };
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(zapflow_api::serve(
@@ -106,7 +124,7 @@ async fn health_is_not_serving_while_the_database_does_not_answer() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         health(channel.clone(), "").await,
         ServingStatus::NotServing as i32
