@@ -103,7 +103,16 @@ async fn commit_batches(store: Store, receiver: Arc<Mutex<mpsc::Receiver<(NewRun
                 return;
             }
         }
-        let (runs, replies): (Vec<NewRun>, Vec<Reply>) = batch.drain(..).unzip();
+        // A caller that gave up (its deadline passed, the sender hung up)
+        // before its turn gets no run: it saw an error, and its retry
+        // starts afresh.
+        let (runs, replies): (Vec<NewRun>, Vec<Reply>) = batch
+            .drain(..)
+            .filter(|(_, reply)| !reply.is_closed())
+            .unzip();
+        if runs.is_empty() {
+            continue;
+        }
         match store.insert_runs(&runs).await {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
