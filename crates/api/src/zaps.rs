@@ -93,13 +93,15 @@ impl ZapApi {
         Ok(id)
     }
 
-    async fn set_status(
+    /// Pauses or resumes the zap `id` of the request's caller.
+    async fn set_status<T>(
         &self,
-        request: Request<pb::PauseZapRequest>,
+        request: &Request<T>,
+        id: &str,
         status: ZapStatus,
     ) -> Result<pb::Zap> {
-        let owner = self.authenticate(&request).await?;
-        let id = parse_id(&request.get_ref().id, "zap")?;
+        let owner = self.authenticate(request).await?;
+        let id = parse_id(id, "zap")?;
         let zap = self
             .store
             .set_zap_status(owner, id, status)
@@ -217,7 +219,9 @@ impl ZapService for ZapApi {
         &self,
         request: Request<pb::PauseZapRequest>,
     ) -> Reply<pb::PauseZapResponse> {
-        let zap = self.set_status(request, ZapStatus::Paused).await?;
+        let zap = self
+            .set_status(&request, &request.get_ref().id, ZapStatus::Paused)
+            .await?;
         Ok(Response::new(pb::PauseZapResponse { zap: Some(zap) }))
     }
 
@@ -225,10 +229,9 @@ impl ZapService for ZapApi {
         &self,
         request: Request<pb::ResumeZapRequest>,
     ) -> Reply<pb::ResumeZapResponse> {
-        let (metadata, extensions, body) = request.into_parts();
-        let request =
-            Request::from_parts(metadata, extensions, pb::PauseZapRequest { id: body.id });
-        let zap = self.set_status(request, ZapStatus::Active).await?;
+        let zap = self
+            .set_status(&request, &request.get_ref().id, ZapStatus::Active)
+            .await?;
         Ok(Response::new(pb::ResumeZapResponse { zap: Some(zap) }))
     }
 
