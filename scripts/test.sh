@@ -11,6 +11,10 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
 fi
 pg_isready -h 127.0.0.1 -p 5432
 
+# Every test makes a database of its own; drop those of earlier runs.
+psql -h 127.0.0.1 -U postgres -qtAc "SELECT datname FROM pg_database WHERE datname LIKE 'zapflow\_test\_%'" |
+  while read -r database; do dropdb -h 127.0.0.1 -U postgres --force "$database"; done
+
 bash scripts/start-broker.sh
 
 log=$(mktemp)
