@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every zapflow role in one process on this machine: makes sure
-# PostgreSQL answers (and has a `zapflow` database) and a Kafka-protocol
-# broker runs, then starts `zapflow all`.
+# Runs every zapflow role in one process in the distributed deployment on
+# this machine: makes sure PostgreSQL answers (and has a `zapflow` database)
+# and a Kafka-protocol broker (tansu) runs, then starts `zapflow all`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,5 +14,6 @@ if ! psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname
 fi
 
 bash scripts/start-broker.sh
+export ZAPFLOW_DATABASE_URL=${ZAPFLOW_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/zapflow}
 export ZAPFLOW_KAFKA_BROKERS=${ZAPFLOW_KAFKA_BROKERS:-127.0.0.1:19092}
-exec cargo run --release -p zapflow -- all "$@"
+exec cargo run --release -- all "$@"
