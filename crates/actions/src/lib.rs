@@ -55,13 +55,13 @@ impl Executor {
         Self { mailer, http }
     }
 
-    /// Replaces the HTTP settings (an allowlist of private ranges, ...).
-    /// Fails when the HTTP client cannot be built, so a service can refuse
-    /// to start instead of failing every http step.
-    pub fn with_http(self, settings: HttpSettings) -> Result<Self, String> {
+    /// Email with `mailer`, HTTP with `settings` (an allowlist of private
+    /// ranges, ...). Fails when the HTTP client cannot be built, so a service
+    /// can refuse to start instead of failing every http step.
+    pub fn with_http(mailer: Mailer, settings: &HttpSettings) -> Result<Self, String> {
         Ok(Self {
-            http: Ok(HttpClient::new(&settings)?),
-            ..self
+            mailer,
+            http: Ok(HttpClient::new(settings)?),
         })
     }
 

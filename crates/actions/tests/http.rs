@@ -126,7 +126,7 @@ fn executor(allow: &[&str]) -> Executor {
             .collect(),
         ..HttpSettings::default()
     };
-    Executor::new(mailer()).with_http(settings).unwrap()
+    Executor::with_http(mailer(), &settings).unwrap()
 }
 
 fn loopback_executor() -> Executor {

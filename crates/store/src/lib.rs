@@ -4,6 +4,7 @@
 //! together with the outbox row that announces the work it causes.
 
 mod outbox;
+mod portable;
 mod runs;
 mod sqlite;
 mod steps;
@@ -76,9 +77,5 @@ impl PgStore {
         MIGRATOR.run(&self.pool).await
     }
 
-    /// Whether the database answers.
-    pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
+    portable::portable_queries!();
 }

@@ -157,14 +157,6 @@ impl PgStore {
         tx.commit().await?;
         Ok(())
     }
-
-    /// Counts rows not yet relayed (due or not).
-    pub async fn outbox_len(&self) -> Result<i64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count)
-    }
 }
 
 /// Adds an outbox row inside the caller's transaction.

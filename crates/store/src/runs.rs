@@ -2,7 +2,6 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::AssertSqlSafe;
 use sqlx::types::Json;
 use uuid::Uuid;
 use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
@@ -233,82 +232,6 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    /// Failed runs of a zap not replayed yet, oldest first (at most
-    /// `limit`), with when they were created.
-    pub async fn failed_runs(
-        &self,
-        owner_id: Uuid,
-        zap_id: Uuid,
-        limit: u32,
-    ) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
-        Ok(sqlx::query_as(
-            "SELECT id, created_at FROM zap_runs
-             WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
-               AND NOT EXISTS (SELECT 1 FROM zap_runs AS replay WHERE replay.replay_of = zap_runs.id)
-             ORDER BY created_at LIMIT $3",
-        )
-        .bind(owner_id)
-        .bind(zap_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    /// A run with its steps, whoever owns it (for workers).
-    pub async fn run(&self, id: Uuid) -> Result<Option<Run>> {
-        self.fetch_run(id, None).await
-    }
-
-    /// A run with its steps, if `owner_id` owns it.
-    pub async fn owned_run(&self, owner_id: Uuid, id: Uuid) -> Result<Run> {
-        self.fetch_run(id, Some(owner_id))
-            .await?
-            .ok_or(crate::StoreError::NotFound)
-    }
-
-    async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
-        let row: Option<RunRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM zap_runs
-             WHERE id = $1 AND ($2::uuid IS NULL OR owner_id = $2)"
-        )))
-        .bind(id)
-        .bind(owner_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let steps: Vec<StepRow> = sqlx::query_as(
-            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at, history
-             FROM zap_run_steps WHERE run_id = $1",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        row.into_run(steps).map(Some)
-    }
-
-    /// Runs of an owner (optionally of one zap), newest first, without steps.
-    pub async fn list_runs(
-        &self,
-        owner_id: Uuid,
-        zap_id: Option<Uuid>,
-        before: Option<Uuid>,
-        limit: u32,
-    ) -> Result<RunPage> {
-        let rows: Vec<RunRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM zap_runs
-             WHERE owner_id = $1 AND ($2::uuid IS NULL OR zap_id = $2)
-               AND ($3::uuid IS NULL OR id < $3)
-             ORDER BY id DESC LIMIT $4"
-        )))
-        .bind(owner_id)
-        .bind(zap_id)
-        .bind(before)
-        .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        RunPage::from_rows(rows, limit)
     }
 }
 

@@ -23,10 +23,9 @@ use zapflow_core::secret::{self, ApiKey};
 use zapflow_core::{ActionSpec, Attempt, RunStatus, ZapStatus};
 
 use crate::outbox::{OutboxKind, OutboxRecord};
-use crate::runs::{RUN_COLUMNS, RunRow, StepRow};
 use crate::zaps::{IngestRow, ZAP_COLUMNS, ZapRow, found, parse_status};
 use crate::{
-    ClaimedStep, NewRun, OutboxRow, Result, Run, RunPage, SQLITE_MIGRATOR, StepClaim, StepOutcome,
+    ClaimedStep, NewRun, OutboxRow, Result, Run, SQLITE_MIGRATOR, StepClaim, StepOutcome,
     StoreError, Zap, ZapForIngest,
 };
 
@@ -93,10 +92,7 @@ impl SqliteStore {
         SQLITE_MIGRATOR.run(&self.pool).await
     }
 
-    pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
+    crate::portable::portable_queries!();
 
     pub async fn create_user(&self, name: &str) -> Result<(Uuid, ApiKey)> {
         let user_id = Uuid::now_v7();
@@ -119,23 +115,6 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         Ok((user_id, key))
-    }
-
-    pub async fn user_count(&self) -> Result<i64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count)
-    }
-
-    pub async fn authenticate(&self, key: &ApiKey) -> Result<Option<Uuid>> {
-        let row: Option<(Uuid, Vec<u8>)> =
-            sqlx::query_as("SELECT user_id, secret_hash FROM api_keys WHERE id = $1")
-                .bind(key.id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row
-            .and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
     }
 
     pub async fn create_zap(
@@ -162,36 +141,6 @@ impl SqliteStore {
         .fetch_one(&self.pool)
         .await?;
         row.try_into()
-    }
-
-    pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
-        let row: ZapRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {ZAP_COLUMNS} FROM zaps WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL"
-        )))
-        .bind(id)
-        .bind(owner_id)
-        .fetch_one(&self.pool)
-        .await?;
-        row.try_into()
-    }
-
-    pub async fn list_zaps(
-        &self,
-        owner_id: Uuid,
-        after: Option<Uuid>,
-        limit: u32,
-    ) -> Result<Vec<Zap>> {
-        let rows: Vec<ZapRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {ZAP_COLUMNS} FROM zaps
-             WHERE owner_id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR id > $2)
-             ORDER BY id LIMIT $3"
-        )))
-        .bind(owner_id)
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(Zap::try_from).collect()
     }
 
     pub async fn update_zap(
@@ -270,17 +219,6 @@ impl SqliteStore {
             .execute(&self.pool)
             .await?;
         found(done.rows_affected())
-    }
-
-    pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
-        let row: Option<IngestRow> = sqlx::query_as(
-            "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
-             WHERE id = $1 AND deleted_at IS NULL",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(ZapForIngest::try_from).transpose()
     }
 
     pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<(Uuid, bool)>> {
@@ -371,75 +309,6 @@ impl SqliteStore {
         tx.commit().await?;
         self.outbox_written.notify_waiters();
         Ok(())
-    }
-
-    pub async fn failed_runs(
-        &self,
-        owner_id: Uuid,
-        zap_id: Uuid,
-        limit: u32,
-    ) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
-        Ok(sqlx::query_as(
-            "SELECT id, created_at FROM zap_runs
-             WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
-               AND NOT EXISTS (SELECT 1 FROM zap_runs AS replay WHERE replay.replay_of = zap_runs.id)
-             ORDER BY created_at LIMIT $3",
-        )
-        .bind(owner_id)
-        .bind(zap_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    pub async fn run(&self, id: Uuid) -> Result<Option<Run>> {
-        self.fetch_run(id, None).await
-    }
-
-    pub async fn owned_run(&self, owner_id: Uuid, id: Uuid) -> Result<Run> {
-        self.fetch_run(id, Some(owner_id))
-            .await?
-            .ok_or(StoreError::NotFound)
-    }
-
-    async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
-        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM zap_runs WHERE id = $1 AND ($2 IS NULL OR owner_id = $2)"
-        )))
-        .bind(id)
-        .bind(owner_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let steps: Vec<StepRow> = sqlx::query_as(
-            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at, history
-             FROM zap_run_steps WHERE run_id = $1",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        row.into_run(steps).map(Some)
-    }
-
-    pub async fn list_runs(
-        &self,
-        owner_id: Uuid,
-        zap_id: Option<Uuid>,
-        before: Option<Uuid>,
-        limit: u32,
-    ) -> Result<RunPage> {
-        let rows: Vec<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM zap_runs
-             WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
-             ORDER BY id DESC LIMIT $4"
-        )))
-        .bind(owner_id)
-        .bind(zap_id)
-        .bind(before)
-        .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        RunPage::from_rows(rows, limit)
     }
 
     pub async fn claim_step(&self, run_id: Uuid, stage: u32, lease: Duration) -> Result<StepClaim> {
@@ -567,13 +436,6 @@ impl SqliteStore {
         tx.commit().await?;
         self.outbox_written.notify_waiters();
         Ok(())
-    }
-
-    pub async fn outbox_len(&self) -> Result<i64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count)
     }
 
     /// Leases up to `limit` due step rows to the caller for `lease`: they

@@ -23,22 +23,4 @@ impl PgStore {
         tx.commit().await?;
         Ok((user_id, key))
     }
-
-    /// The user an API key belongs to, if the key is valid.
-    pub async fn authenticate(&self, key: &ApiKey) -> Result<Option<Uuid>> {
-        let row: Option<(Uuid, Vec<u8>)> =
-            sqlx::query_as("SELECT user_id, secret_hash FROM api_keys WHERE id = $1")
-                .bind(key.id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row
-            .and_then(|(user_id, stored)| secret::verify(&key.secret, &stored).then_some(user_id)))
-    }
-
-    pub async fn user_count(&self) -> Result<i64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count)
-    }
 }

@@ -95,38 +95,6 @@ impl PgStore {
         row.try_into()
     }
 
-    pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
-        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {ZAP_COLUMNS} FROM zaps
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL"
-        )))
-        .bind(id)
-        .bind(owner_id)
-        .fetch_one(&self.pool)
-        .await?;
-        row.try_into()
-    }
-
-    /// Up to `limit` zaps in creation order, after the zap `after`.
-    pub async fn list_zaps(
-        &self,
-        owner_id: Uuid,
-        after: Option<Uuid>,
-        limit: u32,
-    ) -> Result<Vec<Zap>> {
-        let rows: Vec<ZapRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {ZAP_COLUMNS} FROM zaps
-             WHERE owner_id = $1 AND deleted_at IS NULL AND ($2::uuid IS NULL OR id > $2)
-             ORDER BY id LIMIT $3"
-        )))
-        .bind(owner_id)
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(Zap::try_from).collect()
-    }
-
     pub async fn update_zap(
         &self,
         owner_id: Uuid,
@@ -203,18 +171,6 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         found(done.rows_affected())
-    }
-
-    /// A live zap by id alone: the webhook token is the caller's credential.
-    pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
-        let row: Option<IngestRow> = sqlx::query_as(
-            "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
-             WHERE id = $1 AND deleted_at IS NULL",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(ZapForIngest::try_from).transpose()
     }
 }
 

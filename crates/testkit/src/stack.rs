@@ -137,7 +137,7 @@ impl Stack {
                 allow_cidrs: options.http_allow_cidrs.clone(),
                 ..HttpSettings::default()
             };
-            let executor = Executor::new(mailer).with_http(http).unwrap();
+            let executor = Executor::with_http(mailer, &http).unwrap();
             let worker = Worker::new(store.clone(), executor, options.worker.clone());
             match &bus {
                 Some(bus) => {

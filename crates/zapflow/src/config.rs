@@ -199,9 +199,7 @@ impl Config {
             allow_cidrs: self.http_allow_cidrs.clone(),
             ..HttpSettings::default()
         };
-        Executor::new(mailer)
-            .with_http(http)
-            .map_err(anyhow::Error::msg)
+        Executor::with_http(mailer, &http).map_err(anyhow::Error::msg)
     }
 
     pub fn email(&self) -> EmailSettings {

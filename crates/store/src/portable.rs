@@ -1,0 +1,169 @@
+//! Queries whose SQL reads the same on PostgreSQL and SQLite, written once
+//! and expanded into both stores (sqlx sends each parameter's type, so no
+//! casts are needed for PostgreSQL to read `$2 IS NULL`).
+
+/// The shared methods, for an `impl` block of a store with a `pool` field.
+macro_rules! portable_queries {
+    () => {
+        /// Whether the database answers.
+        pub async fn ping(&self) -> $crate::Result<()> {
+            ::sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        }
+
+        /// The user an API key belongs to, if the key is valid.
+        pub async fn authenticate(
+            &self,
+            key: &::zapflow_core::secret::ApiKey,
+        ) -> $crate::Result<Option<::uuid::Uuid>> {
+            let row: Option<(::uuid::Uuid, Vec<u8>)> =
+                ::sqlx::query_as("SELECT user_id, secret_hash FROM api_keys WHERE id = $1")
+                    .bind(key.id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(row.and_then(|(user_id, stored)| {
+                ::zapflow_core::secret::verify(&key.secret, &stored).then_some(user_id)
+            }))
+        }
+
+        pub async fn user_count(&self) -> $crate::Result<i64> {
+            let (count,): (i64,) = ::sqlx::query_as("SELECT count(*) FROM users")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(count)
+        }
+
+        pub async fn get_zap(&self, owner_id: ::uuid::Uuid, id: ::uuid::Uuid) -> $crate::Result<$crate::Zap> {
+            let row: $crate::zaps::ZapRow = ::sqlx::query_as(::sqlx::AssertSqlSafe(format!(
+                "SELECT {} FROM zaps WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+                $crate::zaps::ZAP_COLUMNS
+            )))
+            .bind(id)
+            .bind(owner_id)
+            .fetch_one(&self.pool)
+            .await?;
+            row.try_into()
+        }
+
+        /// Up to `limit` zaps in creation order, after the zap `after`.
+        pub async fn list_zaps(
+            &self,
+            owner_id: ::uuid::Uuid,
+            after: Option<::uuid::Uuid>,
+            limit: u32,
+        ) -> $crate::Result<Vec<$crate::Zap>> {
+            let rows: Vec<$crate::zaps::ZapRow> = ::sqlx::query_as(::sqlx::AssertSqlSafe(format!(
+                "SELECT {} FROM zaps
+                 WHERE owner_id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR id > $2)
+                 ORDER BY id LIMIT $3",
+                $crate::zaps::ZAP_COLUMNS
+            )))
+            .bind(owner_id)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.into_iter().map($crate::Zap::try_from).collect()
+        }
+
+        /// A live zap by id alone: the webhook token is the caller's credential.
+        pub async fn zap_for_ingest(&self, id: ::uuid::Uuid) -> $crate::Result<Option<$crate::ZapForIngest>> {
+            let row: Option<$crate::zaps::IngestRow> = ::sqlx::query_as(
+                "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
+                 WHERE id = $1 AND deleted_at IS NULL",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map($crate::ZapForIngest::try_from).transpose()
+        }
+
+        /// A run with its steps, whoever owns it (for workers).
+        pub async fn run(&self, id: ::uuid::Uuid) -> $crate::Result<Option<$crate::Run>> {
+            self.fetch_run(id, None).await
+        }
+
+        /// A run with its steps, if `owner_id` owns it.
+        pub async fn owned_run(&self, owner_id: ::uuid::Uuid, id: ::uuid::Uuid) -> $crate::Result<$crate::Run> {
+            self.fetch_run(id, Some(owner_id)).await?.ok_or($crate::StoreError::NotFound)
+        }
+
+        async fn fetch_run(
+            &self,
+            id: ::uuid::Uuid,
+            owner_id: Option<::uuid::Uuid>,
+        ) -> $crate::Result<Option<$crate::Run>> {
+            let row: Option<$crate::runs::RunRow> = ::sqlx::query_as(::sqlx::AssertSqlSafe(format!(
+                "SELECT {} FROM zap_runs WHERE id = $1 AND ($2 IS NULL OR owner_id = $2)",
+                $crate::runs::RUN_COLUMNS
+            )))
+            .bind(id)
+            .bind(owner_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let steps: Vec<$crate::runs::StepRow> = ::sqlx::query_as(
+                "SELECT step, action_type, status, attempts, output, error, started_at, finished_at, history
+                 FROM zap_run_steps WHERE run_id = $1",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+            row.into_run(steps).map(Some)
+        }
+
+        /// Runs of an owner (optionally of one zap), newest first, without steps.
+        pub async fn list_runs(
+            &self,
+            owner_id: ::uuid::Uuid,
+            zap_id: Option<::uuid::Uuid>,
+            before: Option<::uuid::Uuid>,
+            limit: u32,
+        ) -> $crate::Result<$crate::RunPage> {
+            let rows: Vec<$crate::runs::RunRow> = ::sqlx::query_as(::sqlx::AssertSqlSafe(format!(
+                "SELECT {} FROM zap_runs
+                 WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
+                 ORDER BY id DESC LIMIT $4",
+                $crate::runs::RUN_COLUMNS
+            )))
+            .bind(owner_id)
+            .bind(zap_id)
+            .bind(before)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            $crate::RunPage::from_rows(rows, limit)
+        }
+
+        /// Failed runs of a zap not replayed yet, oldest first (at most
+        /// `limit`), with when they were created.
+        pub async fn failed_runs(
+            &self,
+            owner_id: ::uuid::Uuid,
+            zap_id: ::uuid::Uuid,
+            limit: u32,
+        ) -> $crate::Result<Vec<(::uuid::Uuid, ::chrono::DateTime<::chrono::Utc>)>> {
+            Ok(::sqlx::query_as(
+                "SELECT id, created_at FROM zap_runs
+                 WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
+                   AND NOT EXISTS (SELECT 1 FROM zap_runs AS replay WHERE replay.replay_of = zap_runs.id)
+                 ORDER BY created_at LIMIT $3",
+            )
+            .bind(owner_id)
+            .bind(zap_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?)
+        }
+
+        /// Counts outbox rows (due or not).
+        pub async fn outbox_len(&self) -> $crate::Result<i64> {
+            let (count,): (i64,) = ::sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(count)
+        }
+    };
+}
+
+pub(crate) use portable_queries;
