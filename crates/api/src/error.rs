@@ -2,6 +2,7 @@
 //! gRPC status codes.
 
 use tonic::{Code, Status};
+use zapflow_core::delivery::DeliveryError;
 use zapflow_store::StoreError;
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
@@ -21,6 +22,9 @@ pub enum ApiError {
     AlreadyExists(&'static str),
     #[error("{0}")]
     FailedPrecondition(&'static str),
+    /// A webhook delivery that breaks the delivery rules.
+    #[error(transparent)]
+    BadDelivery(#[from] DeliveryError),
     #[error("the database is unavailable; try again")]
     Unavailable,
     #[error("internal error")]
@@ -41,14 +45,17 @@ impl ApiError {
         match error {
             StoreError::NotFound => Self::NotFound(what),
             StoreError::AlreadyExists => Self::AlreadyExists(what),
+            StoreError::Unavailable(error) => {
+                tracing::warn!(%error, "database unavailable");
+                Self::Unavailable
+            }
+            StoreError::Refused(error) => {
+                tracing::warn!(%error, "database refused a value");
+                Self::invalid(what, "refused by the database as invalid data")
+            }
             StoreError::Db(error) => {
                 tracing::error!(%error, "database error");
-                match error {
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                        Self::Unavailable
-                    }
-                    _ => Self::Internal,
-                }
+                Self::Internal
             }
         }
     }
@@ -60,6 +67,8 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated | ApiError::BadSignature(_) => Code::Unauthenticated,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
+            ApiError::BadDelivery(DeliveryError::TooLarge { .. }) => Code::OutOfRange,
+            ApiError::BadDelivery(_) => Code::InvalidArgument,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Unavailable => Code::Unavailable,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
+use zapflow_core::delivery::{self, DeliveryLimits};
 use zapflow_core::{ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::ingest_service_server::IngestService;
@@ -26,18 +27,23 @@ type Reply = oneshot::Sender<Result<(Uuid, bool), ApiError>>;
 #[derive(Clone)]
 pub struct IngestApi {
     store: Store,
+    limits: DeliveryLimits,
     queue: mpsc::Sender<(NewRun, Reply)>,
 }
 
 impl IngestApi {
     /// Starts the committer tasks; they stop once every handle is dropped.
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, limits: DeliveryLimits) -> Self {
         let (queue, receiver) = mpsc::channel(MAX_BATCH * COMMITTERS);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..COMMITTERS {
             tokio::spawn(commit_batches(store.clone(), receiver.clone()));
         }
-        Self { store, queue }
+        Self {
+            store,
+            limits,
+            queue,
+        }
     }
 
     /// Records a delivery; returns the run id and whether it repeated an
@@ -46,7 +52,11 @@ impl IngestApi {
         // One answer for every way a URL can be wrong: nothing tells a
         // prober which part was.
         const NOT_FOUND: ApiError = ApiError::NotFound("webhook");
-        let zap_id = Uuid::parse_str(&request.zap_id).map_err(|_| NOT_FOUND)?;
+        let zap_id = delivery::parse_zap_id(&request.zap_id).ok_or(NOT_FOUND)?;
+        // Whoever calls (the gateway, or a direct caller with the ingest
+        // credentials) is held to the same limits.
+        delivery::check_metadata(&request.headers, &request.query, &request.idempotency_key)?;
+        self.limits.check_size(&request.body)?;
         let zap = self
             .store
             .zap_for_ingest(zap_id)
@@ -56,11 +66,21 @@ impl IngestApi {
         if !secret::verify(&request.token, &zap.token_hash) || zap.status != ZapStatus::Active {
             return Err(NOT_FOUND);
         }
-        if let Some(signing_secret) = &zap.signing_secret {
-            verify_signature(signing_secret, request)?;
-        }
-        let trigger: serde_json::Value = serde_json::from_slice(&request.body)
-            .map_err(|error| ApiError::invalid("body", format!("not valid JSON: {error}")))?;
+        let idempotency_key = match &zap.signing_secret {
+            // The signed `webhook-id` is the delivery's identity: unsigned
+            // headers (say, a fresh Idempotency-Key) cannot make a replayed
+            // delivery new.
+            Some(signing_secret) => {
+                verify_signature(signing_secret, request)?;
+                request
+                    .headers
+                    .get("webhook-id")
+                    .cloned()
+                    .unwrap_or_default()
+            }
+            None => request.idempotency_key.clone(),
+        };
+        let trigger = self.limits.parse_body(&request.body)?;
         let run = NewRun {
             id: Uuid::now_v7(),
             zap_id,
@@ -69,7 +89,7 @@ impl IngestApi {
             headers: serde_json::to_value(&request.headers).unwrap_or_default(),
             query: serde_json::to_value(&request.query).unwrap_or_default(),
             actions: zap.actions,
-            idempotency_key: Some(request.idempotency_key.clone()).filter(|key| !key.is_empty()),
+            idempotency_key: Some(idempotency_key).filter(|key| !key.is_empty()),
         };
         let (reply, answer) = oneshot::channel();
         self.queue
@@ -113,10 +133,11 @@ async fn commit_batches(store: Store, receiver: Arc<Mutex<mpsc::Receiver<(NewRun
         if runs.is_empty() {
             continue;
         }
-        match store.insert_runs(&runs).await {
+        // One refused delivery fails alone; an outage fails the batch.
+        match store.insert_runs_isolated(&runs).await {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result));
+                    let _ = reply.send(result.map_err(|error| ApiError::from_store(error, "run")));
                 }
             }
             Err(error) => {

@@ -297,18 +297,13 @@ impl ZapService for ZapApi {
         };
         let limit = page_size(body.page_size)?;
         let before = parse_page_token(&body.page_token)?;
+        let full = body.view() == pb::RunView::Full;
         let page = self
             .store
-            .list_runs(owner, zap_id, before, limit)
+            .list_runs(owner, zap_id, before, limit, full)
             .await
             .map_err(run_error)?;
-        Ok(Response::new(pb::ListRunsResponse {
-            runs: page.runs.iter().map(run_to_proto).collect(),
-            next_page_token: page
-                .next_before
-                .map(|id| id.to_string())
-                .unwrap_or_default(),
-        }))
+        Ok(Response::new(runs_page(page, full)))
     }
 
     async fn replay_run(
@@ -380,5 +375,35 @@ impl ZapService for ZapApi {
         Ok(Response::new(pb::GetRunResponse {
             run: Some(run_to_proto(&run)),
         }))
+    }
+}
+
+/// Encoded size a page of runs may reach: room under the 4 MiB that clients
+/// accept by default, for the envelope and the next page token.
+const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
+/// A ListRuns page. With payloads, the page ends before the run that would
+/// take it over [`MAX_PAGE_BYTES`] (but holds at least one run), and the
+/// token continues from there, so paging still visits every run.
+fn runs_page(page: zapflow_store::RunPage, full: bool) -> pb::ListRunsResponse {
+    let mut runs = Vec::with_capacity(page.runs.len());
+    let mut bytes = 0;
+    let mut next_before = page.next_before;
+    for (index, run) in page.runs.iter().enumerate() {
+        let mut proto = run_to_proto(run);
+        if !full {
+            proto.trigger = None;
+        }
+        // The field's tag and length prefix take a few bytes more.
+        bytes += prost::Message::encoded_len(&proto) + 8;
+        if bytes > MAX_PAGE_BYTES && index > 0 {
+            next_before = Some(page.runs[index - 1].id);
+            break;
+        }
+        runs.push(proto);
+    }
+    pb::ListRunsResponse {
+        runs,
+        next_page_token: next_before.map(|id| id.to_string()).unwrap_or_default(),
     }
 }

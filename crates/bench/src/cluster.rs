@@ -78,6 +78,7 @@ impl Cluster {
         let env = Environment {
             settings: settings.clone(),
             grpc_address,
+            ingest_address: free_port()?,
             http_address,
         };
 
@@ -237,6 +238,7 @@ impl Drop for Cluster {
 struct Environment {
     settings: Settings,
     grpc_address: SocketAddr,
+    ingest_address: SocketAddr,
     http_address: SocketAddr,
 }
 
@@ -260,7 +262,11 @@ impl Environment {
             .env("ZAPFLOW_CONSUMER_GROUP", &settings.consumer_group)
             .env("ZAPFLOW_GRPC_LISTEN", self.grpc_address.to_string())
             .env("ZAPFLOW_HTTP_LISTEN", self.http_address.to_string())
-            .env("ZAPFLOW_API_URL", format!("http://{}", self.grpc_address))
+            .env("ZAPFLOW_INGEST_LISTEN", self.ingest_address.to_string())
+            .env(
+                "ZAPFLOW_INGEST_URL",
+                format!("http://{}", self.ingest_address),
+            )
             .env(
                 "ZAPFLOW_PUBLIC_URL",
                 format!("http://{}", self.http_address),

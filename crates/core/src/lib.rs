@@ -1,6 +1,7 @@
 //! The zapflow domain: what a zap, a run and a step are, independent of
 //! storage and transport.
 
+pub mod delivery;
 pub mod model;
 pub mod retry;
 pub mod secret;

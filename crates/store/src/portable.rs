@@ -119,12 +119,17 @@ macro_rules! portable_queries {
             zap_id: Option<::uuid::Uuid>,
             before: Option<::uuid::Uuid>,
             limit: u32,
+            payloads: bool,
         ) -> $crate::Result<$crate::RunPage> {
-            let rows: Vec<$crate::runs::RunRow> = ::sqlx::query_as(::sqlx::AssertSqlSafe(format!(
-                "SELECT {} FROM zap_runs
-                 WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
-                 ORDER BY id DESC LIMIT $4",
+            let columns = if payloads {
                 $crate::runs::RUN_COLUMNS
+            } else {
+                $crate::runs::RUN_COLUMNS_WITHOUT_PAYLOAD
+            };
+            let rows: Vec<$crate::runs::RunRow> = ::sqlx::query_as(::sqlx::AssertSqlSafe(format!(
+                "SELECT {columns} FROM zap_runs
+                 WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
+                 ORDER BY id DESC LIMIT $4"
             )))
             .bind(owner_id)
             .bind(zap_id)

@@ -68,9 +68,10 @@ pub(crate) struct RunRow {
     zap_id: Uuid,
     owner_id: Uuid,
     status: String,
-    trigger: Json<serde_json::Value>,
-    headers: Json<serde_json::Value>,
-    query: Json<serde_json::Value>,
+    /// NULL where a list leaves the payload out.
+    trigger: Option<Json<serde_json::Value>>,
+    headers: Option<Json<serde_json::Value>>,
+    query: Option<Json<serde_json::Value>>,
     actions: Json<Vec<ActionSpec>>,
     replay_of: Option<Uuid>,
     created_at: DateTime<Utc>,
@@ -93,6 +94,9 @@ pub(crate) struct StepRow {
 
 pub(crate) const RUN_COLUMNS: &str = "id, zap_id, owner_id, status, trigger, headers, query, actions, \
                            replay_of, created_at, updated_at, finished_at";
+/// [`RUN_COLUMNS`] without the delivery's payload, for lists.
+pub(crate) const RUN_COLUMNS_WITHOUT_PAYLOAD: &str = "id, zap_id, owner_id, status, NULL AS trigger, NULL AS headers, NULL AS query, actions, \
+     replay_of, created_at, updated_at, finished_at";
 
 impl RunRow {
     pub(crate) fn into_run(self, step_rows: Vec<StepRow>) -> Result<Run> {
@@ -129,9 +133,9 @@ impl RunRow {
             zap_id: self.zap_id,
             owner_id: self.owner_id,
             status: parse_stored_status(&self.status)?,
-            trigger: self.trigger.0,
-            headers: self.headers.0,
-            query: self.query.0,
+            trigger: self.trigger.map_or(serde_json::Value::Null, |json| json.0),
+            headers: self.headers.map_or(serde_json::Value::Null, |json| json.0),
+            query: self.query.map_or(serde_json::Value::Null, |json| json.0),
             actions: self.actions.0,
             steps,
             replay_of: self.replay_of,

@@ -148,6 +148,28 @@ impl Store {
         dispatch!(self.insert_runs(runs))
     }
 
+    /// [`insert_runs`](Self::insert_runs), but one delivery the database
+    /// refuses fails alone: when the batch fails for anything but an outage,
+    /// each run is tried in a transaction of its own, so every other
+    /// delivery is still recorded. `Err` means the database did not answer
+    /// and nothing was written.
+    pub async fn insert_runs_isolated(&self, runs: &[NewRun]) -> Result<Vec<Result<(Uuid, bool)>>> {
+        match self.insert_runs(runs).await {
+            Ok(results) => Ok(results.into_iter().map(Ok).collect()),
+            Err(error) if error.is_transient() => Err(error),
+            Err(error) if runs.len() == 1 => Ok(vec![Err(error)]),
+            Err(error) => {
+                tracing::warn!(%error, runs = runs.len(), "a batch of runs failed; recording each alone");
+                let mut results = Vec::with_capacity(runs.len());
+                for run in runs {
+                    let result = self.insert_runs(std::slice::from_ref(run)).await;
+                    results.push(result.map(|mut one| one.remove(0)));
+                }
+                Ok(results)
+            }
+        }
+    }
+
     /// Records a replay of `original` as run `id`, starting at `start_stage`:
     /// the steps before it are copied with their outputs, and the outbox row
     /// of the first step to run is added, all in one transaction.
@@ -176,15 +198,18 @@ impl Store {
         dispatch!(self.owned_run(owner_id, id))
     }
 
-    /// Runs of an owner (optionally of one zap), newest first, without steps.
+    /// Runs of an owner (optionally of one zap), newest first, without steps
+    /// and, unless `payloads`, without their trigger, headers and query
+    /// (left `null`).
     pub async fn list_runs(
         &self,
         owner_id: Uuid,
         zap_id: Option<Uuid>,
         before: Option<Uuid>,
         limit: u32,
+        payloads: bool,
     ) -> Result<RunPage> {
-        dispatch!(self.list_runs(owner_id, zap_id, before, limit))
+        dispatch!(self.list_runs(owner_id, zap_id, before, limit, payloads))
     }
 
     /// Leases step `stage` of a run for `lease`, unless it is done or held.

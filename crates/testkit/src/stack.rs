@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::Channel;
 use zapflow_actions::{EmailSettings, Executor, HttpSettings, Mailer};
-use zapflow_api::ApiSettings;
+use zapflow_api::{Api, ApiSettings};
 use zapflow_bus::BusSettings;
-use zapflow_gateway::GatewaySettings;
+use zapflow_core::delivery::DeliveryLimits;
+use zapflow_gateway::{GatewaySettings, IngestTarget};
 use zapflow_processor::{Relay, RelaySettings};
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
 use zapflow_store::Store;
@@ -34,6 +35,10 @@ pub struct StackOptions {
     pub workers: usize,
     /// The workers' consumer group; a fresh one when `None`.
     pub consumer_group: Option<String>,
+    /// Deepest JSON nesting a webhook body may have.
+    pub max_json_depth: usize,
+    /// The shared secret IngestService asks of callers on its listener.
+    pub ingest_token: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -48,6 +53,8 @@ impl Default for StackOptions {
             processors: 1,
             workers: 1,
             consumer_group: None,
+            max_json_depth: zapflow_core::delivery::DEFAULT_MAX_DEPTH,
+            ingest_token: None,
         }
     }
 }
@@ -59,6 +66,8 @@ pub struct Stack {
     /// from the outbox directly.
     pub bus: Option<BusSettings>,
     pub grpc_address: SocketAddr,
+    /// IngestService's own listener, for gateways in other processes.
+    pub ingest_address: SocketAddr,
     pub http_address: SocketAddr,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -71,6 +80,8 @@ impl Stack {
 
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_address = grpc.local_addr().unwrap();
+        let ingest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ingest_address = ingest.local_addr().unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http_address = http.local_addr().unwrap();
 
@@ -79,21 +90,24 @@ impl Stack {
             max_message_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             broker: bus.clone(),
+            delivery: DeliveryLimits {
+                max_body_bytes: options.body_limit,
+                max_depth: options.max_json_depth,
+            },
+            ingest_token: options.ingest_token.clone(),
         };
+        let api = Api::new(store.clone(), api_settings).await;
+        // As in `zapflow all`: the gateway calls the API in process.
+        let target = IngestTarget::in_process(api.in_process_ingest(), 4 * 1024 * 1024);
         tasks.spawn({
-            let (store, shutdown) = (store.clone(), shutdown.clone());
+            let shutdown = shutdown.clone();
             async move {
-                zapflow_api::serve(grpc, store, api_settings, shutdown)
-                    .await
-                    .unwrap();
+                api.serve(grpc, Some(ingest), shutdown).await.unwrap();
             }
         });
 
-        let client =
-            zapflow_gateway::ingest_client(&format!("http://{grpc_address}"), 4 * 1024 * 1024)
-                .unwrap();
         let router = zapflow_gateway::router(
-            client,
+            target,
             &GatewaySettings {
                 body_limit: options.body_limit,
                 request_timeout: Duration::from_secs(30),
@@ -169,6 +183,7 @@ impl Stack {
             store,
             bus,
             grpc_address,
+            ingest_address,
             http_address,
             shutdown,
             tasks,

@@ -10,6 +10,7 @@ use clap::Args;
 use zapflow_actions::{EmailSettings, Executor, HttpSettings, IpNet, Mailer};
 use zapflow_api::ApiSettings;
 use zapflow_bus::BusSettings;
+use zapflow_core::delivery::DeliveryLimits;
 use zapflow_gateway::{GatewaySettings, RateLimit};
 use zapflow_processor::RelaySettings;
 use zapflow_store::Store;
@@ -56,13 +57,23 @@ pub struct Config {
     /// Where the webhook gateway listens.
     #[arg(long, env = "ZAPFLOW_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
-    /// The API as the gateway reaches it.
+    /// Where the API serves IngestService for gateways in other processes.
+    /// Unset: 127.0.0.1:50052 when this process runs the API without the
+    /// gateway; with the gateway in this process it calls the API directly
+    /// and nothing else listens.
+    #[arg(long, env = "ZAPFLOW_INGEST_LISTEN")]
+    pub ingest_listen: Option<SocketAddr>,
+    /// The API's IngestService as a gateway in another process reaches it.
     #[arg(
         long,
-        env = "ZAPFLOW_API_URL",
-        default_value = "http://127.0.0.1:50051"
+        env = "ZAPFLOW_INGEST_URL",
+        default_value = "http://127.0.0.1:50052"
     )]
-    pub api_url: String,
+    pub ingest_url: String,
+    /// A shared secret the gateway presents to IngestService; when set, the
+    /// API refuses ingest calls without it.
+    #[arg(long, env = "ZAPFLOW_INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<String>,
     /// The gateway as webhook senders reach it; webhook URLs start with it.
     #[arg(
         long,
@@ -81,6 +92,9 @@ pub struct Config {
     /// of twice as many); 0 turns the limit off.
     #[arg(long, env = "ZAPFLOW_IP_RATE_LIMIT", default_value_t = 1000.0)]
     pub ip_rate_limit: f64,
+    /// Deepest nesting of objects and arrays a webhook body may have.
+    #[arg(long, env = "ZAPFLOW_MAX_JSON_DEPTH", default_value_t = zapflow_core::delivery::DEFAULT_MAX_DEPTH)]
+    pub max_json_depth: usize,
     /// Largest gRPC request message in bytes.
     #[arg(long, env = "ZAPFLOW_GRPC_MAX_MESSAGE", default_value_t = 4 * 1024 * 1024)]
     pub grpc_max_message: usize,
@@ -162,7 +176,18 @@ impl Config {
             max_message_bytes: self.grpc_max_message,
             request_timeout: Duration::from_secs(30),
             broker: None,
+            delivery: DeliveryLimits {
+                max_body_bytes: self.body_limit,
+                max_depth: self.max_json_depth,
+            },
+            ingest_token: self.ingest_token.clone(),
         }
+    }
+
+    /// Where to serve IngestService for gateways elsewhere, if anywhere.
+    pub fn ingest_listen(&self, gateway_in_process: bool) -> Option<SocketAddr> {
+        self.ingest_listen
+            .or_else(|| (!gateway_in_process).then(|| SocketAddr::from(([127, 0, 0, 1], 50052))))
     }
 
     pub fn gateway(&self) -> GatewaySettings {

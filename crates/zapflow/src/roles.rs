@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use zapflow_gateway::IngestTarget;
 use zapflow_processor::Relay;
 use zapflow_store::Store;
 use zapflow_worker::{DeadLetters, Worker};
@@ -43,34 +44,55 @@ pub async fn start(
             .with_context(|| format!("creating topics on Kafka at {}", bus.brokers))?;
     }
 
+    // The API first: a gateway in the same process calls it directly.
+    let api = match roles.contains(&Role::Api) {
+        true => {
+            let mut settings = config.api();
+            // In one process with the relay or the workers, the API is only
+            // healthy while their broker answers too.
+            if roles
+                .iter()
+                .any(|role| matches!(role, Role::Processor | Role::Worker))
+            {
+                settings.broker = bus.clone();
+            }
+            Some(zapflow_api::Api::new(store.clone(), settings).await)
+        }
+        false => None,
+    };
+    let in_process_ingest = api.as_ref().map(zapflow_api::Api::in_process_ingest);
+
     let mut tasks = JoinSet::new();
+    if let Some(api) = api {
+        let listener = bind(config.grpc_listen).await?;
+        let ingest_listener = match config.ingest_listen(roles.contains(&Role::Gateway)) {
+            Some(address) => Some(bind(address).await?),
+            None => None,
+        };
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            api.serve(listener, ingest_listener, shutdown)
+                .await
+                .context("gRPC API")
+        });
+    }
     for role in roles {
         let shutdown = shutdown.clone();
         match role {
-            Role::Api => {
-                let listener = bind(config.grpc_listen).await?;
-                let mut settings = config.api();
-                // In one process with the relay or the workers, the API is
-                // only healthy while their broker answers too.
-                if roles
-                    .iter()
-                    .any(|role| matches!(role, Role::Processor | Role::Worker))
-                {
-                    settings.broker = bus.clone();
-                }
-                let store = store.clone();
-                tasks.spawn(async move {
-                    zapflow_api::serve(listener, store, settings, shutdown)
-                        .await
-                        .context("gRPC API")
-                });
-            }
+            Role::Api => {}
             Role::Gateway => {
+                let ingest = match &in_process_ingest {
+                    Some(service) => {
+                        IngestTarget::in_process(service.clone(), config.grpc_max_message)
+                    }
+                    None => IngestTarget::connect(
+                        &config.ingest_url,
+                        config.grpc_max_message,
+                        config.ingest_token.as_deref(),
+                    )?,
+                };
                 let listener = bind(config.http_listen).await?;
-                let client =
-                    zapflow_gateway::ingest_client(&config.api_url, config.grpc_max_message)
-                        .with_context(|| format!("invalid API URL {:?}", config.api_url))?;
-                let router = zapflow_gateway::router(client, &config.gateway());
+                let router = zapflow_gateway::router(ingest, &config.gateway());
                 tasks.spawn(async move {
                     zapflow_gateway::serve(listener, router, shutdown)
                         .await

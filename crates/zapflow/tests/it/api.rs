@@ -34,7 +34,18 @@ async fn health_is_serving_and_reflection_lists_the_services() {
         .connect()
         .await
         .unwrap();
-    for service in ["", "zapflow.v1.ZapService", "zapflow.v1.IngestService"] {
+    // IngestService is for gateways: its health is on its own listener.
+    let ingest_channel = Channel::from_shared(format!("http://{}", stack.ingest_address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for (channel, service) in [
+        (&channel, ""),
+        (&channel, "zapflow.v1.ZapService"),
+        (&ingest_channel, ""),
+        (&ingest_channel, "zapflow.v1.IngestService"),
+    ] {
         eventually("health SERVING", Duration::from_secs(10), || {
             let channel = channel.clone();
             async move {
@@ -62,16 +73,16 @@ async fn health_is_serving_and_reflection_lists_the_services() {
         .into_iter()
         .map(|service| service.name)
         .collect();
-    for expected in [
-        "zapflow.v1.ZapService",
-        "zapflow.v1.IngestService",
-        "grpc.health.v1.Health",
-    ] {
+    for expected in ["zapflow.v1.ZapService", "grpc.health.v1.Health"] {
         assert!(
             names.iter().any(|name| name == expected),
             "{expected} missing from {names:?}"
         );
     }
+    assert!(
+        !names.iter().any(|name| name == "zapflow.v1.IngestService"),
+        "IngestService is not served here: {names:?}"
+    );
     stack.stop().await;
 }
 
@@ -104,6 +115,8 @@ async fn assert_not_serving(store: Store, broker: Option<zapflow_bus::BusSetting
         max_message_bytes: 1024 * 1024,
         request_timeout: Duration::from_secs(5),
         broker,
+        delivery: Default::default(),
+        ingest_token: None,
     };
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(zapflow_api::serve(

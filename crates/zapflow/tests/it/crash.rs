@@ -40,7 +40,6 @@ impl Zapflow {
             .env("ZAPFLOW_DATA_DIR", data_dir)
             .env("ZAPFLOW_GRPC_LISTEN", grpc.to_string())
             .env("ZAPFLOW_HTTP_LISTEN", http.to_string())
-            .env("ZAPFLOW_API_URL", format!("http://{grpc}"))
             .env("ZAPFLOW_PUBLIC_URL", format!("http://{http}"))
             .env("ZAPFLOW_SMTP_URL", smtp_url)
             .env("ZAPFLOW_ACTION_TIMEOUT", "2")
@@ -362,4 +361,43 @@ async fn ctrl_c_drains_and_exits_cleanly_and_a_second_one_exits_at_once() {
         .unwrap();
     assert!(!status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// `zapflow` with its listeners moved (and nothing said about where the
+/// API is) still turns webhooks into runs: the gateway calls the API in
+/// process, and says it is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moved_listeners_still_ingest_and_report_ready() {
+    let smtp = SmtpSink::start().await;
+    let data_dir: PathBuf = std::env::temp_dir().join(unique("zapflow-moved"));
+    let (grpc, http) = (free_address(), free_address());
+    let zapflow = Zapflow::start(&data_dir, grpc, http, &smtp.url()).await;
+    let key = admin_key(&data_dir);
+    let zaps = ZapServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let url = zaps
+        .clone()
+        .create_zap(with_key(
+            &key,
+            pb::CreateZapRequest {
+                name: "moved".into(),
+                actions: vec![email_action("{{ trigger.to }}", "moved", "b")],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook_url;
+    assert!(url.starts_with(&format!("http://{http}/")), "{url}");
+
+    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let run_id = deliver(&reqwest::Client::new(), &url, 1)
+        .await
+        .expect("202 for the webhook");
+    crate::support::wait_for_run_at(&zaps, &key, &run_id, pb::RunStatus::Succeeded).await;
+    assert_eq!(smtp.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    zapflow.kill().await;
 }

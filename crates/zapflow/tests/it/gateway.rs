@@ -253,6 +253,26 @@ mod signatures {
         ]
     }
 
+    async fn create_signed_zap(
+        client: &mut zapflow_proto::v1::zap_service_client::ZapServiceClient<
+            tonic::transport::Channel,
+        >,
+        key: &str,
+    ) -> pb::CreateZapResponse {
+        client
+            .create_zap(with_key(
+                key,
+                pb::CreateZapRequest {
+                    name: "signed".into(),
+                    actions: vec![crate::support::email_action("a@example.com", "s", "b")],
+                    require_signature: true,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     async fn post_signed(url: &str, body: &str, headers: &[(String, String)]) -> (u16, Value) {
         let headers: Vec<(&str, &str)> = headers
             .iter()
@@ -266,18 +286,7 @@ mod signatures {
         let stack = stack(1024 * 1024).await;
         let key = new_user(&stack, "alice").await;
         let mut client = stack.zap_client().await;
-        let created = client
-            .create_zap(with_key(
-                &key,
-                pb::CreateZapRequest {
-                    name: "signed".into(),
-                    actions: vec![crate::support::email_action("a@example.com", "s", "b")],
-                    require_signature: true,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let created = create_signed_zap(&mut client, &key).await;
         assert!(created.zap.as_ref().unwrap().signature_required);
         let secret = created.signing_secret;
         assert!(secret.starts_with("whsec_"), "{secret}");
@@ -356,6 +365,29 @@ mod signatures {
             202
         );
         assert_eq!(count_runs(&stack).await, 2);
+        stack.stop().await;
+    }
+
+    /// The signed `webhook-id` is what makes a delivery new: resending a
+    /// signed delivery with unsigned headers added changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_replayed_signed_delivery_never_makes_a_second_run() {
+        let stack = stack(1024 * 1024).await;
+        let key = new_user(&stack, "alice").await;
+        let created = create_signed_zap(&mut stack.zap_client().await, &key).await;
+        let body = r#"{"order": 1}"#;
+        let headers = signed(&created.signing_secret, "msg_1", chrono_now(), body);
+        let (status, first) = post_signed(&created.webhook_url, body, &headers).await;
+        assert_eq!(status, 202, "{first}");
+        for idempotency_key in ["k1", "k2"] {
+            let mut replayed = headers.clone();
+            replayed.push(("idempotency-key".into(), idempotency_key.into()));
+            let (status, again) = post_signed(&created.webhook_url, body, &replayed).await;
+            assert_eq!(status, 202, "{again}");
+            assert_eq!(again["run_id"], first["run_id"], "{idempotency_key}");
+            assert_eq!(again["duplicate"], true, "{idempotency_key}");
+        }
+        assert_eq!(count_runs(&stack).await, 1);
         stack.stop().await;
     }
 

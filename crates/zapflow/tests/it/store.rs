@@ -404,13 +404,16 @@ async fn runs_page_newest_first(store: Store) {
         ids.push(run.id);
     }
     ids.reverse();
-    let first = store.list_runs(owner, Some(zap), None, 2).await.unwrap();
+    let first = store
+        .list_runs(owner, Some(zap), None, 2, true)
+        .await
+        .unwrap();
     let second = store
-        .list_runs(owner, None, first.next_before, 2)
+        .list_runs(owner, None, first.next_before, 2, true)
         .await
         .unwrap();
     let third = store
-        .list_runs(owner, None, second.next_before, 2)
+        .list_runs(owner, None, second.next_before, 2, true)
         .await
         .unwrap();
     let listed: Vec<Uuid> = [first.runs, second.runs, third.runs]
@@ -422,7 +425,7 @@ async fn runs_page_newest_first(store: Store) {
     assert_eq!(third.next_before, None);
     assert!(
         store
-            .list_runs(stranger, None, None, 10)
+            .list_runs(stranger, None, None, 10, true)
             .await
             .unwrap()
             .runs

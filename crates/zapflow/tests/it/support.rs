@@ -67,10 +67,15 @@ pub async fn simple_zap(stack: &Stack, key: &str) -> (pb::Zap, String) {
 
 /// POSTs `body` as JSON; returns the status and the JSON answer.
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    post_json_text(url, &body.to_string()).await
+}
+
+/// POSTs `body`, as it is, with a JSON content type.
+pub async fn post_json_text(url: &str, body: &str) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
-        .body(body.to_string())
+        .body(body.to_owned())
         .send()
         .await
         .unwrap();
