@@ -134,6 +134,18 @@ impl PgStore {
         Ok(rows)
     }
 
+    /// How long until the next step row comes due (zero if one is due now);
+    /// `None` when there are none.
+    pub async fn next_step_due_in(&self) -> Result<Option<Duration>> {
+        let (seconds,): (Option<f64>,) = sqlx::query_as(
+            "SELECT extract(epoch FROM min(available_at) - now())::float8
+             FROM zap_run_outbox WHERE kind = 'step'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0))))
+    }
+
     pub async fn delete_outbox_rows(&self, ids: &[i64]) -> Result<()> {
         sqlx::query("DELETE FROM zap_run_outbox WHERE id = ANY($1)")
             .bind(ids)

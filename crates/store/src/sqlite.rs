@@ -17,7 +17,7 @@ use sqlx::sqlite::{
 };
 use sqlx::types::Json;
 use sqlx::{Sqlite, Transaction};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use uuid::Uuid;
 use zapflow_core::secret::{self, ApiKey};
 use zapflow_core::{ActionSpec, Attempt, RunStatus, ZapStatus};
@@ -32,8 +32,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// Wakes local dispatchers when outbox rows were committed.
-    outbox_written: Arc<Notify>,
+    /// Marked changed whenever outbox rows were committed. Unlike a bare
+    /// notification, a change is kept for each subscriber until it looks,
+    /// so a loop that was busy when rows arrived still sees it.
+    outbox_written: Arc<watch::Sender<()>>,
 }
 
 fn now_micros() -> i64 {
@@ -76,7 +78,7 @@ impl SqliteStore {
             .await?;
         Ok(Self {
             pool,
-            outbox_written: Arc::new(Notify::new()),
+            outbox_written: Arc::new(watch::Sender::new(())),
         })
     }
 
@@ -84,8 +86,8 @@ impl SqliteStore {
         &self.pool
     }
 
-    pub(crate) fn outbox_notify(&self) -> Arc<Notify> {
-        self.outbox_written.clone()
+    pub(crate) fn outbox_changes(&self) -> watch::Receiver<()> {
+        self.outbox_written.subscribe()
     }
 
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
@@ -267,7 +269,7 @@ impl SqliteStore {
             }
         }
         tx.commit().await?;
-        self.outbox_written.notify_waiters();
+        self.outbox_written.send_replace(());
         Ok(results)
     }
 
@@ -307,7 +309,7 @@ impl SqliteStore {
         )
         .await?;
         tx.commit().await?;
-        self.outbox_written.notify_waiters();
+        self.outbox_written.send_replace(());
         Ok(())
     }
 
@@ -418,7 +420,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        self.outbox_written.notify_waiters();
+        self.outbox_written.send_replace(());
         Ok(true)
     }
 
@@ -434,7 +436,7 @@ impl SqliteStore {
         let mut tx = self.pool.begin().await?;
         enqueue(&mut tx, run_id, zap_id, stage, kind, reason, delay).await?;
         tx.commit().await?;
-        self.outbox_written.notify_waiters();
+        self.outbox_written.send_replace(());
         Ok(())
     }
 
@@ -459,6 +461,16 @@ impl SqliteStore {
         let mut rows: Vec<OutboxRow> = records.into_iter().map(OutboxRow::from).collect();
         rows.sort_by_key(|row| row.id);
         Ok(rows)
+    }
+
+    /// How long until the next step row comes due (zero if one is due now);
+    /// `None` when there are none.
+    pub async fn next_step_due_in(&self) -> Result<Option<Duration>> {
+        let (due,): (Option<i64>,) =
+            sqlx::query_as("SELECT min(available_at) FROM zap_run_outbox WHERE kind = 'step'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(due.map(|due| Duration::from_micros(due.saturating_sub(now_micros()).max(0) as u64)))
     }
 
     pub async fn delete_outbox_rows(&self, ids: &[i64]) -> Result<()> {

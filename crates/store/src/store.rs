@@ -1,12 +1,11 @@
 //! [`Store`]: one type for the rest of zapflow, whichever database is behind.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use uuid::Uuid;
 use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, ZapStatus};
@@ -269,6 +268,13 @@ impl Store {
         dispatch!(self.delete_outbox_rows(ids))
     }
 
+    /// How long until the next step row comes due (zero if one is due now);
+    /// `None` when there are none. Loops sleep until then rather than until
+    /// their next poll, so a retry runs when it is due.
+    pub async fn next_step_due_in(&self) -> Result<Option<Duration>> {
+        dispatch!(self.next_step_due_in())
+    }
+
     /// Counts outbox rows (due or not).
     pub async fn outbox_len(&self) -> Result<i64> {
         dispatch!(self.outbox_len())
@@ -286,7 +292,7 @@ impl Store {
                 };
                 OutboxWakeups::Postgres(listener.await)
             }
-            Self::Sqlite(store) => OutboxWakeups::Local(store.outbox_notify()),
+            Self::Sqlite(store) => OutboxWakeups::Local(store.outbox_changes()),
         }
     }
 }
@@ -295,7 +301,7 @@ pub enum OutboxWakeups {
     /// LISTEN on the outbox channel; `None` while the connection is down.
     Postgres(Option<PgListener>),
     /// Committed by this process (SQLite has no other writer).
-    Local(Arc<Notify>),
+    Local(watch::Receiver<()>),
 }
 
 impl OutboxWakeups {
@@ -309,7 +315,12 @@ impl OutboxWakeups {
                 }
             }
             Self::Postgres(None) => std::future::pending().await,
-            Self::Local(notify) => notify.notified().await,
+            Self::Local(changes) => {
+                if changes.changed().await.is_err() {
+                    // The store is gone; nothing will be written any more.
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     }
 }

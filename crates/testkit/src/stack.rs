@@ -39,6 +39,9 @@ pub struct StackOptions {
     pub max_json_depth: usize,
     /// The shared secret IngestService asks of callers on its listener.
     pub ingest_token: Option<String>,
+    /// How often relays and local workers look for due outbox rows without
+    /// a wake-up.
+    pub poll_interval: Duration,
 }
 
 impl Default for StackOptions {
@@ -55,6 +58,7 @@ impl Default for StackOptions {
             consumer_group: None,
             max_json_depth: zapflow_core::delivery::DEFAULT_MAX_DEPTH,
             ingest_token: None,
+            poll_interval: Duration::from_millis(200),
         }
     }
 }
@@ -129,7 +133,7 @@ impl Stack {
                 .postgres()
                 .expect("the Kafka deployment runs on PostgreSQL");
             for _ in 0..options.processors {
-                let relay = Relay::new(pg.clone(), bus.clone(), relay_settings()).unwrap();
+                let relay = Relay::new(pg.clone(), bus.clone(), relay_settings(&options)).unwrap();
                 tasks.spawn(relay.run(shutdown.clone()));
             }
         }
@@ -168,11 +172,10 @@ impl Stack {
                     ));
                 }
                 None => {
-                    let poll = relay_settings().poll_interval;
                     tasks.spawn(zapflow_worker::run_local(
                         worker,
                         store.clone(),
-                        poll,
+                        options.poll_interval,
                         shutdown.clone(),
                     ));
                 }
@@ -217,10 +220,10 @@ impl Drop for Stack {
     }
 }
 
-fn relay_settings() -> RelaySettings {
+fn relay_settings(options: &StackOptions) -> RelaySettings {
     RelaySettings {
         batch_size: 500,
-        poll_interval: Duration::from_millis(200),
+        poll_interval: options.poll_interval,
         delivery_timeout: Duration::from_secs(10),
     }
 }

@@ -68,11 +68,18 @@ pub async fn run_local(
         if !idle {
             continue;
         }
+        // Asleep until new rows are committed, a step finishes (a permit
+        // frees up), or the next row comes due: a retry due in 100 ms runs
+        // then, not at the next poll. The poll only covers lost wake-ups.
+        let sleep = match store.next_step_due_in().await {
+            Ok(Some(due_in)) if free > 0 => due_in.clamp(Duration::from_millis(1), poll_interval),
+            _ => poll_interval,
+        };
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = wakeups.wait() => {}
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            () = tokio::time::sleep(poll_interval) => {}
+            () = tokio::time::sleep(sleep) => {}
         }
     }
     tracing::info!(in_flight = tasks.len(), "worker draining");

@@ -14,30 +14,7 @@ use crate::support::{
     Deployment, new_user, post_json, post_json_text, simple_zap, stack_with_smtp, wait_for_run,
 };
 
-/// Each scenario named, as a test on PostgreSQL alone and one on the
-/// embedded SQLite file: both stores must answer alike.
-macro_rules! on_both_stores {
-    ($($scenario:ident),* $(,)?) => {
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    super::$scenario(crate::support::Deployment::PostgresOnly).await;
-                }
-            )*
-        }
-        mod on_sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    super::$scenario(crate::support::Deployment::Embedded).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_stores!(
+on_outbox_deployments!(
     nul_anywhere_is_a_400_naming_where,
     refused_payloads_never_fail_another_tenant,
     deep_payloads_are_refused_past_the_limit_and_readable_below,

@@ -1,6 +1,30 @@
 //! Integration tests against real PostgreSQL, a Kafka-protocol broker and
 //! an SMTP server on loopback. See crates/testkit for how to reach them.
 
+/// Each scenario (an async fn taking a `Deployment`) as two tests: on the
+/// embedded SQLite file and on PostgreSQL alone, the deployments whose
+/// workers take work from the outbox. Both must behave alike.
+macro_rules! on_outbox_deployments {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(crate::support::Deployment::Embedded).await;
+                }
+            )*
+        }
+        mod postgres_only {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(crate::support::Deployment::PostgresOnly).await;
+                }
+            )*
+        }
+    };
+}
+
 mod api;
 mod crash;
 mod crash_points;
@@ -14,4 +38,5 @@ mod retries;
 mod store;
 mod support;
 mod tenancy;
+mod wakeups;
 mod worker;
