@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Benchmarks zapflow's distributed deployment on this machine: the four roles
-# as separate processes against PostgreSQL and a Kafka-protocol broker, with
-# webhooks POSTed at several concurrencies and their emails caught by an
-# in-process SMTP server. Everything listens and talks on 127.0.0.1.
+# Benchmarks zapflow's deployments on this machine, one after the other:
+# embedded (`zapflow all` on SQLite), postgres (`zapflow all` on PostgreSQL)
+# and distributed (the four roles as separate processes against PostgreSQL
+# and a Kafka-protocol broker), with webhooks POSTed at several concurrencies
+# and their emails caught by an in-process SMTP server. Everything listens
+# and talks on 127.0.0.1.
 #
-#   bash scripts/bench.sh [zapflow-bench flags, e.g. --phases 1:200,16:1000]
+#   bash scripts/bench.sh [--deployment embedded|postgres|distributed|all]
+#                         [zapflow-bench flags, e.g. --phases 1:200,16:1000]
 #
 # Needs PostgreSQL at $ZAPFLOW_BENCH_POSTGRES (default
 # postgres://postgres@127.0.0.1:5432, a user allowed to create databases).
@@ -24,15 +27,37 @@ listening() {
     (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
 }
 
+deployments=(embedded postgres distributed)
+args=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --deployment)
+            [[ $2 == all ]] && deployments=(embedded postgres distributed) || deployments=("$2")
+            shift 2
+            ;;
+        --deployment=*)
+            value=${1#--deployment=}
+            [[ $value == all ]] && deployments=(embedded postgres distributed) || deployments=("$value")
+            shift
+            ;;
+        *)
+            args+=("$1")
+            shift
+            ;;
+    esac
+done
+
 broker_pid=
 broker_dir=
-database=
+databases=()
 
 cleanup() {
-    if [[ -n $database && ${ZAPFLOW_BENCH_KEEP_DB:-0} != 1 ]]; then
-        psql "$postgres/postgres" -qAt -v ON_ERROR_STOP=1 \
-            -c "DROP DATABASE IF EXISTS $database WITH (FORCE)" >/dev/null ||
-            echo "bench: could not drop database $database" >&2
+    if [[ ${ZAPFLOW_BENCH_KEEP_DB:-0} != 1 ]]; then
+        for database in "${databases[@]}"; do
+            psql "$postgres/postgres" -qAt -v ON_ERROR_STOP=1 \
+                -c "DROP DATABASE IF EXISTS $database WITH (FORCE)" >/dev/null ||
+                echo "bench: could not drop database $database" >&2
+        done
     fi
     if [[ -n $broker_pid ]]; then
         kill -TERM "$broker_pid" 2>/dev/null || true
@@ -46,7 +71,8 @@ trap cleanup EXIT
 
 cargo build --release -p zapflow -p zapflow-bench
 
-if ! listening "$broker_host" "$broker_port"; then
+start_broker() {
+    listening "$broker_host" "$broker_port" && return
     if [[ ! -x $tansu ]]; then
         echo "bench: nothing listens on $broker_host:$broker_port and there is no tansu at $tansu" >&2
         exit 1
@@ -67,13 +93,32 @@ if ! listening "$broker_host" "$broker_port"; then
         sleep 0.1
     done
     listening "$broker_host" "$broker_port" || { echo "bench: tansu did not start listening" >&2; exit 1; }
-fi
+}
 
-database=zapflow_bench_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
-psql "$postgres/postgres" -qAt -v ON_ERROR_STOP=1 -c "CREATE DATABASE $database" >/dev/null
+# Creates an empty database and sets database_url to it.
+new_database() {
+    local database
+    database=zapflow_bench_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
+    psql "$postgres/postgres" -qAt -v ON_ERROR_STOP=1 -c "CREATE DATABASE $database" >/dev/null
+    databases+=("$database")
+    database_url=$postgres/$database
+}
 
-"$target_dir/release/zapflow-bench" \
-    --zapflow "$target_dir/release/zapflow" \
-    --database-url "$postgres/$database" \
-    --kafka-brokers "$broker_host:$broker_port" \
-    "$@"
+for deployment in "${deployments[@]}"; do
+    flags=(--zapflow "$target_dir/release/zapflow" --deployment "$deployment")
+    case $deployment in
+        embedded) ;;
+        postgres)
+            new_database
+            flags+=(--database-url "$database_url")
+            ;;
+        distributed)
+            start_broker
+            new_database
+            flags+=(--database-url "$database_url" --kafka-brokers "$broker_host:$broker_port")
+            ;;
+        *) echo "bench: unknown deployment $deployment (embedded, postgres, distributed or all)" >&2; exit 2 ;;
+    esac
+    "$target_dir/release/zapflow-bench" "${flags[@]}" "${args[@]}"
+    echo
+done

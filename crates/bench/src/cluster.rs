@@ -1,5 +1,6 @@
-//! The distributed deployment as separate processes of the `zapflow` binary:
-//! one-off commands (migrate, create-user), then one process per role.
+//! A deployment as processes of the `zapflow` binary: one-off commands
+//! (migrate, create-user), then `zapflow all` (embedded, PostgreSQL-only) or
+//! one process per role (distributed).
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
@@ -13,8 +14,35 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Roles in start order: the API first, since the gateway forwards to it.
-pub const ROLES: [&str; 4] = ["api", "gateway", "processor", "worker"];
+/// The deployments zapflow runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Deployment {
+    /// `zapflow all` on an SQLite file, nothing else.
+    Embedded,
+    /// `zapflow all` on PostgreSQL, no broker.
+    Postgres,
+    /// PostgreSQL and Kafka, one process per role.
+    Distributed,
+}
+
+impl Deployment {
+    /// The processes to start, in start order: the API first, since the
+    /// gateway forwards to it.
+    pub fn roles(self) -> &'static [&'static str] {
+        match self {
+            Self::Embedded | Self::Postgres => &["all"],
+            Self::Distributed => &["api", "gateway", "processor", "worker"],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Postgres => "postgres",
+            Self::Distributed => "distributed",
+        }
+    }
+}
 
 /// How long the roles get to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,7 +56,9 @@ const TICKS_PER_SECOND: f64 = 100.0;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub binary: PathBuf,
-    pub database_url: String,
+    pub deployment: Deployment,
+    /// PostgreSQL, for the postgres and distributed deployments.
+    pub database_url: Option<String>,
     pub kafka_brokers: String,
     pub smtp_url: String,
     pub events_topic: String,
@@ -102,7 +132,7 @@ impl Cluster {
             http_address,
             roles: Vec::new(),
         };
-        for role in ROLES {
+        for &role in settings.deployment.roles() {
             let log = settings.work_dir.join(format!("{role}.log"));
             let child = env
                 .command(&[role], &log)?
@@ -136,7 +166,7 @@ impl Cluster {
         Ok(())
     }
 
-    /// Memory and CPU of each role, in `ROLES` order.
+    /// Memory and CPU of each role process, in start order.
     pub fn usage(&self) -> Vec<(&'static str, Usage)> {
         self.roles
             .iter()
@@ -254,12 +284,17 @@ impl Environment {
                 command.env_remove(name);
             }
         }
+        if let Some(database_url) = &settings.database_url {
+            command.env("ZAPFLOW_DATABASE_URL", database_url);
+        }
+        if settings.deployment == Deployment::Distributed {
+            command
+                .env("ZAPFLOW_KAFKA_BROKERS", &settings.kafka_brokers)
+                .env("ZAPFLOW_EVENTS_TOPIC", &settings.events_topic)
+                .env("ZAPFLOW_DEAD_LETTER_TOPIC", &settings.dead_letter_topic)
+                .env("ZAPFLOW_CONSUMER_GROUP", &settings.consumer_group);
+        }
         command
-            .env("ZAPFLOW_DATABASE_URL", &settings.database_url)
-            .env("ZAPFLOW_KAFKA_BROKERS", &settings.kafka_brokers)
-            .env("ZAPFLOW_EVENTS_TOPIC", &settings.events_topic)
-            .env("ZAPFLOW_DEAD_LETTER_TOPIC", &settings.dead_letter_topic)
-            .env("ZAPFLOW_CONSUMER_GROUP", &settings.consumer_group)
             .env("ZAPFLOW_GRPC_LISTEN", self.grpc_address.to_string())
             .env("ZAPFLOW_HTTP_LISTEN", self.http_address.to_string())
             .env("ZAPFLOW_INGEST_LISTEN", self.ingest_address.to_string())

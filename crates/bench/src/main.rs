@@ -1,11 +1,12 @@
-//! `zapflow-bench`: starts the distributed deployment on this machine, one
-//! process per role of the `zapflow` binary, sends it webhooks at several
-//! concurrencies and measures how fast they are accepted and how long their
-//! emails take to reach an SMTP server.
+//! `zapflow-bench`: starts one deployment of zapflow on this machine (the
+//! embedded one, PostgreSQL-only, or distributed with one process per role),
+//! sends it webhooks at several concurrencies and measures how fast they are
+//! accepted and how long their emails take to reach an SMTP server.
 //!
-//! Needs PostgreSQL (an empty database, `--database-url`) and a
-//! Kafka-protocol broker (`--kafka-brokers`); `scripts/bench.sh` provides
-//! both. Every address it uses is on 127.0.0.1.
+//! The postgres and distributed deployments need PostgreSQL (an empty
+//! database, `--database-url`), the distributed one a Kafka-protocol broker
+//! (`--kafka-brokers`); `scripts/bench.sh` provides both. Every address it
+//! uses is on 127.0.0.1.
 
 mod cluster;
 mod load;
@@ -21,7 +22,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use zapflow_testkit::{SmtpSink, unique};
 
-use crate::cluster::{Cluster, ROLES, Settings};
+use crate::cluster::{Cluster, Deployment, Settings};
 use crate::load::Phase;
 use crate::mail::Deliveries;
 use crate::report::{PhaseResult, Report, WarmUp};
@@ -29,15 +30,19 @@ use crate::report::{PhaseResult, Report, WarmUp};
 #[derive(Debug, Parser)]
 #[command(
     name = "zapflow-bench",
-    about = "Benchmarks zapflow's distributed deployment on this machine"
+    about = "Benchmarks a zapflow deployment on this machine"
 )]
 struct Args {
+    /// Which deployment to start.
+    #[arg(long, value_enum, default_value = "distributed")]
+    deployment: Deployment,
     /// The zapflow binary; by default the one next to this program.
     #[arg(long, env = "ZAPFLOW_BENCH_BINARY")]
     zapflow: Option<PathBuf>,
-    /// An empty PostgreSQL database; the roles migrate it.
+    /// An empty PostgreSQL database (postgres and distributed); the roles
+    /// migrate it.
     #[arg(long, env = "ZAPFLOW_BENCH_DATABASE_URL")]
-    database_url: String,
+    database_url: Option<String>,
     /// The Kafka-protocol broker; topic and group names are fresh each run.
     #[arg(
         long,
@@ -88,10 +93,19 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
 
+    let database_url = match args.deployment {
+        Deployment::Embedded => None,
+        Deployment::Postgres | Deployment::Distributed => Some(
+            args.database_url
+                .clone()
+                .context("the postgres and distributed deployments need --database-url")?,
+        ),
+    };
     let sink = Arc::new(SmtpSink::start().await);
     let settings = Settings {
         binary,
-        database_url: args.database_url.clone(),
+        deployment: args.deployment,
+        database_url,
         kafka_brokers: args.kafka_brokers.clone(),
         smtp_url: sink.url(),
         events_topic: unique("bench-events"),
@@ -115,7 +129,7 @@ async fn main() -> Result<()> {
     let stopped = cluster.stop().await;
 
     let (warm_up, phases, anomalies) = measured.inspect_err(|_| {
-        for role in ROLES {
+        for role in settings.deployment.roles() {
             let log = settings.work_dir.join(format!("{role}.log"));
             eprintln!(
                 "--- the end of {}:\n{}",
@@ -125,6 +139,7 @@ async fn main() -> Result<()> {
         }
     })?;
     report::print(&Report {
+        deployment: settings.deployment,
         warm_up,
         phases,
         anomalies,

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Settings, Stopped, Usage};
+use crate::cluster::{Deployment, Settings, Stopped, Usage};
 use crate::load::{Phase, Sent};
 use crate::mail::{Anomalies, MIN_INTERVAL};
 
@@ -131,6 +131,7 @@ impl PhaseResult {
 /// Everything printed after the run.
 #[derive(Debug)]
 pub struct Report {
+    pub deployment: Deployment,
     pub warm_up: WarmUp,
     pub phases: Vec<PhaseResult>,
     pub anomalies: Anomalies,
@@ -141,16 +142,23 @@ pub struct Report {
 
 pub fn print_setup(settings: &Settings) {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    println!("zapflow distributed benchmark");
+    let deployment = settings.deployment;
+    println!("zapflow {} benchmark", deployment.name());
     println!(
-        "  roles     api, gateway, processor, worker: one process each of {}",
+        "  processes {}: one process each of {}",
+        deployment.roles().join(", "),
         settings.binary.display()
     );
-    println!("  database  {}", settings.database_url);
-    println!(
-        "  broker    {} (topics {}, {})",
-        settings.kafka_brokers, settings.events_topic, settings.dead_letter_topic
-    );
+    match &settings.database_url {
+        Some(url) => println!("  database  {url}"),
+        None => println!("  database  SQLite in {}", settings.work_dir.display()),
+    }
+    if deployment == Deployment::Distributed {
+        println!(
+            "  broker    {} (topics {}, {})",
+            settings.kafka_brokers, settings.events_topic, settings.dead_letter_topic
+        );
+    }
     println!("  smtp      in-process sink at {}", settings.smtp_url);
     println!(
         "  gateway   rate limits off (ZAPFLOW_ZAP_RATE_LIMIT=0, ZAPFLOW_IP_RATE_LIMIT=0); other settings default"
@@ -224,8 +232,10 @@ pub fn print(report: &Report) {
         "  Arrivals are stamped by looking at the sink every {every} ms (a look took {:.2} ms on average).",
         report.anomalies.mean_look.as_secs_f64() * 1000.0
     );
-    println!("{}", wrap(BROKER_NOTE, "  ", 100));
-    println!("{}", wrap(FETCH_NOTE, "  ", 100));
+    if report.deployment == Deployment::Distributed {
+        println!("{}", wrap(BROKER_NOTE, "  ", 100));
+        println!("{}", wrap(FETCH_NOTE, "  ", 100));
+    }
     if report.anomalies.duplicates > 0 || report.anomalies.unmatched > 0 {
         println!(
             "  The sink also got {} duplicate and {} unrecognised emails.",

@@ -18,6 +18,7 @@ on_outbox_deployments!(
     nul_anywhere_is_a_400_naming_where,
     refused_payloads_never_fail_another_tenant,
     deep_payloads_are_refused_past_the_limit_and_readable_below,
+    run_lists_stay_under_four_mib_whatever_the_payloads,
 );
 
 const NUL_ANSWER: &str = "contains U+0000 (NUL), which zapflow does not accept";
@@ -223,9 +224,9 @@ async fn deep_payloads_are_refused_past_the_limit_and_readable_below(deployment:
 
 /// A page of runs stays under the 4 MiB that clients take by default,
 /// whatever the payloads, and paging still reaches every run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn run_lists_stay_under_four_mib_whatever_the_payloads() {
-    let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
+async fn run_lists_stay_under_four_mib_whatever_the_payloads(deployment: Deployment) {
+    let smtp = SmtpSink::start().await;
+    let stack = stack_with_smtp(&smtp, deployment).await;
     let key = new_user(&stack, "alice").await;
     let (zap, url) = simple_zap(&stack, &key).await;
     let big = json!({ "blob": "x".repeat(900 * 1024) });
