@@ -6,6 +6,7 @@ mod crash;
 mod crash_points;
 mod end_to_end;
 mod gateway;
+mod limits;
 mod processor;
 mod replay;
 mod restart;

@@ -17,6 +17,7 @@ fn worker(store: &Store, smtp: &SmtpSink) -> Worker {
         mailbox_dir: std::env::temp_dir(),
         from: "zapflow@localhost".into(),
         timeout: Duration::from_secs(5),
+        max_recipients: zapflow_actions::DEFAULT_MAX_RECIPIENTS,
     })
     .unwrap();
     Worker::new(
@@ -199,6 +200,7 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
         mailbox_dir: std::env::temp_dir(),
         from: "zapflow@localhost".into(),
         timeout: Duration::from_secs(5),
+        max_recipients: zapflow_actions::DEFAULT_MAX_RECIPIENTS,
     })
     .unwrap();
     let context = json!({"trigger": step.run.trigger});
