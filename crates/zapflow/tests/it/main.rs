@@ -8,6 +8,7 @@ mod end_to_end;
 mod gateway;
 mod limits;
 mod processor;
+mod recording;
 mod replay;
 mod restart;
 mod retries;
