@@ -170,6 +170,26 @@ macro_rules! portable_queries {
             Ok($crate::Replay::Existing(id))
         }
 
+        /// The run a claim of step `stage` works on, with the step's action
+        /// type; or the claim's answer when there is no step to take.
+        async fn run_to_claim(
+            &self,
+            run_id: ::uuid::Uuid,
+            stage: u32,
+        ) -> $crate::Result<Result<($crate::Run, String), $crate::StepClaim>> {
+            let Some(run) = self.run(run_id).await? else {
+                return Ok(Err($crate::StepClaim::Unknown));
+            };
+            if run.status.is_final() {
+                return Ok(Err($crate::StepClaim::RunFinished));
+            }
+            let Some(action) = run.actions.get(stage as usize) else {
+                return Ok(Err($crate::StepClaim::Unknown));
+            };
+            let action_type = action.action_type.clone();
+            Ok(Ok((run, action_type)))
+        }
+
         /// Counts outbox rows (due or not).
         pub async fn outbox_len(&self) -> $crate::Result<i64> {
             let (count,): (i64,) = ::sqlx::query_as("SELECT count(*) FROM zap_run_outbox")

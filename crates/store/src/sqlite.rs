@@ -334,14 +334,9 @@ impl SqliteStore {
         lease: Duration,
         retry: &RetryPolicy,
     ) -> Result<StepClaim> {
-        let Some(run) = self.run(run_id).await? else {
-            return Ok(StepClaim::Unknown);
-        };
-        if run.status.is_final() {
-            return Ok(StepClaim::RunFinished);
-        }
-        let Some(action) = run.actions.get(stage as usize) else {
-            return Ok(StepClaim::Unknown);
+        let (run, action_type) = match self.run_to_claim(run_id, stage).await? {
+            Ok(found) => found,
+            Err(answer) => return Ok(answer),
         };
         let now = Utc::now();
         // The one connection makes this transaction the only writer: the
@@ -353,7 +348,7 @@ impl SqliteStore {
         )
         .bind(run_id)
         .bind(stage as i32)
-        .bind(&action.action_type)
+        .bind(&action_type)
         .execute(&mut *tx)
         .await?;
         let (status, attempts, lease_until, retry_at): (String, i32, Option<i64>, Option<i64>) =

@@ -79,14 +79,9 @@ impl PgStore {
         lease: Duration,
         retry: &RetryPolicy,
     ) -> Result<StepClaim> {
-        let Some(run) = self.run(run_id).await? else {
-            return Ok(StepClaim::Unknown);
-        };
-        if run.status.is_final() {
-            return Ok(StepClaim::RunFinished);
-        }
-        let Some(action) = run.actions.get(stage as usize) else {
-            return Ok(StepClaim::Unknown);
+        let (run, action_type) = match self.run_to_claim(run_id, stage).await? {
+            Ok(found) => found,
+            Err(answer) => return Ok(answer),
         };
 
         let mut tx = self.pool.begin().await?;
@@ -96,7 +91,7 @@ impl PgStore {
         )
         .bind(run_id)
         .bind(stage as i32)
-        .bind(&action.action_type)
+        .bind(&action_type)
         .execute(&mut *tx)
         .await?;
         // The database's clock, as for every lease and due time it wrote.

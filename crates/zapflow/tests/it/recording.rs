@@ -12,7 +12,7 @@ use zapflow_testkit::{SmtpSink, Stack};
 
 use crate::support::{
     Deployment, WAIT, create_zap, deliver, email_action, http_action, new_user,
-    stack_with_loopback_http, wait_for_run,
+    stack_with_loopback_http, stored_run, wait_for_run,
 };
 
 /// Bytes no text type can hold: NUL, a control character, invalid UTF-8.
@@ -94,12 +94,7 @@ async fn binary_and_nul_responses_are_recorded_once(deployment: Deployment) {
 
     assert_eq!(target.binary_hits.load(Ordering::SeqCst), 1);
     assert_eq!(target.json_hits.load(Ordering::SeqCst), 1);
-    let run = stack
-        .store
-        .run(run_id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let run = stored_run(&stack, &run_id).await;
     for step in &run.steps {
         assert_eq!(step.attempts, 1, "{step:?}");
     }
@@ -167,12 +162,7 @@ async fn a_failed_recording_is_retried_without_repeating_the_effect() {
     assert_eq!(records, 3, "one failed and two good recordings");
     assert_eq!(smtp.mails().len(), 1, "the email was sent once");
     assert_eq!(target.json_hits.load(Ordering::SeqCst), 1);
-    let run = stack
-        .store
-        .run(run_id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let run = stored_run(&stack, &run_id).await;
     assert_eq!(run.steps[0].attempts, 1);
     assert_eq!(run.steps[0].history.len(), 1);
     stack.stop().await;

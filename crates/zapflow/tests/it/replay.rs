@@ -140,23 +140,11 @@ async fn a_failed_run_replays_from_its_failed_step_keeping_both_histories() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_runs_of_a_time_range_replay_in_bulk_once() {
     let smtp = SmtpSink::start().await;
-    smtp.reject_address("flaky@example.com", Some(REJECT));
     let stack = stack_with_smtp(&smtp, Deployment::PostgresOnly).await;
-    let key = new_user(&stack, "ada").await;
-    let (zap, url) = create_zap(
-        &stack,
-        &key,
-        vec![email_action("{{ trigger.to }}", "{{ trigger.n }}", "b")],
-    )
-    .await;
+    let (key, zap, url) = user_with_mail_zap(&stack).await;
     let mut failed = Vec::new();
     for n in 0..3 {
-        let run_id = post_json(&url, &json!({"to": "flaky@example.com", "n": n}))
-            .await
-            .1["run_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let run_id = one_failed_run(&stack, &smtp, &key, &url, n).await;
         failed.push(wait_for_run(&stack, &key, &run_id, pb::RunStatus::Failed).await);
     }
     let ok = post_json(&url, &json!({"to": "fine@example.com", "n": 9}))
@@ -210,8 +198,21 @@ async fn failed_runs_of_a_time_range_replay_in_bulk_once() {
     stack.stop().await;
 }
 
-/// A failed run of a one-email zap whose recipient the server refused
-/// until now; returns the run id.
+/// A user's key and a zap mailing `trigger.to` with subject `trigger.n`,
+/// with its webhook URL.
+async fn user_with_mail_zap(stack: &Stack) -> (String, pb::Zap, String) {
+    let key = new_user(stack, "ada").await;
+    let (zap, url) = create_zap(
+        stack,
+        &key,
+        vec![email_action("{{ trigger.to }}", "{{ trigger.n }}", "b")],
+    )
+    .await;
+    (key, zap, url)
+}
+
+/// A failed run of a zap from [`user_with_mail_zap`], whose recipient
+/// the server refuses (until told otherwise); returns the run id.
 async fn one_failed_run(stack: &Stack, smtp: &SmtpSink, key: &str, url: &str, n: u32) -> String {
     smtp.reject_address("flaky@example.com", Some(REJECT));
     let run_id = deliver(url, &json!({"to": "flaky@example.com", "n": n})).await;
@@ -223,13 +224,7 @@ async fn one_failed_run(stack: &Stack, smtp: &SmtpSink, key: &str, url: &str, n:
 async fn concurrent_replays_of_one_run_make_one_replay_and_one_email() {
     let smtp = SmtpSink::start().await;
     let stack = stack_with_smtp(&smtp, Deployment::PostgresOnly).await;
-    let key = new_user(&stack, "ada").await;
-    let (_, url) = create_zap(
-        &stack,
-        &key,
-        vec![email_action("{{ trigger.to }}", "{{ trigger.n }}", "b")],
-    )
-    .await;
+    let (key, _, url) = user_with_mail_zap(&stack).await;
     let original = one_failed_run(&stack, &smtp, &key, &url, 1).await;
     smtp.reject_address("flaky@example.com", None);
 
@@ -285,13 +280,7 @@ async fn concurrent_replays_of_one_run_make_one_replay_and_one_email() {
 async fn concurrent_bulk_replays_replay_each_failed_run_once() {
     let smtp = SmtpSink::start().await;
     let stack = stack_with_smtp(&smtp, Deployment::PostgresOnly).await;
-    let key = new_user(&stack, "ada").await;
-    let (zap, url) = create_zap(
-        &stack,
-        &key,
-        vec![email_action("{{ trigger.to }}", "{{ trigger.n }}", "b")],
-    )
-    .await;
+    let (key, zap, url) = user_with_mail_zap(&stack).await;
     let mut failed = Vec::new();
     for n in 0..4 {
         failed.push(one_failed_run(&stack, &smtp, &key, &url, n).await);

@@ -181,6 +181,16 @@ pub fn http_action(method: &str, url: &str) -> pb::Action {
     }
 }
 
+/// A run as the store keeps it (outputs and history as recorded).
+pub async fn stored_run(stack: &Stack, run_id: &str) -> zapflow_store::Run {
+    stack
+        .store
+        .run(run_id.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("the run exists")
+}
+
 /// The run id of a webhook's 202 answer.
 pub async fn deliver(url: &str, payload: &Value) -> String {
     let (status, answer) = post_json(url, payload).await;
