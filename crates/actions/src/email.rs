@@ -88,7 +88,13 @@ pub struct EmailSettings {
     pub from: String,
     /// Bound on one SMTP conversation.
     pub timeout: Duration,
+    /// Most recipients (`to` and `cc` together) one message may have: a
+    /// payload must not turn one step into a mass mailing.
+    pub max_recipients: usize,
 }
+
+/// The default of [`EmailSettings::max_recipients`].
+pub const DEFAULT_MAX_RECIPIENTS: usize = 50;
 
 #[derive(Clone)]
 enum Transport {
@@ -101,6 +107,7 @@ enum Transport {
 pub struct Mailer {
     transport: Transport,
     from: Mailbox,
+    max_recipients: usize,
 }
 
 impl Mailer {
@@ -128,7 +135,11 @@ impl Mailer {
                 Transport::Mailbox(AsyncFileTransport::new(&settings.mailbox_dir))
             }
         };
-        Ok(Self { transport, from })
+        Ok(Self {
+            transport,
+            from,
+            max_recipients: settings.max_recipients,
+        })
     }
 
     /// The message id of a step's email: the same on every attempt, so a
@@ -149,6 +160,20 @@ impl Mailer {
 
         let to_text = field("to")?.unwrap_or_default();
         let to = parse_mailboxes(&to_text).map_err(|error| permanent("to", error))?;
+        let cc = match field("cc")? {
+            Some(cc) => Some(parse_mailboxes(&cc).map_err(|error| permanent("cc", error))?),
+            None => None,
+        };
+        let recipients = to.iter().count() + cc.as_ref().map_or(0, |cc| cc.iter().count());
+        if recipients > self.max_recipients {
+            return Err(permanent(
+                "to, cc",
+                format!(
+                    "{recipients} recipients; at most {} per email",
+                    self.max_recipients
+                ),
+            ));
+        }
         // A subject is one header line: never let a payload add a header.
         let subject = field("subject")?
             .unwrap_or_default()
@@ -163,13 +188,8 @@ impl Mailer {
         for mailbox in to.iter() {
             builder = builder.to(mailbox.clone());
         }
-        if let Some(cc) = field("cc")? {
-            for mailbox in parse_mailboxes(&cc)
-                .map_err(|error| permanent("cc", error))?
-                .iter()
-            {
-                builder = builder.cc(mailbox.clone());
-            }
+        for mailbox in cc.iter().flat_map(Mailboxes::iter) {
+            builder = builder.cc(mailbox.clone());
         }
         if let Some(reply_to) = field("reply_to")? {
             let mailbox: Mailbox = reply_to

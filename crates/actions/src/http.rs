@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::redirect::Policy;
 use reqwest::{Method, StatusCode, Url};
@@ -274,17 +275,19 @@ impl HttpClient {
             .map_err(|error| classify_request_error(error, timeout))?;
         let status = response.status();
         let headers = headers_to_json(response.headers());
-        let location = response
-            .headers()
-            .get(LOCATION)
-            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
-        let body = read_capped(response, self.max_response_bytes)
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .map(|value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        };
+        let (location, content_type) = (header(LOCATION), header(CONTENT_TYPE));
+        let bytes = read_capped(response, self.max_response_bytes)
             .await
             .map_err(|error| classify_request_error(error, timeout))?;
-        let body = String::from_utf8_lossy(&body).into_owned();
-        classify_status(status, location.as_deref(), &body)?;
-        let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
-        Ok(json!({ "status": status.as_u16(), "headers": headers, "body": body }))
+        let body = Body::new(bytes, content_type);
+        classify_status(status, location.as_deref(), &body.describe())?;
+        Ok(json!({ "status": status.as_u16(), "headers": headers, "body": body.into_output() }))
     }
 
     fn build_request(
@@ -417,6 +420,102 @@ async fn read_capped(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// A response body as the step output keeps it. Text stays text (JSON
+/// when it parses), so templates can use it; any other body is kept whole
+/// as base64, which every store accepts and nothing is lost from.
+#[derive(Debug, PartialEq)]
+enum Body {
+    /// UTF-8 of a text content type, or of none declared.
+    Text(String),
+    Binary {
+        bytes: Vec<u8>,
+        content_type: Option<String>,
+    },
+}
+
+impl Body {
+    fn new(bytes: Vec<u8>, content_type: Option<String>) -> Self {
+        if !content_type.as_deref().is_none_or(is_text_type) {
+            return Self::Binary {
+                bytes,
+                content_type,
+            };
+        }
+        match utf8_prefix(bytes) {
+            Ok(text) => Self::Text(text),
+            Err(bytes) => Self::Binary {
+                bytes,
+                content_type,
+            },
+        }
+    }
+
+    /// What an error message quotes of the body.
+    fn describe(&self) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::Binary {
+                bytes,
+                content_type,
+            } => format!(
+                "({} bytes of {})",
+                bytes.len(),
+                content_type.as_deref().unwrap_or("binary data")
+            ),
+        }
+    }
+
+    fn into_output(self) -> Value {
+        match self {
+            Self::Text(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            Self::Binary {
+                bytes,
+                content_type,
+            } => json!({
+                "base64": base64::engine::general_purpose::STANDARD.encode(&bytes),
+                "content_type": content_type,
+            }),
+        }
+    }
+}
+
+/// Whether a content type declares text: `text/*`, JSON, XML, JavaScript,
+/// form data, or anything with a charset.
+fn is_text_type(content_type: &str) -> bool {
+    let content_type = content_type.to_ascii_lowercase();
+    let mut parts = content_type.split(';');
+    let essence = parts.next().unwrap_or_default().trim();
+    let has_charset = parts.any(|parameter| parameter.trim().starts_with("charset="));
+    has_charset
+        || essence.starts_with("text/")
+        || essence.ends_with("+json")
+        || essence.ends_with("+xml")
+        || matches!(
+            essence,
+            "application/json"
+                | "application/x-ndjson"
+                | "application/xml"
+                | "application/javascript"
+                | "application/x-www-form-urlencoded"
+        )
+}
+
+/// The bytes as UTF-8, less an incomplete character at the end (where the
+/// size cap may cut one); the bytes back when they are not UTF-8.
+fn utf8_prefix(bytes: Vec<u8>) -> Result<String, Vec<u8>> {
+    let error = match String::from_utf8(bytes) {
+        Ok(text) => return Ok(text),
+        Err(error) => error,
+    };
+    let utf8 = error.utf8_error();
+    let mut bytes = error.into_bytes();
+    if utf8.error_len().is_some() {
+        return Err(bytes);
+    }
+    bytes.truncate(utf8.valid_up_to());
+    String::from_utf8(bytes).map_err(std::string::FromUtf8Error::into_bytes)
 }
 
 fn headers_to_json(headers: &HeaderMap) -> Value {
@@ -661,6 +760,40 @@ mod tests {
         for code in [301, 302, 307, 308, 400, 401, 403, 404, 410, 422] {
             assert!(permanent(code), "{code}");
         }
+    }
+
+    #[test]
+    fn text_bodies_stay_text_and_others_become_base64() {
+        let output = |bytes: &[u8], content_type: Option<&str>| {
+            Body::new(bytes.to_vec(), content_type.map(str::to_owned)).into_output()
+        };
+        assert_eq!(
+            output(br#"{"a": 1}"#, Some("application/json")),
+            json!({"a": 1})
+        );
+        assert_eq!(output(b"hi", None), json!("hi"));
+        assert_eq!(output(b"a\0b", Some("text/plain")), json!("a\u{0}b"));
+        assert_eq!(
+            output("caf\u{e9}".as_bytes(), Some("text/plain; charset=utf-8")),
+            json!("caf\u{e9}")
+        );
+        // A character cut by the size cap is dropped, not a reason for base64.
+        assert_eq!(
+            output(&"ab\u{e9}".as_bytes()[..3], Some("text/plain")),
+            json!("ab")
+        );
+        assert_eq!(
+            output(b"\0\x01\xff", Some("application/octet-stream")),
+            json!({"base64": "AAH/", "content_type": "application/octet-stream"})
+        );
+        assert_eq!(
+            output(b"\xff\xfe", None),
+            json!({"base64": "//4=", "content_type": null})
+        );
+        assert_eq!(
+            Body::new(vec![0; 3], Some("image/png".into())).describe(),
+            "(3 bytes of image/png)"
+        );
     }
 
     #[test]

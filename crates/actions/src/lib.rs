@@ -12,7 +12,7 @@ use serde_json::Value;
 use zapflow_core::ActionSpec;
 
 pub use catalog::{ActionField, ActionType, FieldError, catalog, validate_actions};
-pub use email::{EmailSettings, Mailer};
+pub use email::{DEFAULT_MAX_RECIPIENTS, EmailSettings, Mailer};
 pub use http::{HttpClient, HttpSettings};
 pub use ssrf::IpNet;
 

@@ -113,6 +113,7 @@ fn mailer() -> Mailer {
         mailbox_dir: std::env::temp_dir().join("zapflow-actions-http-tests"),
         from: "zapflow@example.com".into(),
         timeout: Duration::from_secs(5),
+        max_recipients: zapflow_actions::DEFAULT_MAX_RECIPIENTS,
     })
     .unwrap()
 }

@@ -5,7 +5,7 @@ use uuid::Uuid;
 use zapflow_core::{RunStatus, StepStatus, ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_server::ZapService;
-use zapflow_store::Store;
+use zapflow_store::{Replay, Store, TimeWindow};
 
 use crate::convert::{
     action_type_to_proto, actions_from_proto, page_size, parse_id, parse_page_token, run_to_proto,
@@ -61,13 +61,14 @@ impl ZapApi {
         Ok(actions)
     }
 
-    /// Replays one of `owner`'s runs; returns the new run's id.
+    /// Replays one of `owner`'s runs; returns its replay, which exists
+    /// already when the run was replayed before (a run has at most one).
     async fn replay(
         &self,
         owner: Uuid,
         run: &zapflow_store::Run,
         from_start: bool,
-    ) -> Result<Uuid> {
+    ) -> Result<Replay> {
         if !run.status.is_final() {
             return Err(ApiError::FailedPrecondition("the run is still in progress"));
         }
@@ -84,13 +85,15 @@ impl ZapApi {
                 .position(|step| step.status != StepStatus::Succeeded)
                 .unwrap_or_default() as u32
         };
-        let id = Uuid::now_v7();
-        self.store
-            .insert_replay(run, id, start_stage)
+        let replay = self
+            .store
+            .insert_replay(run, Uuid::now_v7(), start_stage)
             .await
             .map_err(run_error)?;
-        tracing::info!(%owner, original = %run.id, replay = %id, start_stage, "run replayed");
-        Ok(id)
+        if let Replay::Created(id) = replay {
+            tracing::info!(%owner, original = %run.id, replay = %id, start_stage, "run replayed");
+        }
+        Ok(replay)
     }
 
     /// Pauses or resumes the zap `id` of the request's caller.
@@ -120,6 +123,10 @@ fn run_error(error: zapflow_store::StoreError) -> ApiError {
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
+
+/// Replays one `ReplayRuns` call makes at most; calling again goes on with
+/// the failed runs not replayed yet.
+const MAX_REPLAYS_PER_CALL: u32 = 1000;
 
 #[tonic::async_trait]
 impl ZapService for ZapApi {
@@ -314,10 +321,10 @@ impl ZapService for ZapApi {
         let body = request.get_ref();
         let id = parse_id(&body.id, "run")?;
         let original = self.store.owned_run(owner, id).await.map_err(run_error)?;
-        let replay_id = self.replay(owner, &original, body.from_start).await?;
+        let replay = self.replay(owner, &original, body.from_start).await?;
         let replay = self
             .store
-            .owned_run(owner, replay_id)
+            .owned_run(owner, replay.id())
             .await
             .map_err(run_error)?;
         Ok(Response::new(pb::ReplayRunResponse {
@@ -329,7 +336,6 @@ impl ZapService for ZapApi {
         &self,
         request: Request<pb::ReplayRunsRequest>,
     ) -> Reply<pb::ReplayRunsResponse> {
-        const MAX_REPLAYS: u32 = 1000;
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
         let zap_id = parse_id(&body.zap_id, "zap")?;
@@ -342,28 +348,22 @@ impl ZapService for ZapApi {
                 })
                 .transpose()
         };
-        let (start, end) = (
-            bound(&body.start_time, "start_time")?,
-            bound(&body.end_time, "end_time")?,
-        );
+        let window = TimeWindow {
+            start: bound(&body.start_time, "start_time")?,
+            end: bound(&body.end_time, "end_time")?,
+        };
         let failed = self
             .store
-            .failed_runs(owner, zap_id, MAX_REPLAYS)
+            .failed_runs(owner, zap_id, &window, MAX_REPLAYS_PER_CALL)
             .await
             .map_err(run_error)?;
         let mut run_ids = Vec::new();
-        for (id, created_at) in failed {
-            if start.is_some_and(|start| created_at < start)
-                || end.is_some_and(|end| created_at >= end)
-            {
-                continue;
-            }
+        for id in failed {
             let original = self.store.owned_run(owner, id).await.map_err(run_error)?;
-            run_ids.push(
-                self.replay(owner, &original, body.from_start)
-                    .await?
-                    .to_string(),
-            );
+            // A run a concurrent call replayed meanwhile is that call's.
+            if let Replay::Created(replay) = self.replay(owner, &original, body.from_start).await? {
+                run_ids.push(replay.to_string());
+            }
         }
         Ok(Response::new(pb::ReplayRunsResponse { run_ids }))
     }

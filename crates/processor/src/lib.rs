@@ -113,11 +113,13 @@ impl Relay {
     /// Relays until `shutdown`: drains due rows, then sleeps until a
     /// notification or the poll interval. A pass under way when shutdown
     /// comes finishes (its delivery reports are awaited), so only
-    /// acknowledged rows are ever deleted.
+    /// acknowledged rows are ever deleted; no pass starts after it.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut listener = self.listen().await;
         while !shutdown.is_cancelled() {
-            loop {
+            // A full batch suggests more are due; go on without waiting,
+            // but never past shutdown, however long the backlog.
+            while !shutdown.is_cancelled() {
                 match self.relay_once().await {
                     Ok((delivered, claimed))
                         if claimed == self.settings.batch_size as usize && delivered == claimed =>

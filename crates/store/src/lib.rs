@@ -3,11 +3,13 @@
 //! The database is the source of truth: every state change is committed
 //! together with the outbox row that announces the work it causes.
 
+mod claim;
 mod outbox;
 mod portable;
 mod runs;
 mod sqlite;
 mod steps;
+mod storable;
 mod store;
 mod users;
 mod zaps;
@@ -18,7 +20,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
-pub use runs::{NewRun, Run, RunPage, Step};
+pub use runs::{NewRun, Replay, Run, RunPage, Step, TimeWindow};
 pub use sqlite::SqliteStore;
 pub use steps::{ClaimedStep, StepClaim, StepOutcome};
 pub use store::{OutboxWakeups, Store};

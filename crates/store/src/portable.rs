@@ -140,25 +140,59 @@ macro_rules! portable_queries {
             $crate::RunPage::from_rows(rows, limit)
         }
 
-        /// Failed runs of a zap not replayed yet, oldest first (at most
-        /// `limit`), with when they were created.
+        /// Ids of a zap's failed runs not replayed yet, created in `window`,
+        /// oldest first, at most `limit`.
         pub async fn failed_runs(
             &self,
             owner_id: ::uuid::Uuid,
             zap_id: ::uuid::Uuid,
+            window: &$crate::TimeWindow,
             limit: u32,
-        ) -> $crate::Result<Vec<(::uuid::Uuid, ::chrono::DateTime<::chrono::Utc>)>> {
-            Ok(::sqlx::query_as(
-                "SELECT id, created_at FROM zap_runs
+        ) -> $crate::Result<Vec<::uuid::Uuid>> {
+            let ids: Vec<(::uuid::Uuid,)> = ::sqlx::query_as(
+                "SELECT id FROM zap_runs
                  WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
+                   AND ($3 IS NULL OR created_at >= $3) AND ($4 IS NULL OR created_at < $4)
                    AND NOT EXISTS (SELECT 1 FROM zap_runs AS replay WHERE replay.replay_of = zap_runs.id)
-                 ORDER BY created_at LIMIT $3",
+                 ORDER BY created_at, id LIMIT $5",
             )
             .bind(owner_id)
             .bind(zap_id)
+            .bind(window.start)
+            .bind(window.end)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+            Ok(ids.into_iter().map(|(id,)| id).collect())
+        }
+
+        /// The replay `original` has (an insert of another one found it).
+        async fn existing_replay(&self, original: ::uuid::Uuid) -> $crate::Result<$crate::Replay> {
+            let (id,): (::uuid::Uuid,) = ::sqlx::query_as("SELECT id FROM zap_runs WHERE replay_of = $1")
+                .bind(original)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok($crate::Replay::Existing(id))
+        }
+
+        /// The run a claim of step `stage` works on, with the step's action
+        /// type; or the claim's answer when there is no step to take.
+        async fn run_to_claim(
+            &self,
+            run_id: ::uuid::Uuid,
+            stage: u32,
+        ) -> $crate::Result<Result<($crate::Run, String), $crate::StepClaim>> {
+            let Some(run) = self.run(run_id).await? else {
+                return Ok(Err($crate::StepClaim::Unknown));
+            };
+            if run.status.is_final() {
+                return Ok(Err($crate::StepClaim::RunFinished));
+            }
+            let Some(action) = run.actions.get(stage as usize) else {
+                return Ok(Err($crate::StepClaim::Unknown));
+            };
+            let action_type = action.action_type.clone();
+            Ok(Ok((run, action_type)))
         }
 
         /// Counts outbox rows (due or not).

@@ -55,6 +55,33 @@ pub struct Step {
     pub history: Vec<Attempt>,
 }
 
+/// The replay of a run. A run has at most one: a retried or concurrent
+/// replay request finds the one made first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Made by this request.
+    Created(Uuid),
+    /// Made earlier (or concurrently, by another request).
+    Existing(Uuid),
+}
+
+impl Replay {
+    /// The replay's run id.
+    pub fn id(self) -> Uuid {
+        match self {
+            Self::Created(id) | Self::Existing(id) => id,
+        }
+    }
+}
+
+/// Creation times to select runs by: from `start` (inclusive) to `end`
+/// (exclusive); an unset bound is open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeWindow {
+    pub start: Option<DateTime<Utc>>,
+    pub end: Option<DateTime<Utc>>,
+}
+
 /// One page of runs, newest first, and the id to continue before.
 #[derive(Debug, Clone)]
 pub struct RunPage {
@@ -201,18 +228,30 @@ impl PgStore {
 
     /// Records a replay of `original` as run `id`, starting at `start_stage`:
     /// the steps before it are copied with their outputs, and the outbox
-    /// row of the first step to run is added, all in one transaction.
-    pub async fn insert_replay(&self, original: &Run, id: Uuid, start_stage: u32) -> Result<()> {
+    /// row of the first step to run is added, all in one transaction. When
+    /// `original` has a replay already, nothing is written and that one is
+    /// returned (a concurrent insert waits for the first to commit).
+    pub async fn insert_replay(
+        &self,
+        original: &Run,
+        id: Uuid,
+        start_stage: u32,
+    ) -> Result<Replay> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query, actions, replay_of)
              SELECT $1, zap_id, owner_id, 'pending', trigger, headers, query, actions, id
-             FROM zap_runs WHERE id = $2",
+             FROM zap_runs WHERE id = $2
+             ON CONFLICT (replay_of) WHERE replay_of IS NOT NULL DO NOTHING",
         )
         .bind(id)
         .bind(original.id)
         .execute(&mut *tx)
         .await?;
+        if inserted.rows_affected() == 0 {
+            tx.rollback().await?;
+            return self.existing_replay(original.id).await;
+        }
         sqlx::query(
             "INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts, output, error,
                                         started_at, finished_at, history)
@@ -235,7 +274,7 @@ impl PgStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(Replay::Created(id))
     }
 }
 

@@ -19,13 +19,15 @@ use sqlx::types::Json;
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
+use zapflow_core::retry::RetryPolicy;
 use zapflow_core::secret::{self, ApiKey};
 use zapflow_core::{ActionSpec, Attempt, RunStatus, ZapStatus};
 
+use crate::claim::{Decision, StepState, decide, max_attempts};
 use crate::outbox::{OutboxKind, OutboxRecord};
 use crate::zaps::{IngestRow, ZAP_COLUMNS, ZapRow, found, parse_status};
 use crate::{
-    ClaimedStep, NewRun, OutboxRow, Result, Run, SQLITE_MIGRATOR, StepClaim, StepOutcome,
+    ClaimedStep, NewRun, OutboxRow, Replay, Result, Run, SQLITE_MIGRATOR, StepClaim, StepOutcome,
     StoreError, Zap, ZapForIngest,
 };
 
@@ -273,20 +275,31 @@ impl SqliteStore {
         Ok(results)
     }
 
-    pub async fn insert_replay(&self, original: &Run, id: Uuid, start_stage: u32) -> Result<()> {
+    pub async fn insert_replay(
+        &self,
+        original: &Run,
+        id: Uuid,
+        start_stage: u32,
+    ) -> Result<Replay> {
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query, actions, replay_of,
                                    created_at, updated_at)
              SELECT $1, zap_id, owner_id, 'pending', trigger, headers, query, actions, id, $3, $3
-             FROM zap_runs WHERE id = $2",
+             FROM zap_runs WHERE id = $2
+             ON CONFLICT (replay_of) WHERE replay_of IS NOT NULL DO NOTHING",
         )
         .bind(id)
         .bind(original.id)
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        if inserted.rows_affected() == 0 {
+            // The pool's one connection must be free for the lookup.
+            tx.rollback().await?;
+            return self.existing_replay(original.id).await;
+        }
         sqlx::query(
             "INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts, output, error,
                                         started_at, finished_at, history)
@@ -310,20 +323,26 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         self.outbox_written.send_replace(());
-        Ok(())
+        Ok(Replay::Created(id))
     }
 
-    pub async fn claim_step(&self, run_id: Uuid, stage: u32, lease: Duration) -> Result<StepClaim> {
-        let Some(run) = self.run(run_id).await? else {
-            return Ok(StepClaim::Unknown);
-        };
-        if run.status.is_final() {
-            return Ok(StepClaim::RunFinished);
-        }
-        let Some(action) = run.actions.get(stage as usize) else {
-            return Ok(StepClaim::Unknown);
+    /// Leases step `stage` of a run for `lease`, unless it is done, held,
+    /// not due, or out of attempts under `retry` (see
+    /// [`PgStore::claim_step`](crate::PgStore::claim_step)).
+    pub async fn claim_step(
+        &self,
+        run_id: Uuid,
+        stage: u32,
+        lease: Duration,
+        retry: &RetryPolicy,
+    ) -> Result<StepClaim> {
+        let (run, action_type) = match self.run_to_claim(run_id, stage).await? {
+            Ok(found) => found,
+            Err(answer) => return Ok(answer),
         };
         let now = Utc::now();
+        // The one connection makes this transaction the only writer: the
+        // step cannot change between reading and updating it.
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO zap_run_steps (run_id, step, action_type, status) VALUES ($1, $2, $3, 'pending')
@@ -331,42 +350,52 @@ impl SqliteStore {
         )
         .bind(run_id)
         .bind(stage as i32)
-        .bind(&action.action_type)
+        .bind(&action_type)
         .execute(&mut *tx)
         .await?;
-        let claimed: Option<(i32,)> = sqlx::query_as(
-            "UPDATE zap_run_steps
-             SET status = 'running', attempts = attempts + 1, lease_until = $3,
-                 started_at = coalesce(started_at, $5)
-             WHERE run_id = $1 AND step = $2
-               AND (status IN ('pending', 'retrying') OR (status = 'running' AND lease_until < $4))
-             RETURNING attempts",
-        )
-        .bind(run_id)
-        .bind(stage as i32)
-        .bind(micros_after(lease))
-        .bind(now.timestamp_micros())
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((attempt,)) = claimed else {
-            let (status, lease_until): (String, Option<i64>) = sqlx::query_as(
-                "SELECT status, lease_until FROM zap_run_steps WHERE run_id = $1 AND step = $2",
+        let (status, attempts, lease_until, retry_at): (String, i32, Option<i64>, Option<i64>) =
+            sqlx::query_as(
+                "SELECT status, attempts, lease_until, retry_at FROM zap_run_steps
+                 WHERE run_id = $1 AND step = $2",
             )
             .bind(run_id)
             .bind(stage as i32)
             .fetch_one(&mut *tx)
             .await?;
-            return Ok(
-                match (
-                    status.as_str(),
-                    lease_until.and_then(DateTime::from_timestamp_micros),
-                ) {
-                    ("running", Some(lease_until)) => StepClaim::Busy { lease_until },
-                    _ => StepClaim::AlreadyDone,
-                },
-            );
+        let state = StepState {
+            status: parse_status(&status)?,
+            attempts: attempts as u32,
+            lease_until: lease_until.and_then(DateTime::from_timestamp_micros),
+            retry_at: retry_at.and_then(DateTime::from_timestamp_micros),
         };
+        let attempt = match decide(&state, now, max_attempts(&run, stage, retry)) {
+            Decision::Leave(answer) => return Ok(answer),
+            Decision::GiveUp { error, abandoned } => {
+                let step = ClaimedStep {
+                    run,
+                    stage,
+                    attempt: state.attempts,
+                };
+                give_up(&mut tx, &step, &error, abandoned, now).await?;
+                tx.commit().await?;
+                self.outbox_written.send_replace(());
+                return Ok(StepClaim::Exhausted { error });
+            }
+            Decision::Claim => state.attempts + 1,
+        };
+        sqlx::query(
+            "UPDATE zap_run_steps
+             SET status = 'running', attempts = $3, retry_at = NULL, lease_until = $4,
+                 started_at = coalesce(started_at, $5)
+             WHERE run_id = $1 AND step = $2",
+        )
+        .bind(run_id)
+        .bind(stage as i32)
+        .bind(attempt as i32)
+        .bind(micros_after(lease))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("UPDATE zap_runs SET status = 'running', updated_at = $2 WHERE id = $1 AND status = 'pending'")
             .bind(run_id)
             .bind(now)
@@ -376,49 +405,38 @@ impl SqliteStore {
         Ok(StepClaim::Claimed(Box::new(ClaimedStep {
             run,
             stage,
-            attempt: attempt as u32,
+            attempt,
         })))
     }
 
     pub async fn finish_step(&self, step: &ClaimedStep, outcome: &StepOutcome) -> Result<bool> {
-        let run = &step.run;
         let now = Utc::now();
+        let outcome = outcome.storable();
         let (status, output, error) = outcome.recorded();
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE zap_run_steps
              SET status = $4, output = $5, error = $6, lease_until = NULL,
                  finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
+                 retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
                  history = json_insert(history, '$[#]', json($8))
              WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'",
         )
-        .bind(run.id)
+        .bind(step.run.id)
         .bind(step.stage as i32)
         .bind(step.attempt as i32)
         .bind(status)
         .bind(output.map(Json))
         .bind(error)
         .bind(now)
-        .bind(Json(step.attempt_record(outcome, now)))
+        .bind(Json(step.attempt_record(&outcome, now)))
+        .bind(micros_after(outcome.retry_delay()))
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
             return Ok(false);
         }
-        let (stage, kind, reason, delay, run_status) = step.next(outcome);
-        if let Some(stage) = stage {
-            enqueue(&mut tx, run.id, run.zap_id, stage, kind, reason, delay).await?;
-        }
-        sqlx::query(
-            "UPDATE zap_runs SET status = $2, updated_at = $3,
-                 finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $3 END
-             WHERE id = $1",
-        )
-        .bind(run.id)
-        .bind(run_status.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        follow_up(&mut tx, step, &outcome, now).await?;
         tx.commit().await?;
         self.outbox_written.send_replace(());
         Ok(true)
@@ -513,6 +531,57 @@ async fn enqueue(
     Ok(())
 }
 
+/// Fails a step whose attempts are used up, keeping the history entry of
+/// an attempt that was never recorded, and fails its run.
+async fn give_up(
+    tx: &mut Transaction<'_, Sqlite>,
+    step: &ClaimedStep,
+    error: &str,
+    abandoned: Option<Attempt>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE zap_run_steps
+         SET status = 'failed', error = $3, lease_until = NULL, retry_at = NULL, finished_at = $4,
+             history = CASE WHEN $5 IS NULL THEN history
+                            ELSE json_insert(history, '$[#]', json($5)) END
+         WHERE run_id = $1 AND step = $2",
+    )
+    .bind(step.run.id)
+    .bind(step.stage as i32)
+    .bind(error)
+    .bind(now)
+    .bind(abandoned.map(Json))
+    .execute(&mut **tx)
+    .await?;
+    follow_up(tx, step, &StepOutcome::Failed(error.to_owned()), now).await
+}
+
+/// What follows a recorded outcome: its outbox row and the run's status.
+async fn follow_up(
+    tx: &mut Transaction<'_, Sqlite>,
+    step: &ClaimedStep,
+    outcome: &StepOutcome,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let run = &step.run;
+    let (stage, kind, reason, delay, run_status) = step.next(outcome);
+    if let Some(stage) = stage {
+        enqueue(tx, run.id, run.zap_id, stage, kind, reason, delay).await?;
+    }
+    sqlx::query(
+        "UPDATE zap_runs SET status = $2, updated_at = $3,
+             finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $3 END
+         WHERE id = $1",
+    )
+    .bind(run.id)
+    .bind(run_status.as_str())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 impl TryFrom<IngestRow> for ZapForIngest {
     type Error = StoreError;
 
@@ -536,6 +605,14 @@ impl StepOutcome {
             Self::Succeeded(output) => ("succeeded", Some(output), None),
             Self::Retry { error, .. } => ("retrying", None, Some(error.as_str())),
             Self::Failed(error) => ("failed", None, Some(error.as_str())),
+        }
+    }
+
+    /// How long until the next attempt (zero unless a retry).
+    pub(crate) fn retry_delay(&self) -> Duration {
+        match self {
+            Self::Retry { delay, .. } => *delay,
+            Self::Succeeded(_) | Self::Failed(_) => Duration::ZERO,
         }
     }
 }

@@ -3,16 +3,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use uuid::Uuid;
+use zapflow_core::retry::RetryPolicy;
 use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, ZapStatus};
 
 use crate::{
-    ClaimedStep, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow, PgStore, Result, Run, RunPage,
-    SqliteStore, StepClaim, StepOutcome, Zap, ZapForIngest,
+    ClaimedStep, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow, PgStore, Replay, Result, Run,
+    RunPage, SqliteStore, StepClaim, StepOutcome, TimeWindow, Zap, ZapForIngest,
 };
 
 /// The database: PostgreSQL (distributed and PostgreSQL-only deployments)
@@ -171,20 +171,28 @@ impl Store {
 
     /// Records a replay of `original` as run `id`, starting at `start_stage`:
     /// the steps before it are copied with their outputs, and the outbox row
-    /// of the first step to run is added, all in one transaction.
-    pub async fn insert_replay(&self, original: &Run, id: Uuid, start_stage: u32) -> Result<()> {
+    /// of the first step to run is added, all in one transaction. A run has
+    /// at most one replay: when `original` has one already (also one
+    /// committed concurrently), nothing is written and that one is returned.
+    pub async fn insert_replay(
+        &self,
+        original: &Run,
+        id: Uuid,
+        start_stage: u32,
+    ) -> Result<Replay> {
         dispatch!(self.insert_replay(original, id, start_stage))
     }
 
-    /// Failed runs of a zap not replayed yet, oldest first (at most
-    /// `limit`), with when they were created.
+    /// Ids of a zap's failed runs not replayed yet, created in `window`,
+    /// oldest first, at most `limit`.
     pub async fn failed_runs(
         &self,
         owner_id: Uuid,
         zap_id: Uuid,
+        window: &TimeWindow,
         limit: u32,
-    ) -> Result<Vec<(Uuid, DateTime<Utc>)>> {
-        dispatch!(self.failed_runs(owner_id, zap_id, limit))
+    ) -> Result<Vec<Uuid>> {
+        dispatch!(self.failed_runs(owner_id, zap_id, window, limit))
     }
 
     /// A run with its steps, whoever owns it (for workers).
@@ -211,9 +219,19 @@ impl Store {
         dispatch!(self.list_runs(owner_id, zap_id, before, limit, payloads))
     }
 
-    /// Leases step `stage` of a run for `lease`, unless it is done or held.
-    pub async fn claim_step(&self, run_id: Uuid, stage: u32, lease: Duration) -> Result<StepClaim> {
-        dispatch!(self.claim_step(run_id, stage, lease))
+    /// Leases step `stage` of a run for `lease`, unless it is done, held by
+    /// another worker, waiting for a retry not yet due, or out of attempts
+    /// under `retry` (the worker's policy; the action's override applies on
+    /// top). A step out of attempts is failed, with its run, and
+    /// dead-lettered ([`StepClaim::Exhausted`]).
+    pub async fn claim_step(
+        &self,
+        run_id: Uuid,
+        stage: u32,
+        lease: Duration,
+        retry: &RetryPolicy,
+    ) -> Result<StepClaim> {
+        dispatch!(self.claim_step(run_id, stage, lease, retry))
     }
 
     /// Records how an attempt ended and, in the same transaction, announces

@@ -149,6 +149,7 @@ impl Stack {
                 mailbox_dir: mailbox_dir.clone(),
                 from: "zapflow <zapflow@localhost>".into(),
                 timeout: Duration::from_secs(10),
+                max_recipients: zapflow_actions::DEFAULT_MAX_RECIPIENTS,
             })
             .unwrap();
             let http = HttpSettings {

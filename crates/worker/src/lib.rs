@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use zapflow_actions::{ActionError, Executor, StepRef};
 use zapflow_core::retry::RetryPolicy;
@@ -48,12 +49,20 @@ pub enum Handled {
     Ran(StepOutcome),
     /// The step was already finished: a redelivery, nothing done.
     Duplicate,
+    /// The step waits for a retry that is not due yet; the event announcing
+    /// that retry comes when it is, so nothing was done.
+    NotDue,
     /// Another worker holds the step; it will be looked at again later.
     Rescheduled,
-    /// The event points at nothing runnable; it went to the dead letters.
+    /// The event points at nothing runnable, or its step has used up its
+    /// attempts; it went to the dead letters.
     DeadLettered(String),
     /// The event cannot be read at all; the caller dead-letters it as is.
     Poison(String),
+    /// The action ran, but shutdown came before its outcome could be
+    /// recorded. The event must come again: once the step's lease ends the
+    /// step runs again (the documented repeat after a crash).
+    Unrecorded(StepOutcome),
 }
 
 #[derive(Clone)]
@@ -76,10 +85,21 @@ impl Worker {
         &self.settings
     }
 
-    /// Handles one event: claims its step, runs the action and records the
-    /// outcome. An error means nothing was recorded and the event should be
-    /// delivered again.
+    /// Handles one event: claims its step, runs the action once and records
+    /// the outcome. An error means the claim failed: nothing ran, and the
+    /// event should be delivered again. Once the action ran, recording its
+    /// outcome is retried (never the action) until the database takes it.
     pub async fn execute(&self, event: &ZapEvent) -> Result<Handled, StoreError> {
+        self.execute_until(event, &CancellationToken::new()).await
+    }
+
+    /// [`execute`](Self::execute), whose recording gives up at `shutdown`
+    /// ([`Handled::Unrecorded`]).
+    pub async fn execute_until(
+        &self,
+        event: &ZapEvent,
+        shutdown: &CancellationToken,
+    ) -> Result<Handled, StoreError> {
         let (Ok(run_id), Ok(zap_id)) = (
             Uuid::parse_str(&event.run_id),
             Uuid::parse_str(&event.zap_id),
@@ -91,11 +111,20 @@ impl Worker {
         };
         let step = match self
             .store
-            .claim_step(run_id, event.stage, self.settings.lease)
+            .claim_step(
+                run_id,
+                event.stage,
+                self.settings.lease,
+                &self.settings.retry,
+            )
             .await?
         {
             StepClaim::Claimed(step) => step,
             StepClaim::AlreadyDone | StepClaim::RunFinished => return Ok(Handled::Duplicate),
+            StepClaim::NotDue { retry_at } => {
+                tracing::debug!(%run_id, stage = event.stage, %retry_at, "retry not due yet");
+                return Ok(Handled::NotDue);
+            }
             StepClaim::Busy { lease_until } => {
                 let wait = (lease_until - Utc::now()).to_std().unwrap_or_default()
                     + Duration::from_secs(1);
@@ -103,6 +132,10 @@ impl Worker {
                     .reschedule_step(run_id, zap_id, event.stage, wait)
                     .await?;
                 return Ok(Handled::Rescheduled);
+            }
+            StepClaim::Exhausted { error } => {
+                tracing::warn!(%run_id, stage = event.stage, error, "step out of attempts");
+                return Ok(Handled::DeadLettered(error));
             }
             StepClaim::Unknown => {
                 let reason = format!("no step {} in run {run_id}", event.stage);
@@ -125,30 +158,55 @@ impl Worker {
                 tracing::warn!(%run_id, stage = step.stage, attempt = step.attempt, error, "step failed")
             }
         }
-        if !self.store.finish_step(&step, &outcome).await? {
-            tracing::warn!(%run_id, stage = step.stage, "lease lost before the result was recorded");
-        }
-        Ok(Handled::Ran(outcome))
+        Ok(self.record(&step, outcome, shutdown).await)
     }
 
-    /// [`execute`](Self::execute), retried while the database does not
-    /// answer; `None` when given up at shutdown (nothing was recorded).
+    /// Records an attempt's outcome, retrying with backoff while the
+    /// database does not take it: the effect happened, so running the
+    /// action again to get another outcome would repeat it.
+    async fn record(
+        &self,
+        step: &ClaimedStep,
+        outcome: StepOutcome,
+        shutdown: &CancellationToken,
+    ) -> Handled {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.store.finish_step(step, &outcome).await {
+                Ok(true) => return Handled::Ran(outcome),
+                Ok(false) => {
+                    tracing::warn!(run_id = %step.run.id, stage = step.stage, attempt = step.attempt, "lease lost before the result was recorded");
+                    return Handled::Ran(outcome);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, run_id = %step.run.id, stage = step.stage, attempt = step.attempt, "cannot record the step's outcome; will retry");
+                    if !backoff.wait(shutdown).await {
+                        tracing::warn!(run_id = %step.run.id, stage = step.stage, "shutting down with an unrecorded outcome");
+                        return Handled::Unrecorded(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`execute_until`](Self::execute_until), with a failed claim retried
+    /// while the database does not answer; `None` when given up at shutdown
+    /// (nothing was recorded: the event must come again).
     pub(crate) async fn execute_until_recorded(
         &self,
         event: &ZapEvent,
-        shutdown: &tokio_util::sync::CancellationToken,
+        shutdown: &CancellationToken,
     ) -> Option<Handled> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         loop {
-            match self.execute(event).await {
+            match self.execute_until(event, shutdown).await {
+                Ok(Handled::Unrecorded(_)) => return None,
                 Ok(handled) => return Some(handled),
                 Err(error) => {
-                    tracing::warn!(%error, run_id = event.run_id, stage = event.stage, "cannot record step; will retry");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return None,
-                        () = tokio::time::sleep(backoff) => {}
+                    tracing::warn!(%error, run_id = event.run_id, stage = event.stage, "cannot claim the step; will retry");
+                    if !backoff.wait(shutdown).await {
+                        return None;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -190,6 +248,28 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Waits between tries at a database that does not answer: from 100 ms,
+/// doubling up to 5 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    /// Waits for the next try; false when `shutdown` came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(self.0) => {}
+        }
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        true
     }
 }
 

@@ -111,6 +111,10 @@ pub struct Config {
         default_value = "zapflow <zapflow@localhost>"
     )]
     pub smtp_from: String,
+    /// Most recipients (to and cc together) one email may have; more fail
+    /// the step.
+    #[arg(long, env = "ZAPFLOW_EMAIL_MAX_RECIPIENTS", default_value_t = zapflow_actions::DEFAULT_MAX_RECIPIENTS)]
+    pub email_max_recipients: usize,
     /// Where local state lives: the embedded database, the mailbox without
     /// SMTP, the first API key.
     #[arg(long, env = "ZAPFLOW_DATA_DIR", default_value = "data")]
@@ -233,6 +237,7 @@ impl Config {
             mailbox_dir: self.data_dir.join("mailbox"),
             from: self.smtp_from.clone(),
             timeout: Duration::from_secs(self.action_timeout),
+            max_recipients: self.email_max_recipients,
         }
     }
 }

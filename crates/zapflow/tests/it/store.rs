@@ -5,9 +5,18 @@ use std::time::Duration;
 
 use serde_json::json;
 use uuid::Uuid;
+use zapflow_core::retry::RetryPolicy;
 use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, RunStatus, StepStatus, ZapStatus};
-use zapflow_store::{NewRun, StepClaim, StepOutcome, Store, StoreError};
+use zapflow_store::{NewRun, StepClaim, StepOutcome, Store, StoreError, TimeWindow};
+
+/// A worker's policy of five attempts.
+const RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 5,
+    initial_delay: Duration::from_secs(2),
+    multiplier: 3.0,
+    max_delay: Duration::from_secs(600),
+};
 
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -38,6 +47,9 @@ conformance!(
     a_lapsed_lease_lets_another_worker_take_the_step,
     outbox_rows_are_leased_and_come_back,
     runs_page_newest_first,
+    a_step_is_never_claimed_past_its_attempt_cap,
+    outputs_and_errors_with_nul_are_stored_alike,
+    a_run_has_one_replay_and_failed_runs_are_selected_by_window,
 );
 
 fn email(to: &str) -> ActionSpec {
@@ -234,15 +246,15 @@ async fn a_step_goes_through_retry_success_and_failure(store: Store) {
     store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
     let lease = Duration::from_secs(60);
 
-    let first = claimed(store.claim_step(run.id, 0, lease).await.unwrap());
+    let first = claimed(store.claim_step(run.id, 0, lease, &RETRY).await.unwrap());
     assert_eq!(first.attempt, 1);
     assert!(matches!(
-        store.claim_step(run.id, 0, lease).await.unwrap(),
+        store.claim_step(run.id, 0, lease, &RETRY).await.unwrap(),
         StepClaim::Busy { .. }
     ));
     let retry = StepOutcome::Retry {
         error: "451 later".into(),
-        delay: Duration::from_secs(30),
+        delay: Duration::from_millis(300),
     };
     assert!(store.finish_step(&first, &retry).await.unwrap());
     assert!(
@@ -259,8 +271,16 @@ async fn a_step_goes_through_retry_success_and_failure(store: Store) {
         store.lease_due_outbox_rows(10, lease).await.unwrap().len() == 1,
         "only the first event is due; the retry waits"
     );
+    assert!(
+        matches!(
+            store.claim_step(run.id, 0, lease, &RETRY).await.unwrap(),
+            StepClaim::NotDue { .. }
+        ),
+        "an event before the retry is due leaves the step alone"
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
 
-    let second = claimed(store.claim_step(run.id, 0, lease).await.unwrap());
+    let second = claimed(store.claim_step(run.id, 0, lease, &RETRY).await.unwrap());
     assert_eq!(second.attempt, 2);
     assert!(
         store
@@ -269,11 +289,11 @@ async fn a_step_goes_through_retry_success_and_failure(store: Store) {
             .unwrap()
     );
     assert!(matches!(
-        store.claim_step(run.id, 0, lease).await.unwrap(),
+        store.claim_step(run.id, 0, lease, &RETRY).await.unwrap(),
         StepClaim::AlreadyDone
     ));
 
-    let last = claimed(store.claim_step(run.id, 1, lease).await.unwrap());
+    let last = claimed(store.claim_step(run.id, 1, lease, &RETRY).await.unwrap());
     assert_eq!(
         last.run.steps[0].output,
         Some(json!({"ok": true})),
@@ -297,15 +317,18 @@ async fn a_step_goes_through_retry_success_and_failure(store: Store) {
         (StepStatus::Failed, Some("550 no such user"))
     );
     assert!(matches!(
-        store.claim_step(run.id, 1, lease).await.unwrap(),
+        store.claim_step(run.id, 1, lease, &RETRY).await.unwrap(),
         StepClaim::RunFinished
     ));
     assert!(matches!(
-        store.claim_step(run.id, 7, lease).await.unwrap(),
+        store.claim_step(run.id, 7, lease, &RETRY).await.unwrap(),
         StepClaim::RunFinished
     ));
     assert!(matches!(
-        store.claim_step(Uuid::new_v4(), 0, lease).await.unwrap(),
+        store
+            .claim_step(Uuid::new_v4(), 0, lease, &RETRY)
+            .await
+            .unwrap(),
         StepClaim::Unknown
     ));
 }
@@ -316,14 +339,14 @@ async fn a_lapsed_lease_lets_another_worker_take_the_step(store: Store) {
     store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
     let vanished = claimed(
         store
-            .claim_step(run.id, 0, Duration::from_millis(20))
+            .claim_step(run.id, 0, Duration::from_millis(20), &RETRY)
             .await
             .unwrap(),
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     let successor = claimed(
         store
-            .claim_step(run.id, 0, Duration::from_secs(60))
+            .claim_step(run.id, 0, Duration::from_secs(60), &RETRY)
             .await
             .unwrap(),
     );
@@ -436,4 +459,153 @@ async fn runs_page_newest_first(store: Store) {
         Err(StoreError::NotFound)
     ));
     assert_eq!(store.owned_run(owner, ids[0]).await.unwrap().id, ids[0]);
+}
+
+async fn a_step_is_never_claimed_past_its_attempt_cap(store: Store) {
+    let (owner, zap) = user_and_zap(&store, 1).await;
+    let mut run = new_run(zap, owner, 1, None);
+    run.actions[0].retry = Some(zapflow_core::RetryOverride {
+        max_attempts: Some(2),
+        ..Default::default()
+    });
+    store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
+    let short = Duration::from_millis(20);
+
+    // Two workers claim the step and vanish without recording anything.
+    let first = claimed(store.claim_step(run.id, 0, short, &RETRY).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let second = claimed(store.claim_step(run.id, 0, short, &RETRY).await.unwrap());
+    assert_eq!((first.attempt, second.attempt), (1, 2));
+    tokio::time::sleep(Duration::from_millis(40)).await;
+
+    // The step comes back once more (a duplicate event, the outbox row's
+    // lease): the action's two attempts are used up.
+    let StepClaim::Exhausted { error } = store.claim_step(run.id, 0, short, &RETRY).await.unwrap()
+    else {
+        panic!("a third attempt must not start");
+    };
+    assert!(error.contains("gave up after 2 attempts"), "{error}");
+    let recorded = store.run(run.id).await.unwrap().unwrap();
+    assert_eq!(recorded.status, RunStatus::Failed);
+    let step = &recorded.steps[0];
+    assert_eq!(
+        (step.status, step.attempts, step.error.as_deref()),
+        (StepStatus::Failed, 2, Some(error.as_str()))
+    );
+    assert_eq!(step.history.len(), 1, "the abandoned attempt is on record");
+    assert_eq!(step.history[0].number, 2);
+    assert_eq!(
+        store.outbox_len().await.unwrap(),
+        2,
+        "the first step's row and a dead letter"
+    );
+    assert!(
+        !store
+            .finish_step(&second, &StepOutcome::Succeeded(json!({})))
+            .await
+            .unwrap(),
+        "a late worker cannot record"
+    );
+    assert!(matches!(
+        store.claim_step(run.id, 0, short, &RETRY).await.unwrap(),
+        StepClaim::RunFinished
+    ));
+}
+
+async fn outputs_and_errors_with_nul_are_stored_alike(store: Store) {
+    let (owner, zap) = user_and_zap(&store, 2).await;
+    let run = new_run(zap, owner, 2, None);
+    store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
+    let lease = Duration::from_secs(60);
+
+    let first = claimed(store.claim_step(run.id, 0, lease, &RETRY).await.unwrap());
+    let output = json!({"body": {"name\u{0}": "a\u{0}b", "list": ["\u{0}"]}, "status": 200});
+    assert!(
+        store
+            .finish_step(&first, &StepOutcome::Succeeded(output))
+            .await
+            .unwrap()
+    );
+    let second = claimed(store.claim_step(run.id, 1, lease, &RETRY).await.unwrap());
+    let failed = StepOutcome::Failed("http 400: bad \u{0} byte".into());
+    assert!(store.finish_step(&second, &failed).await.unwrap());
+
+    let recorded = store.run(run.id).await.unwrap().unwrap();
+    assert_eq!(
+        recorded.steps[0].output,
+        Some(json!({"body": {"name\u{FFFD}": "a\u{FFFD}b", "list": ["\u{FFFD}"]}, "status": 200}))
+    );
+    let expected = "http 400: bad \u{FFFD} byte";
+    assert_eq!(recorded.steps[1].error.as_deref(), Some(expected));
+    assert_eq!(
+        recorded.steps[1].history[0].error.as_deref(),
+        Some(expected)
+    );
+    assert_eq!(recorded.status, RunStatus::Failed);
+}
+
+async fn a_run_has_one_replay_and_failed_runs_are_selected_by_window(store: Store) {
+    let (owner, zap) = user_and_zap(&store, 1).await;
+    let mut failed = Vec::new();
+    for _ in 0..4 {
+        let run = new_run(zap, owner, 1, None);
+        store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
+        let step = claimed(
+            store
+                .claim_step(run.id, 0, Duration::from_secs(60), &RETRY)
+                .await
+                .unwrap(),
+        );
+        let outcome = StepOutcome::Failed("550".into());
+        assert!(store.finish_step(&step, &outcome).await.unwrap());
+        failed.push(store.run(run.id).await.unwrap().unwrap());
+    }
+    let ids = |runs: &[zapflow_store::Run]| runs.iter().map(|run| run.id).collect::<Vec<_>>();
+    let select = |window: TimeWindow, limit: u32| {
+        let store = store.clone();
+        async move { store.failed_runs(owner, zap, &window, limit).await.unwrap() }
+    };
+
+    assert_eq!(select(TimeWindow::default(), 10).await, ids(&failed));
+    // A window past the oldest `limit` runs still finds its runs.
+    let late = TimeWindow {
+        start: Some(failed[2].created_at),
+        end: None,
+    };
+    assert_eq!(select(late, 1).await, ids(&failed[2..3]));
+    let early = TimeWindow {
+        start: None,
+        end: Some(failed[1].created_at),
+    };
+    assert_eq!(
+        select(early, 10).await,
+        ids(&failed[..1]),
+        "the end is exclusive"
+    );
+
+    let replay = store
+        .insert_replay(&failed[2], Uuid::now_v7(), 0)
+        .await
+        .unwrap();
+    let zapflow_store::Replay::Created(replay_id) = replay else {
+        panic!("the first replay is created, got {replay:?}");
+    };
+    assert_eq!(
+        store
+            .insert_replay(&failed[2], Uuid::now_v7(), 0)
+            .await
+            .unwrap(),
+        zapflow_store::Replay::Existing(replay_id),
+        "a run has one replay"
+    );
+    assert_eq!(
+        store.run(replay_id).await.unwrap().unwrap().replay_of,
+        Some(failed[2].id)
+    );
+    assert_eq!(select(late, 10).await, ids(&failed[3..]));
+    assert_eq!(
+        store.outbox_len().await.unwrap(),
+        4 + 4 + 1,
+        "first steps, dead letters, and the one replay's step"
+    );
 }

@@ -147,6 +147,25 @@ pub async fn stack_with_smtp(smtp: &zapflow_testkit::SmtpSink, deployment: Deplo
         smtp_url: Some(smtp.url()),
         ..Default::default()
     };
+    stack_of(deployment, options).await
+}
+
+/// A stack of `deployment` whose email goes to `smtp` and whose HTTP
+/// action may reach loopback targets in the test.
+pub async fn stack_with_loopback_http(
+    smtp: &zapflow_testkit::SmtpSink,
+    deployment: Deployment,
+) -> Stack {
+    let options = zapflow_testkit::StackOptions {
+        smtp_url: Some(smtp.url()),
+        http_allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    };
+    stack_of(deployment, options).await
+}
+
+/// A stack of `deployment` with `options`.
+pub async fn stack_of(deployment: Deployment, options: zapflow_testkit::StackOptions) -> Stack {
     let (store, bus) = match deployment {
         Deployment::Distributed => (
             zapflow_testkit::test_store().await,
@@ -156,4 +175,30 @@ pub async fn stack_with_smtp(smtp: &zapflow_testkit::SmtpSink, deployment: Deplo
         Deployment::Embedded => (zapflow_testkit::test_sqlite_store().await.0, None),
     };
     Stack::start(store, bus, options).await
+}
+
+/// An http action calling `url` with `method`.
+pub fn http_action(method: &str, url: &str) -> pb::Action {
+    pb::Action {
+        r#type: "http".into(),
+        config: Some(to_struct(json!({ "method": method, "url": url }))),
+        retry: None,
+    }
+}
+
+/// A run as the store keeps it (outputs and history as recorded).
+pub async fn stored_run(stack: &Stack, run_id: &str) -> zapflow_store::Run {
+    stack
+        .store
+        .run(run_id.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("the run exists")
+}
+
+/// The run id of a webhook's 202 answer.
+pub async fn deliver(url: &str, payload: &Value) -> String {
+    let (status, answer) = post_json(url, payload).await;
+    assert_eq!(status, 202, "{answer}");
+    answer["run_id"].as_str().unwrap().to_owned()
 }

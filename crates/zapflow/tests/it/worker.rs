@@ -6,24 +6,26 @@ use serde_json::json;
 use uuid::Uuid;
 use zapflow_actions::{EmailSettings, Executor, Mailer, StepRef};
 use zapflow_core::ActionSpec;
+use zapflow_core::retry::RetryPolicy;
 use zapflow_proto::v1::ZapEvent;
 use zapflow_store::{NewRun, StepClaim, StepOutcome, Store};
 use zapflow_testkit::{SmtpSink, test_store};
 use zapflow_worker::{Handled, Worker, WorkerSettings};
 
 fn worker(store: &Store, smtp: &SmtpSink) -> Worker {
+    worker_with(store, smtp, WorkerSettings::default())
+}
+
+fn worker_with(store: &Store, smtp: &SmtpSink, settings: WorkerSettings) -> Worker {
     let mailer = Mailer::new(&EmailSettings {
         smtp_url: Some(smtp.url()),
         mailbox_dir: std::env::temp_dir(),
         from: "zapflow@localhost".into(),
         timeout: Duration::from_secs(5),
+        max_recipients: zapflow_actions::DEFAULT_MAX_RECIPIENTS,
     })
     .unwrap();
-    Worker::new(
-        store.clone(),
-        Executor::new(mailer),
-        WorkerSettings::default(),
-    )
+    Worker::new(store.clone(), Executor::new(mailer), settings)
 }
 
 /// A run of a one-email zap, recorded as ingestion would; returns its first
@@ -157,8 +159,19 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
     assert_eq!(run.steps[0].status, zapflow_core::StepStatus::Retrying);
     assert_eq!(run.steps[0].error.as_deref(), Some(error.as_str()));
 
-    // The retry succeeds once the server accepts again.
+    // The server accepts again, but an event that comes before the retry
+    // is due (a duplicate) leaves the step alone...
     smtp.reject_recipients(None);
+    assert_eq!(worker.execute(&event).await.unwrap(), Handled::NotDue);
+    assert!(smtp.mails().is_empty());
+    let run = store
+        .run(event.run_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.steps[0].attempts, 1);
+    // ...and the retry succeeds once due.
+    tokio::time::sleep(delay).await;
     let handled = worker.execute(&event).await.unwrap();
     assert!(
         matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))),
@@ -188,7 +201,13 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
     // The doomed worker: claims with a short lease, sends, and dies before
     // recording anything.
     let StepClaim::Claimed(step) = store
-        .claim_step(run_id, 0, Duration::from_millis(200))
+        .claim_step(
+            run_id,
+            0,
+            // Long enough to outlast the send below on a loaded machine.
+            Duration::from_secs(2),
+            &RetryPolicy::default(),
+        )
         .await
         .unwrap()
     else {
@@ -199,6 +218,7 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
         mailbox_dir: std::env::temp_dir(),
         from: "zapflow@localhost".into(),
         timeout: Duration::from_secs(5),
+        max_recipients: zapflow_actions::DEFAULT_MAX_RECIPIENTS,
     })
     .unwrap();
     let context = json!({"trigger": step.run.trigger});
@@ -214,7 +234,7 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
     assert_eq!(worker.execute(&event).await.unwrap(), Handled::Rescheduled);
     assert_eq!(smtp.mails().len(), 1);
     // ...and once it lapsed, the step runs again.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let handled = worker.execute(&event).await.unwrap();
     assert!(
         matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))),
@@ -234,4 +254,62 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
     // A further redelivery is a no-op.
     assert_eq!(worker.execute(&event).await.unwrap(), Handled::Duplicate);
     assert_eq!(smtp.mails().len(), 2);
+}
+
+/// However a step comes back (an expired lease, a duplicate event, a
+/// failed recording), it never runs more than its policy's attempts: past
+/// them it fails and dead-letters like an exhausted retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_back_past_its_attempts_is_dead_lettered_without_running() {
+    let store = test_store().await;
+    let smtp = SmtpSink::start().await;
+    let event = accepted_run(&store).await;
+    let run_id: Uuid = event.run_id.parse().unwrap();
+    let two_attempts = RetryPolicy {
+        max_attempts: 2,
+        ..RetryPolicy::default()
+    };
+
+    // Two workers take the step in turn and die before recording.
+    for attempt in 1..=2 {
+        let StepClaim::Claimed(step) = store
+            .claim_step(run_id, 0, Duration::from_millis(50), &two_attempts)
+            .await
+            .unwrap()
+        else {
+            panic!("attempt {attempt} is claimed");
+        };
+        assert_eq!(step.attempt, attempt);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+
+    let worker = worker_with(
+        &store,
+        &smtp,
+        WorkerSettings {
+            retry: two_attempts,
+            ..WorkerSettings::default()
+        },
+    );
+    let handled = worker.execute(&event).await.unwrap();
+    let Handled::DeadLettered(reason) = handled else {
+        panic!("expected a dead letter, got {handled:?}");
+    };
+    assert!(reason.contains("gave up after 2 attempts"), "{reason}");
+    assert_eq!(worker.execute(&event).await.unwrap(), Handled::Duplicate);
+    assert!(smtp.mails().is_empty(), "no third attempt ran");
+
+    let run = store.run(run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, zapflow_core::RunStatus::Failed);
+    assert_eq!(run.steps[0].attempts, 2);
+    assert_eq!(run.steps[0].error.as_deref(), Some(reason.as_str()));
+    let (kind, dead_reason): (String, String) =
+        sqlx::query_as("SELECT kind, reason FROM zap_run_outbox WHERE kind = 'dead_letter'")
+            .fetch_one(store.postgres().unwrap().pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind.as_str(), dead_reason.as_str()),
+        ("dead_letter", reason.as_str())
+    );
 }
