@@ -111,6 +111,17 @@ pub fn run_to_proto(run: &zapflow_store::Run) -> pb::Run {
     }
 }
 
+pub fn dead_letter_to_proto(dead_letter: &zapflow_store::DeadLetter) -> pb::DeadLetter {
+    pb::DeadLetter {
+        id: dead_letter.id.to_string(),
+        zap_id: dead_letter.zap_id.to_string(),
+        run_id: dead_letter.run_id.to_string(),
+        step: dead_letter.step,
+        reason: dead_letter.reason.clone(),
+        create_time: Some(timestamp(dead_letter.created_at)),
+    }
+}
+
 fn step_to_proto(step: &zapflow_store::Step) -> pb::Step {
     pb::Step {
         index: step.index,

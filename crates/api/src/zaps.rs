@@ -8,8 +8,8 @@ use zapflow_proto::v1::zap_service_server::ZapService;
 use zapflow_store::{Replay, Store, TimeWindow};
 
 use crate::convert::{
-    action_type_to_proto, actions_from_proto, page_size, parse_id, parse_page_token, run_to_proto,
-    zap_to_proto,
+    action_type_to_proto, actions_from_proto, dead_letter_to_proto, page_size, parse_id,
+    parse_page_token, run_to_proto, zap_to_proto,
 };
 use crate::error::{ApiError, Result};
 
@@ -26,6 +26,17 @@ impl ZapApi {
             store,
             public_url: public_url.trim_end_matches('/').to_owned(),
         }
+    }
+
+    /// A list's zap filter: none when empty, else a zap the caller owns
+    /// (another user's zap id answers NOT_FOUND, not an empty list).
+    async fn zap_filter(&self, owner: Uuid, zap_id: &str) -> Result<Option<Uuid>> {
+        if zap_id.is_empty() {
+            return Ok(None);
+        }
+        let id = parse_id(zap_id, "zap")?;
+        self.store.get_zap(owner, id).await.map_err(zap_error)?;
+        Ok(Some(id))
     }
 
     /// The caller's user id, from `authorization: Bearer <api key>`.
@@ -293,15 +304,7 @@ impl ZapService for ZapApi {
     ) -> Reply<pb::ListRunsResponse> {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
-        let zap_id = match body.zap_id.as_str() {
-            "" => None,
-            id => {
-                let id = parse_id(id, "zap")?;
-                // Another user's zap id answers NOT_FOUND, not an empty list.
-                self.store.get_zap(owner, id).await.map_err(zap_error)?;
-                Some(id)
-            }
-        };
+        let zap_id = self.zap_filter(owner, &body.zap_id).await?;
         let limit = page_size(body.page_size)?;
         let before = parse_page_token(&body.page_token)?;
         let full = body.view() == pb::RunView::Full;
@@ -311,6 +314,29 @@ impl ZapService for ZapApi {
             .await
             .map_err(run_error)?;
         Ok(Response::new(runs_page(page, full)))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Reply<pb::ListDeadLettersResponse> {
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let zap_id = self.zap_filter(owner, &body.zap_id).await?;
+        let limit = page_size(body.page_size)?;
+        let before = parse_page_token(&body.page_token)?;
+        let page = self
+            .store
+            .list_dead_letters(owner, zap_id, before, limit)
+            .await
+            .map_err(|error| ApiError::from_store(error, "dead letter"))?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: page.dead_letters.iter().map(dead_letter_to_proto).collect(),
+            next_page_token: page
+                .next_before
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        }))
     }
 
     async fn replay_run(

@@ -111,7 +111,7 @@ impl Relay {
     }
 
     /// Relays until `shutdown`: drains due rows, then sleeps until a
-    /// notification or the poll interval. A pass under way when shutdown
+    /// notification, the next delayed row's due time or the poll interval. A pass under way when shutdown
     /// comes finishes (its delivery reports are awaited), so only
     /// acknowledged rows are ever deleted; no pass starts after it.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -119,6 +119,7 @@ impl Relay {
         while !shutdown.is_cancelled() {
             // A full batch suggests more are due; go on without waiting,
             // but never past shutdown, however long the backlog.
+            let mut failing = false;
             while !shutdown.is_cancelled() {
                 match self.relay_once().await {
                     Ok((delivered, claimed))
@@ -126,9 +127,13 @@ impl Relay {
                     {
                         continue;
                     }
-                    Ok(_) => break,
+                    Ok((delivered, claimed)) => {
+                        failing = delivered < claimed;
+                        break;
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "relay pass failed");
+                        failing = true;
                         break;
                     }
                 }
@@ -144,10 +149,19 @@ impl Relay {
                     None => std::future::pending().await,
                 }
             };
+            // Delayed rows (retries) announce themselves when written, not
+            // when due: sleep no longer than until the next one is.
+            // After a failed pass, due rows are still due: wait for the poll.
+            let sleep = match self.store.next_step_due_in().await {
+                Ok(Some(due_in)) if !failing => {
+                    due_in.clamp(Duration::from_millis(1), self.settings.poll_interval)
+                }
+                _ => self.settings.poll_interval,
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = wake => {}
-                () = tokio::time::sleep(self.settings.poll_interval) => {
+                () = tokio::time::sleep(sleep) => {
                     if listener.is_none() {
                         listener = self.listen().await;
                     }

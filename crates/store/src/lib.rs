@@ -4,6 +4,7 @@
 //! together with the outbox row that announces the work it causes.
 
 mod claim;
+mod dead_letters;
 mod outbox;
 mod portable;
 mod runs;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
+pub use dead_letters::{DeadLetter, DeadLetterPage};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
 pub use runs::{NewRun, Replay, Run, RunPage, Step, TimeWindow};
 pub use sqlite::SqliteStore;

@@ -111,9 +111,10 @@ impl PgStore {
         Ok(OutboxClaim { tx, rows })
     }
 
-    /// Leases up to `limit` due step rows to the caller for `lease` (for
-    /// workers that take work from the outbox directly, without Kafka): they
-    /// are not due again until then, and come back if never deleted.
+    /// Leases up to `limit` due step rows to the caller
+    /// for `lease`, for workers that take work from the outbox directly,
+    /// without Kafka: they are not due again until then, and come back if
+    /// never deleted.
     pub async fn lease_due_outbox_rows(
         &self,
         limit: u32,
@@ -181,11 +182,12 @@ pub(crate) async fn enqueue(
     reason: Option<&str>,
     delay: Duration,
 ) -> Result<()> {
+    let event_id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at)
          VALUES ($1, $2, $3, $4, $5, $6, now() + $7 * interval '1 microsecond')",
     )
-    .bind(Uuid::new_v4())
+    .bind(event_id)
     .bind(run_id)
     .bind(zap_id)
     .bind(stage as i32)
@@ -194,6 +196,19 @@ pub(crate) async fn enqueue(
     .bind(micros(delay))
     .execute(&mut **tx)
     .await?;
+    if kind == OutboxKind::DeadLetter {
+        // The record users list, under the announcing event's id.
+        sqlx::query(
+            "INSERT INTO zap_dead_letters (id, run_id, zap_id, owner_id, step, reason)
+             SELECT $1, id, zap_id, owner_id, $2, $3 FROM zap_runs WHERE id = $4",
+        )
+        .bind(event_id)
+        .bind(stage as i32)
+        .bind(reason.unwrap_or_default())
+        .bind(run_id)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 

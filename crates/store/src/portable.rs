@@ -195,6 +195,49 @@ macro_rules! portable_queries {
             Ok(Ok((run, action_type)))
         }
 
+        /// An owner's dead letters (optionally of one zap), newest first.
+        pub async fn list_dead_letters(
+            &self,
+            owner_id: ::uuid::Uuid,
+            zap_id: Option<::uuid::Uuid>,
+            before: Option<::uuid::Uuid>,
+            limit: u32,
+        ) -> $crate::Result<$crate::DeadLetterPage> {
+            let rows: Vec<$crate::dead_letters::DeadLetterRow> = ::sqlx::query_as(
+                "SELECT id, zap_id, run_id, step, reason, created_at FROM zap_dead_letters
+                 WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
+                 ORDER BY id DESC LIMIT $4",
+            )
+            .bind(owner_id)
+            .bind(zap_id)
+            .bind(before)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok($crate::DeadLetterPage::from_rows(rows, limit))
+        }
+
+        /// Deletes the outbox rows announcing dead letters, for deployments
+        /// without a broker to announce them to; returns how many.
+        pub async fn discard_dead_letter_announcements(&self) -> $crate::Result<u64> {
+            let done = ::sqlx::query("DELETE FROM zap_run_outbox WHERE kind = 'dead_letter'")
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        /// Deletes dead letters recorded before `cutoff`; returns how many.
+        pub async fn purge_dead_letters(
+            &self,
+            cutoff: ::chrono::DateTime<::chrono::Utc>,
+        ) -> $crate::Result<u64> {
+            let done = ::sqlx::query("DELETE FROM zap_dead_letters WHERE created_at < $1")
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
         /// Counts outbox rows (due or not).
         pub async fn outbox_len(&self) -> $crate::Result<i64> {
             let (count,): (i64,) = ::sqlx::query_as("SELECT count(*) FROM zap_run_outbox")

@@ -458,7 +458,8 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Leases up to `limit` due step rows to the caller for `lease`: they
+    /// Leases up to `limit` due step rows to the caller
+    /// for `lease`: they
     /// are not due again until then, and come back if never deleted.
     pub async fn lease_due_outbox_rows(
         &self,
@@ -514,20 +515,36 @@ async fn enqueue(
     reason: Option<&str>,
     delay: Duration,
 ) -> Result<()> {
+    let event_id = Uuid::now_v7();
+    let now = Utc::now();
     sqlx::query(
         "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at, created_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
-    .bind(Uuid::new_v4())
+    .bind(event_id)
     .bind(run_id)
     .bind(zap_id)
     .bind(stage as i32)
     .bind(kind.as_str())
     .bind(reason)
     .bind(micros_after(delay))
-    .bind(Utc::now())
+    .bind(now)
     .execute(&mut **tx)
     .await?;
+    if kind == OutboxKind::DeadLetter {
+        // The record users list, under the announcing event's id.
+        sqlx::query(
+            "INSERT INTO zap_dead_letters (id, run_id, zap_id, owner_id, step, reason, created_at)
+             SELECT $1, id, zap_id, owner_id, $2, $3, $4 FROM zap_runs WHERE id = $5",
+        )
+        .bind(event_id)
+        .bind(stage as i32)
+        .bind(reason.unwrap_or_default())
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -11,8 +12,8 @@ use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, ZapStatus};
 
 use crate::{
-    ClaimedStep, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow, PgStore, Replay, Result, Run,
-    RunPage, SqliteStore, StepClaim, StepOutcome, TimeWindow, Zap, ZapForIngest,
+    ClaimedStep, DeadLetterPage, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow, PgStore, Replay,
+    Result, Run, RunPage, SqliteStore, StepClaim, StepOutcome, TimeWindow, Zap, ZapForIngest,
 };
 
 /// The database: PostgreSQL (distributed and PostgreSQL-only deployments)
@@ -271,8 +272,8 @@ impl Store {
         ))
     }
 
-    /// Leases up to `limit` due step rows for `lease`, for workers that take
-    /// work from the outbox directly (no Kafka).
+    /// Leases up to `limit` due step rows for `lease`,
+    /// for workers that take work from the outbox directly (no Kafka).
     pub async fn lease_due_outbox_rows(
         &self,
         limit: u32,
@@ -291,6 +292,28 @@ impl Store {
     /// their next poll, so a retry runs when it is due.
     pub async fn next_step_due_in(&self) -> Result<Option<Duration>> {
         dispatch!(self.next_step_due_in())
+    }
+
+    /// An owner's dead letters (optionally of one zap), newest first.
+    pub async fn list_dead_letters(
+        &self,
+        owner_id: Uuid,
+        zap_id: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<DeadLetterPage> {
+        dispatch!(self.list_dead_letters(owner_id, zap_id, before, limit))
+    }
+
+    /// Deletes the outbox rows announcing dead letters, for deployments
+    /// without a broker to announce them to; returns how many.
+    pub async fn discard_dead_letter_announcements(&self) -> Result<u64> {
+        dispatch!(self.discard_dead_letter_announcements())
+    }
+
+    /// Deletes dead letters recorded before `cutoff`; returns how many.
+    pub async fn purge_dead_letters(&self, cutoff: DateTime<Utc>) -> Result<u64> {
+        dispatch!(self.purge_dead_letters(cutoff))
     }
 
     /// Counts outbox rows (due or not).
@@ -327,9 +350,11 @@ impl OutboxWakeups {
     pub async fn wait(&mut self) {
         match self {
             Self::Postgres(Some(listener)) => {
+                // The listener reconnects on the next call; until then, and
+                // for what was missed meanwhile, the caller's poll covers.
                 if let Err(error) = listener.recv().await {
-                    tracing::warn!(%error, "outbox notifications lost; polling");
-                    std::future::pending::<()>().await;
+                    tracing::warn!(%error, "outbox notifications lost; polling until reconnected");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
             Self::Postgres(None) => std::future::pending().await,

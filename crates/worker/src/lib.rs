@@ -4,6 +4,7 @@
 mod consume;
 mod local;
 mod offsets;
+mod retention;
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use zapflow_store::{ClaimedStep, StepClaim, StepOutcome, Store, StoreError};
 
 pub use consume::{DeadLetters, consume};
 pub use local::run_local;
+pub use retention::{trim_dead_letters, trim_once};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {

@@ -6,7 +6,7 @@
 //! come due again, and the step state absorbs the redelivery.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use zapflow_store::Store;
 
 use crate::{Handled, Worker};
+
+/// How often an idle worker drops dead-letter announcements.
+const DISCARD_EVERY: Duration = Duration::from_secs(1);
 
 /// Takes work from the outbox until `shutdown`, then lets in-flight steps
 /// finish; rows of abandoned steps come due again after their lease.
@@ -27,6 +30,9 @@ pub async fn run_local(
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let mut wakeups = store.outbox_wakeups().await;
+    let mut last_discard = Instant::now()
+        .checked_sub(DISCARD_EVERY)
+        .unwrap_or_else(Instant::now);
 
     while !shutdown.is_cancelled() {
         while tasks.try_join_next().is_some() {}
@@ -56,7 +62,8 @@ pub async fn run_local(
             tasks.spawn(async move {
                 let _permit = permit;
                 let event = zapflow_bus::event_for(&row);
-                if record(&worker, &event, &shutdown).await
+                let handled = record(&worker, &event, &shutdown).await;
+                if handled
                     && let Err(error) = store.delete_outbox_rows(&[row.id]).await
                 {
                     // The row comes due again after its lease; the step
@@ -67,6 +74,15 @@ pub async fn run_local(
         }
         if !idle {
             continue;
+        }
+        // Without a broker, a dead letter's announcement has nowhere to go:
+        // its record is in the dead-letter table, so the row is dropped (at
+        // most once a second, never on the busy path).
+        if last_discard.elapsed() >= DISCARD_EVERY {
+            last_discard = Instant::now();
+            if let Err(error) = store.discard_dead_letter_announcements().await {
+                tracing::warn!(%error, "cannot discard dead-letter announcements");
+            }
         }
         // Asleep until new rows are committed, a step finishes (a permit
         // frees up), or the next row comes due: a retry due in 100 ms runs

@@ -131,6 +131,10 @@ pub struct Config {
     /// Bound on one action, in seconds.
     #[arg(long, env = "ZAPFLOW_ACTION_TIMEOUT", default_value_t = 30)]
     pub action_timeout: u64,
+    /// Days dead letters are kept (listed by ListDeadLetters); 0 keeps them
+    /// for good.
+    #[arg(long, env = "ZAPFLOW_DEAD_LETTER_RETENTION_DAYS", default_value_t = 30)]
+    pub dead_letter_retention_days: u64,
     /// How often the processor looks for due outbox rows without a
     /// notification, in milliseconds.
     #[arg(long, env = "ZAPFLOW_POLL_INTERVAL_MS", default_value_t = 1000)]
@@ -209,6 +213,12 @@ impl Config {
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             delivery_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// How long dead letters are kept, if not for good.
+    pub fn dead_letter_retention(&self) -> Option<Duration> {
+        (self.dead_letter_retention_days > 0)
+            .then(|| Duration::from_secs(self.dead_letter_retention_days * 24 * 60 * 60))
     }
 
     pub fn worker(&self) -> WorkerSettings {

@@ -112,6 +112,13 @@ pub async fn start(
                 _ => bail!("the processor relays the outbox to Kafka: set ZAPFLOW_KAFKA_BROKERS"),
             },
             Role::Worker => {
+                if let Some(retention) = config.dead_letter_retention() {
+                    tokio::spawn(zapflow_worker::trim_dead_letters(
+                        store.clone(),
+                        retention,
+                        shutdown.clone(),
+                    ));
+                }
                 let worker = Worker::new(store.clone(), config.executor()?, config.worker());
                 match &bus {
                     Some(bus) => {

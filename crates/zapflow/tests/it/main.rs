@@ -28,6 +28,7 @@ macro_rules! on_outbox_deployments {
 mod api;
 mod crash;
 mod crash_points;
+mod dead_letters;
 mod end_to_end;
 mod gateway;
 mod isolation;

@@ -162,3 +162,86 @@ async fn a_relay_stops_promptly_at_shutdown_while_full_batches_keep_coming() {
         "it stopped, not drained the backlog: {left} rows left"
     );
 }
+
+/// A transaction that took a lower outbox id but commits after a higher one
+/// is still relayed: there is no "id > last seen" cursor to skip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lower_id_committed_later_is_still_relayed() {
+    let store = pg_store().await;
+    let bus = test_bus(1).await;
+    let relay = relay(&store, &bus, Duration::from_secs(10));
+
+    let mut late = store.pool().begin().await.unwrap();
+    let (late_id,): (i64,) = sqlx::query_as(
+        "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind)
+         VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 0, 'step')
+         RETURNING id",
+    )
+    .fetch_one(&mut *late)
+    .await
+    .unwrap();
+    insert_outbox_rows(&store, 1).await;
+    assert_eq!(
+        relay.relay_once().await.unwrap(),
+        (1, 1),
+        "the committed row"
+    );
+
+    late.commit().await.unwrap();
+    assert_eq!(relay.relay_once().await.unwrap(), (1, 1), "the late one");
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "row {late_id} was relayed and deleted too");
+    assert_eq!(read_events(&bus, 2).await.len(), 2);
+}
+
+/// The relay's LISTEN connection is killed: rows are still relayed, within
+/// the poll interval at worst, and notifications come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_listen_connection_falls_back_to_polling() {
+    let store = pg_store().await;
+    let bus = test_bus(1).await;
+    let relay = relay(&store, &bus, Duration::from_secs(10));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    let outbox_empty = || async {
+        let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    };
+
+    zapflow_testkit::eventually("the relay to listen", Duration::from_secs(10), || async {
+        let (listening,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        (listening > 0).then_some(())
+    })
+    .await;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    for round in 1..=3 {
+        insert_outbox_rows(&store, 5).await;
+        zapflow_testkit::eventually(
+            &format!("round {round} relayed"),
+            Duration::from_secs(10),
+            outbox_empty,
+        )
+        .await;
+    }
+    assert_eq!(read_events(&bus, 15).await.len(), 15);
+    shutdown.cancel();
+    running.await.unwrap();
+}
