@@ -23,7 +23,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 pub use dead_letters::{DeadLetter, DeadLetterPage};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
 pub use runs::{NewRun, Replay, Run, RunPage, Step, TimeWindow};
-pub use sqlite::SqliteStore;
+pub use sqlite::{Durability, SqliteStore};
 pub use steps::{ClaimedStep, StepClaim, StepOutcome};
 pub use store::{OutboxWakeups, Store};
 pub use zaps::{Zap, ZapForIngest};

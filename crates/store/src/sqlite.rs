@@ -31,6 +31,19 @@ use crate::{
     StoreError, Zap, ZapForIngest,
 };
 
+/// What a committed write on the SQLite file survives. In WAL mode,
+/// `synchronous=NORMAL` loses nothing when the process dies but may lose the
+/// last commits when the machine loses power or the OS crashes; `FULL`
+/// syncs the WAL on every commit (group commit shares the cost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit is on disk before it is acknowledged (`FULL`).
+    #[default]
+    PowerLoss,
+    /// Commits survive a killed process, not a power loss (`NORMAL`).
+    ProcessCrash,
+}
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -50,12 +63,15 @@ fn micros_after(delay: Duration) -> i64 {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file at `path`.
-    pub async fn open(path: &Path) -> Result<Self> {
+    pub async fn open(path: &Path, durability: Durability) -> Result<Self> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(match durability {
+                Durability::PowerLoss => SqliteSynchronous::Full,
+                Durability::ProcessCrash => SqliteSynchronous::Normal,
+            })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         Self::with_options(options).await

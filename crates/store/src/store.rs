@@ -12,8 +12,9 @@ use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, ZapStatus};
 
 use crate::{
-    ClaimedStep, DeadLetterPage, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow, PgStore, Replay,
-    Result, Run, RunPage, SqliteStore, StepClaim, StepOutcome, TimeWindow, Zap, ZapForIngest,
+    ClaimedStep, DeadLetterPage, Durability, NewRun, OUTBOX_CHANNEL, OutboxKind, OutboxRow,
+    PgStore, Replay, Result, Run, RunPage, SqliteStore, StepClaim, StepOutcome, TimeWindow, Zap,
+    ZapForIngest,
 };
 
 /// The database: PostgreSQL (distributed and PostgreSQL-only deployments)
@@ -47,7 +48,12 @@ impl Store {
 
     /// Opens (creating) an SQLite database file.
     pub async fn open_file(path: &Path) -> Result<Self> {
-        Ok(Self::Sqlite(SqliteStore::open(path).await?))
+        Self::open_file_with(path, Durability::default()).await
+    }
+
+    /// [`open_file`](Self::open_file) with a chosen durability.
+    pub async fn open_file_with(path: &Path, durability: Durability) -> Result<Self> {
+        Ok(Self::Sqlite(SqliteStore::open(path, durability).await?))
     }
 
     /// The PostgreSQL store, for what only it can do (relaying to Kafka).

@@ -13,7 +13,7 @@ use zapflow_bus::BusSettings;
 use zapflow_core::delivery::DeliveryLimits;
 use zapflow_gateway::{GatewaySettings, RateLimit};
 use zapflow_processor::RelaySettings;
-use zapflow_store::Store;
+use zapflow_store::{Durability, Store};
 use zapflow_worker::WorkerSettings;
 
 #[derive(Debug, Clone, Args)]
@@ -22,6 +22,16 @@ pub struct Config {
     /// SQLite database DATA_DIR/zapflow.db.
     #[arg(long, env = "ZAPFLOW_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// What an acknowledged webhook survives in the embedded database:
+    /// `power-loss` syncs every commit to disk (SQLite synchronous=FULL);
+    /// `process-crash` survives a killed process only (synchronous=NORMAL).
+    #[arg(
+        long,
+        env = "ZAPFLOW_SQLITE_DURABILITY",
+        value_enum,
+        default_value = "power-loss"
+    )]
+    pub sqlite_durability: SqliteDurability,
     /// Connections each role keeps to the database.
     #[arg(long, env = "ZAPFLOW_DATABASE_POOL", default_value_t = 16)]
     pub database_pool: u32,
@@ -163,7 +173,7 @@ impl Config {
                     format!("creating the data directory {}", self.data_dir.display())
                 })?;
                 let path = self.data_dir.join("zapflow.db");
-                Store::open_file(&path)
+                Store::open_file_with(&path, self.sqlite_durability.into())
                     .await
                     .with_context(|| format!("opening the embedded database {}", path.display()))
             }
@@ -272,4 +282,20 @@ fn rate_limit(per_second: f64) -> Option<RateLimit> {
         per_second,
         burst: (per_second * 2.0).ceil().min(f64::from(u32::MAX)) as u32,
     })
+}
+
+/// [`Durability`] as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteDurability {
+    PowerLoss,
+    ProcessCrash,
+}
+
+impl From<SqliteDurability> for Durability {
+    fn from(durability: SqliteDurability) -> Self {
+        match durability {
+            SqliteDurability::PowerLoss => Durability::PowerLoss,
+            SqliteDurability::ProcessCrash => Durability::ProcessCrash,
+        }
+    }
 }

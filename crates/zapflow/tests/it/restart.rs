@@ -69,3 +69,30 @@ async fn runs_accepted_before_a_restart_finish_after_it_exactly_once() {
     );
     after.stop().await;
 }
+
+/// A 202 from the embedded deployment is a promise that survives a power
+/// loss, not only a killed process: every commit is synced (FULL), unless
+/// the operator chose otherwise.
+#[tokio::test]
+async fn the_embedded_database_syncs_every_commit_by_default() {
+    let path = std::env::temp_dir().join(format!("zapflow-sync-{}.db", uuid::Uuid::new_v4()));
+    let synchronous = |store: Store| async move {
+        let Store::Sqlite(sqlite) = store else {
+            unreachable!("an SQLite file")
+        };
+        let (level,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+            .fetch_one(sqlite.pool())
+            .await
+            .unwrap();
+        level
+    };
+    assert_eq!(
+        synchronous(Store::open_file(&path).await.unwrap()).await,
+        2,
+        "FULL"
+    );
+    let relaxed = Store::open_file_with(&path, zapflow_store::Durability::ProcessCrash)
+        .await
+        .unwrap();
+    assert_eq!(synchronous(relaxed).await, 1, "NORMAL");
+}
