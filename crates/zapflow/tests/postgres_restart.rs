@@ -90,3 +90,33 @@ async fn a_postgres_restart_delays_runs_and_loses_none() {
     );
     stack.stop().await;
 }
+
+/// PostgreSQL restarts while the SMTP server holds a step's DATA reply:
+/// the email is accepted during the outage, the worker keeps that outcome
+/// and records it once the database is back, and sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_during_an_email_sends_it_once() {
+    let smtp = SmtpSink::start().await;
+    let stack = stack_with_smtp(&smtp, Deployment::PostgresOnly).await;
+    let key = new_user(&stack, "ada").await;
+    let (_, url) = create_zap(
+        &stack,
+        &key,
+        vec![email_action("r@example.com", "held {{ trigger.n }}", "b")],
+    )
+    .await;
+    smtp.stall(Duration::from_secs(6));
+    let run_id = deliver_with_retries(&url, &json!({"n": 1})).await;
+    eventually("the DATA to start", support::WAIT, || async {
+        (smtp.data_started() == 1).then_some(())
+    })
+    .await;
+
+    restart_postgres().await;
+    smtp.stall(Duration::ZERO);
+    wait_for_run(&stack, &key, &run_id, pb::RunStatus::Succeeded).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(smtp.sorted_subjects(), ["held 1"], "one email");
+    assert_eq!(smtp.data_started(), 1, "no second attempt at sending");
+    stack.stop().await;
+}
