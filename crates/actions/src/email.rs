@@ -2,6 +2,7 @@
 //! written to a local mailbox directory when no SMTP server is configured.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::header::ContentType;
@@ -10,6 +11,7 @@ use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, To
 use serde_json::{Map, Value, json};
 
 use crate::catalog::{ActionField, ActionType};
+use crate::smtp_pool::PlainSmtp;
 use crate::{ActionError, StepRef, render_field};
 
 pub const TYPE: &str = "email";
@@ -98,6 +100,9 @@ pub const DEFAULT_MAX_RECIPIENTS: usize = 50;
 
 #[derive(Clone)]
 enum Transport {
+    /// A plain server without login, over our own pooled connections.
+    PlainSmtp(Arc<PlainSmtp>),
+    /// TLS or login: lettre's transport.
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     Mailbox(AsyncFileTransport<Tokio1Executor>),
 }
@@ -117,6 +122,9 @@ impl Mailer {
             .parse()
             .map_err(|error| format!("invalid sender address {:?}: {error}", settings.from))?;
         let transport = match &settings.smtp_url {
+            Some(url) if let Some(plain) = PlainSmtp::for_url(url, settings.timeout) => {
+                Transport::PlainSmtp(Arc::new(plain))
+            }
             Some(url) => {
                 let transport: AsyncSmtpTransport<Tokio1Executor> =
                     AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
@@ -208,6 +216,9 @@ impl Mailer {
         .map_err(|error| ActionError::Permanent(format!("cannot build the message: {error}")))?;
 
         match &self.transport {
+            Transport::PlainSmtp(pool) => {
+                pool.send(message.envelope(), &message.formatted()).await?;
+            }
             Transport::Smtp(transport) => {
                 transport.send(message).await.map_err(classify_smtp_error)?;
             }
@@ -225,7 +236,7 @@ impl Mailer {
 
 /// SMTP 5xx answers are permanent; 4xx, timeouts and connection failures
 /// are worth another attempt.
-fn classify_smtp_error(error: lettre::transport::smtp::Error) -> ActionError {
+pub(crate) fn classify_smtp_error(error: lettre::transport::smtp::Error) -> ActionError {
     if error.is_permanent() {
         ActionError::Permanent(format!("smtp: {error}"))
     } else {

@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod email;
 pub mod http;
+mod smtp_pool;
 pub mod ssrf;
 
 use serde_json::Value;

@@ -1,0 +1,131 @@
+//! Plain SMTP (`smtp://host[:port]`, no TLS, no login) over connections of
+//! our own: TCP_NODELAY set, and kept open between messages.
+//!
+//! lettre's transport leaves Nagle's algorithm on and writes a message's
+//! body and its closing "." in separate writes, so every message waits out
+//! the server's delayed ACK (about 40 ms on Linux): one worker could not
+//! send more than a couple of dozen emails a second per connection. Here
+//! lettre still speaks SMTP (`AsyncSmtpConnection`); only the socket and the
+//! pool are ours. TLS and authenticated servers keep lettre's transport.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lettre::address::Envelope;
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::extension::ClientId;
+use tokio::net::TcpStream;
+
+use crate::ActionError;
+
+/// lettre's default for `smtp://` without a port.
+const SMTP_PORT: u16 = 25;
+/// Idle connections kept at most.
+const MAX_IDLE: usize = 64;
+
+pub(crate) struct PlainSmtp {
+    host: String,
+    port: u16,
+    hello: ClientId,
+    timeout: Duration,
+    idle: Mutex<Vec<AsyncSmtpConnection>>,
+}
+
+impl PlainSmtp {
+    /// The pool for `url`, when it names a plain server without login;
+    /// `None` for anything lettre's transport should handle.
+    pub(crate) fn for_url(url: &str, timeout: Duration) -> Option<Self> {
+        let url = reqwest::Url::parse(url).ok()?;
+        let plain = url.scheme() == "smtp"
+            && url.username().is_empty()
+            && url.password().is_none()
+            && url.query_pairs().all(|(key, _)| key != "tls");
+        if !plain {
+            return None;
+        }
+        let hello = match url.path().trim_matches('/') {
+            "" => ClientId::default(),
+            name => ClientId::Domain(name.to_owned()),
+        };
+        Some(Self {
+            host: url.host_str()?.to_owned(),
+            port: url.port().unwrap_or(SMTP_PORT),
+            hello,
+            timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Sends one message; the connection goes back to the pool only after a
+    /// clean success, so no half-finished transaction is ever reused.
+    pub(crate) async fn send(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<(), ActionError> {
+        let mut connection = self.checkout().await?;
+        match tokio::time::timeout(self.timeout, connection.send(envelope, message)).await {
+            Ok(Ok(_)) => {
+                self.checkin(connection);
+                Ok(())
+            }
+            Ok(Err(error)) => Err(crate::email::classify_smtp_error(error)),
+            Err(_) => Err(ActionError::Transient(format!(
+                "smtp: no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// A pooled connection that still answers (a NOOP, one round trip: the
+    /// server may have closed it since, and a message must never be the
+    /// first to find out), or a new one.
+    async fn checkout(&self) -> Result<AsyncSmtpConnection, ActionError> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(mut connection) = idle else {
+                return self.connect().await;
+            };
+            let alive = tokio::time::timeout(self.timeout, connection.test_connected()).await;
+            if !connection.has_broken() && matches!(alive, Ok(true)) {
+                return Ok(connection);
+            }
+        }
+    }
+
+    fn checkin(&self, connection: AsyncSmtpConnection) {
+        if connection.has_broken() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(connection);
+        }
+    }
+
+    async fn connect(&self) -> Result<AsyncSmtpConnection, ActionError> {
+        let unreachable = |error: String| {
+            ActionError::Transient(format!(
+                "smtp: cannot reach {}:{}: {error}",
+                self.host, self.port
+            ))
+        };
+        let stream = tokio::time::timeout(
+            self.timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no connection within {:?}", self.timeout)))?
+        .map_err(|error| unreachable(error.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|error| unreachable(error.to_string()))?;
+        tokio::time::timeout(
+            self.timeout,
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no greeting within {:?}", self.timeout)))?
+        .map_err(crate::email::classify_smtp_error)
+    }
+}
