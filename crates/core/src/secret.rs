@@ -26,8 +26,9 @@ pub fn verify(secret: &str, stored_hash: &[u8]) -> bool {
 }
 
 /// An API key as handed to a user: `zf_<key id>_<secret>`. The id finds the
-/// row, the secret is checked against its hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// row, the secret is checked against its hash. Its `Debug` leaves the
+/// secret out, so a logged key gives nothing away.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey {
     pub id: uuid::Uuid,
     pub secret: String,
@@ -53,6 +54,15 @@ impl ApiKey {
     }
 }
 
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
 impl std::fmt::Display for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "zf_{}_{}", self.id.simple(), self.secret)
@@ -62,6 +72,14 @@ impl std::fmt::Display for ApiKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_key_debug_hides_the_secret() {
+        let key = ApiKey::generate();
+        let shown = format!("{key:?}");
+        assert!(!shown.contains(&key.secret), "{shown}");
+        assert!(shown.contains(&key.id.to_string()), "{shown}");
+    }
 
     #[test]
     fn api_key_round_trips_through_text() {
