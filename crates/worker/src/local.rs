@@ -15,6 +15,10 @@ use zapflow_store::Store;
 
 use crate::{Handled, Worker};
 
+/// How long a worker with steps in flight sleeps at most before it looks
+/// for due rows again.
+const IN_FLIGHT_RECHECK: Duration = Duration::from_millis(50);
+
 /// How often an idle worker drops dead-letter announcements.
 const DISCARD_EVERY: Duration = Duration::from_secs(1);
 
@@ -87,9 +91,15 @@ pub async fn run_local(
         // Asleep until new rows are committed, a step finishes (a permit
         // frees up), or the next row comes due: a retry due in 100 ms runs
         // then, not at the next poll. The poll only covers lost wake-ups.
-        let sleep = match store.next_step_due_in().await {
-            Ok(Some(due_in)) if free > 0 => due_in.clamp(Duration::from_millis(1), poll_interval),
-            _ => poll_interval,
+        // With steps in flight, each one finishing wakes the loop anyway:
+        // a short bound saves asking for the next due time on every wake.
+        let sleep = if !tasks.is_empty() {
+            poll_interval.min(IN_FLIGHT_RECHECK)
+        } else {
+            match store.next_step_due_in().await {
+                Ok(Some(due_in)) => due_in.clamp(Duration::from_millis(1), poll_interval),
+                _ => poll_interval,
+            }
         };
         tokio::select! {
             () = shutdown.cancelled() => break,
