@@ -31,6 +31,7 @@ mod crash_points;
 mod end_to_end;
 mod gateway;
 mod isolation;
+mod membership;
 mod processor;
 mod replay;
 mod restart;
