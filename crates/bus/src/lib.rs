@@ -7,12 +7,15 @@ use prost::Message;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use zapflow_proto::v1::ZapEvent;
 use zapflow_store::{OutboxKind, OutboxRow};
 
+mod consumer;
+
+pub use consumer::{COMMIT_INTERVAL, EventConsumer, PartitionProgress, SESSION_TIMEOUT};
 pub use rdkafka::error::KafkaError;
 
 /// Broker and topic names, shared by the processor and the worker.
@@ -35,7 +38,7 @@ impl BusSettings {
         }
     }
 
-    fn client_config(&self) -> ClientConfig {
+    pub(crate) fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         config
@@ -54,35 +57,6 @@ impl BusSettings {
                 delivery_timeout.as_millis().to_string(),
             )
             .create()
-    }
-
-    /// A worker's consumer. Offsets are stored by hand, only once the step
-    /// they carry is committed to the database, and auto-committed from
-    /// there: a worker that dies mid-step gets the event redelivered.
-    pub fn consumer(
-        &self,
-        group: &str,
-        max_poll_interval: Duration,
-    ) -> Result<StreamConsumer, KafkaError> {
-        let consumer: StreamConsumer = self
-            .client_config()
-            .set("group.id", group)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set(
-                "max.poll.interval.ms",
-                max_poll_interval.as_millis().to_string(),
-            )
-            .set("session.timeout.ms", "10000")
-            // A fetch waits at most this long for data. Kafka answers as
-            // soon as data arrives anyway; brokers that only answer when the
-            // wait runs out (tansu) would otherwise add 500 ms to every step.
-            .set("fetch.wait.max.ms", "20")
-            .create()?;
-        consumer.subscribe(&[&self.events_topic])?;
-        Ok(consumer)
     }
 
     /// Creates the event and dead-letter topics unless they exist.

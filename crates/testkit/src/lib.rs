@@ -33,6 +33,15 @@ pub fn unique(prefix: &str) -> String {
 
 /// A migrated, empty database of this test's own.
 pub async fn test_store() -> Store {
+    let url = test_database_url().await;
+    let store = Store::open(&url, 20).await.expect("database URL");
+    store.migrate().await.expect("migrating the test database");
+    store
+}
+
+/// The URL of a new, empty PostgreSQL database of this test's own (not
+/// migrated: for tests that run `zapflow migrate` as users do).
+pub async fn test_database_url() -> String {
     let server = env_or(
         "ZAPFLOW_TEST_DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432",
@@ -51,11 +60,7 @@ pub async fn test_store() -> Store {
         .execute(&mut admin)
         .await
         .expect("creating the test database");
-    let store = Store::open(&format!("{server}/{name}"), 20)
-        .await
-        .expect("database URL");
-    store.migrate().await.expect("migrating the test database");
-    store
+    format!("{server}/{name}")
 }
 
 /// A migrated, empty SQLite database in a file of this test's own (kept

@@ -1,20 +1,28 @@
 //! The worker's Kafka loop: events in, steps run concurrently, offsets
-//! stored only behind finished work.
+//! stored only behind finished work, and an eye on every partition so that
+//! work stranded by a dead member is picked up.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
+use zapflow_bus::{COMMIT_INTERVAL, EventConsumer, KafkaError, SESSION_TIMEOUT};
 
+use self::progress::{ProgressWatch, Stall};
 use crate::offsets::OffsetTracker;
-use crate::{Handled, Worker};
+use crate::{Handled, Worker, WorkerSettings};
+
+mod progress;
+
+/// How often the progress of every partition is looked at.
+const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Where undecodable events go, as they came.
 pub struct DeadLetters {
@@ -27,77 +35,174 @@ pub struct DeadLetters {
 /// and commits the stored offsets.
 pub async fn consume(
     worker: Worker,
-    consumer: StreamConsumer,
+    mut consumer: EventConsumer,
     dead_letters: DeadLetters,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(worker.settings().concurrency.max(1)));
     let dead_letters = Arc::new(dead_letters);
-    let mut tasks: JoinSet<Option<(String, i32, i64)>> = JoinSet::new();
-    let mut tracker = OffsetTracker::default();
-    let store = |tracker: &mut OffsetTracker, topic: &str, partition: i32, offset: i64| {
-        if let Some(done) = tracker.finish(partition, offset) {
+    let mut in_flight = InFlight::default();
+    let mut watch = ProgressWatch::new(stall_after(worker.settings()));
+    let mut check = tokio::time::interval(CHECK_INTERVAL);
+    check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut permit: Option<OwnedSemaphorePermit> = None;
+
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(joined) = in_flight.tasks.join_next(), if !in_flight.tasks.is_empty() => {
+                in_flight.finished(joined, &consumer);
+            }
+            _ = check.tick() => {
+                look_at_progress(&mut consumer, &mut watch, &mut in_flight).await;
+            }
+            acquired = permits.clone().acquire_owned(), if permit.is_none() => {
+                permit = Some(acquired.expect("semaphore never closed"));
+            }
+            received = receive(&consumer), if permit.is_some() => match received {
+                Ok((partition, offset, payload)) => {
+                    let (permit, worker, dead_letters, shutdown) =
+                        (permit.take(), worker.clone(), dead_letters.clone(), shutdown.clone());
+                    in_flight.start(partition, offset, async move {
+                        let _permit = permit;
+                        handle(&worker, &payload, &dead_letters, &shutdown).await
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+
+    tracing::info!(in_flight = in_flight.tasks.len(), "worker draining");
+    in_flight.drain(&consumer).await;
+    if let Err(error) = consumer.commit() {
+        tracing::debug!(%error, "final offset commit");
+    }
+}
+
+/// How long a partition's backlog may stand still before the worker says so
+/// and rejoins: the coordinator had the session timeout to hand a dead
+/// member's partitions on, a live owner had one action to finish the event
+/// at the head, and either's offset one commit and one check to show.
+fn stall_after(settings: &WorkerSettings) -> Duration {
+    SESSION_TIMEOUT + settings.action_timeout + COMMIT_INTERVAL + CHECK_INTERVAL
+}
+
+/// The next event as owned parts: partition, offset, payload.
+async fn receive(consumer: &EventConsumer) -> Result<(i32, i64, Vec<u8>), KafkaError> {
+    let message = consumer.recv().await?;
+    Ok((
+        message.partition(),
+        message.offset(),
+        message.payload().unwrap_or_default().to_vec(),
+    ))
+}
+
+/// The steps under way, and which offsets they hold back.
+#[derive(Default)]
+struct InFlight {
+    /// Each yields its event's partition and offset once the outcome is
+    /// recorded, `None` when abandoned at shutdown.
+    tasks: JoinSet<Option<(i32, i64)>>,
+    offsets: OffsetTracker,
+}
+
+impl InFlight {
+    fn start(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        handled: impl Future<Output = bool> + Send + 'static,
+    ) {
+        self.offsets.start(partition, offset);
+        self.tasks
+            .spawn(async move { handled.await.then_some((partition, offset)) });
+    }
+
+    fn finished(
+        &mut self,
+        joined: Result<Option<(i32, i64)>, JoinError>,
+        consumer: &EventConsumer,
+    ) {
+        let Ok(Some((partition, offset))) = joined else {
+            return;
+        };
+        if let Some(done) = self.offsets.finish(partition, offset) {
             // Fails only for a partition revoked meanwhile; its new owner
             // sees the event again and finds the step done.
-            if let Err(error) = consumer.store_offset(topic, partition, done) {
+            if let Err(error) = consumer.store_offset(partition, done) {
                 tracing::debug!(%error, partition, offset = done, "offset not stored");
             }
         }
-    };
-
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some(Ok(Some((topic, partition, offset)))) = tasks.join_next(), if !tasks.is_empty() => {
-                store(&mut tracker, &topic, partition, offset);
-                continue;
-            }
-            permit = permits.clone().acquire_owned() => permit.expect("semaphore never closed"),
-        };
-        let message = tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some(Ok(Some((topic, partition, offset)))) = tasks.join_next(), if !tasks.is_empty() => {
-                store(&mut tracker, &topic, partition, offset);
-                continue;
-            }
-            message = consumer.recv() => message,
-        };
-        let message = match message {
-            Ok(message) => message,
-            Err(error) => {
-                tracing::warn!(%error, "consumer error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let (topic, partition, offset) = (
-            message.topic().to_owned(),
-            message.partition(),
-            message.offset(),
-        );
-        let payload = message.payload().unwrap_or_default().to_vec();
-        drop(message);
-        tracker.start(partition, offset);
-
-        let worker = worker.clone();
-        let dead_letters = dead_letters.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            handle(&worker, &payload, &dead_letters, &shutdown)
-                .await
-                .then_some((topic, partition, offset))
-        });
     }
 
-    tracing::info!(in_flight = tasks.len(), "worker draining");
-    while let Some(done) = tasks.join_next().await {
-        if let Ok(Some((topic, partition, offset))) = done {
-            store(&mut tracker, &topic, partition, offset);
+    /// Waits for every step under way and stores what they finished.
+    async fn drain(&mut self, consumer: &EventConsumer) {
+        while let Some(joined) = self.tasks.join_next().await {
+            self.finished(joined, consumer);
+        }
+        self.offsets = OffsetTracker::default();
+    }
+}
+
+/// Asks how far each partition is consumed; says which stalled, and leaves
+/// and rejoins the group when that may be the remedy: a partition held by
+/// no one here, or one of ours whose events do not arrive though this
+/// worker has nothing else to do.
+async fn look_at_progress(
+    consumer: &mut EventConsumer,
+    watch: &mut ProgressWatch,
+    in_flight: &mut InFlight,
+) {
+    let report = match tokio::time::timeout(CHECK_INTERVAL * 5, consumer.progress()).await {
+        Ok(Ok(report)) => report,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "no progress report");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut rejoin = false;
+    for Stall { progress, idle } in watch.observe(Instant::now(), consumer.assignments(), &report) {
+        let in_flight_here = in_flight.offsets.in_flight(progress.partition);
+        let (partition, committed, high_watermark) = (
+            progress.partition,
+            progress.committed,
+            progress.high_watermark,
+        );
+        if progress.assigned_here {
+            tracing::warn!(
+                partition,
+                committed,
+                high_watermark,
+                in_flight = in_flight_here,
+                ?idle,
+                "assigned partition has due work but makes no progress"
+            );
+            rejoin |= in_flight.tasks.is_empty();
+        } else {
+            tracing::warn!(
+                partition,
+                committed,
+                high_watermark,
+                ?idle,
+                "partition has due work but no member of the group makes progress on it"
+            );
+            rejoin = true;
         }
     }
-    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::debug!(%error, "final offset commit");
+    if rejoin && watch.may_rejoin(Instant::now()) {
+        tracing::info!(
+            in_flight = in_flight.tasks.len(),
+            "leaving and rejoining the consumer group"
+        );
+        in_flight.drain(consumer).await;
+        if let Err(error) = consumer.rejoin().await {
+            tracing::warn!(%error, "cannot rejoin the consumer group");
+        }
     }
 }
 

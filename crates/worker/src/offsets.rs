@@ -40,6 +40,13 @@ impl OffsetTracker {
         state.stored = Some(done_up_to);
         Some(done_up_to)
     }
+
+    /// Events of `partition` being worked on.
+    pub fn in_flight(&self, partition: i32) -> usize {
+        self.partitions
+            .get(&partition)
+            .map_or(0, |state| state.in_flight.len())
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use zapflow_testkit::{SmtpSink, eventually, unique, with_key};
 
 use crate::support::{email_action, to_struct};
 
-fn free_address() -> SocketAddr {
+pub(crate) fn free_address() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -77,7 +77,7 @@ fn admin_key(data_dir: &Path) -> String {
 }
 
 /// Sends webhook `n` with idempotency key `n`; the run id if it got 202.
-async fn deliver(client: &reqwest::Client, url: &str, n: usize) -> Option<String> {
+pub(crate) async fn deliver(client: &reqwest::Client, url: &str, n: usize) -> Option<String> {
     let response = client
         .post(url)
         .header("content-type", "application/json")
@@ -291,7 +291,7 @@ async fn a_broker_outage_delays_runs_and_loses_none() {
 }
 
 /// Sends `signal` (by name, e.g. "INT") to a process with the `kill` command.
-async fn signal(child: &Child, signal: &str) {
+pub(crate) async fn signal(child: &Child, signal: &str) {
     let pid = child.id().expect("the process runs").to_string();
     let status = Command::new("kill")
         .args([format!("-{signal}"), pid])

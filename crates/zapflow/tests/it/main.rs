@@ -33,6 +33,7 @@ mod end_to_end;
 mod gateway;
 mod isolation;
 mod limits;
+mod membership;
 mod processor;
 mod recording;
 mod replay;
