@@ -1,6 +1,6 @@
 //! PostgreSQL restarts under a running zapflow. A test binary of its own:
 //! cargo runs test binaries one after another, so no other test shares the
-//! outage.
+//! outage; within it, the tests take turns (`OUTAGE`).
 
 #[allow(dead_code)]
 #[path = "it/support.rs"]
@@ -15,6 +15,10 @@ use zapflow_testkit::{SmtpSink, eventually};
 use crate::support::{
     Deployment, create_zap, email_action, new_user, stack_with_smtp, wait_for_run,
 };
+
+/// Held by each test for its whole length: one test's restart must not
+/// land in another's setup.
+static OUTAGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Restarts the local PostgreSQL cluster (the one the tests use).
 async fn restart_postgres() {
@@ -61,6 +65,7 @@ async fn deliver_with_retries(url: &str, body: &serde_json::Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_delays_runs_and_loses_none() {
+    let _turn = OUTAGE.lock().await;
     let smtp = SmtpSink::start().await;
     let stack = stack_with_smtp(&smtp, Deployment::Distributed).await;
     let key = new_user(&stack, "ada").await;
@@ -96,6 +101,7 @@ async fn a_postgres_restart_delays_runs_and_loses_none() {
 /// and records it once the database is back, and sends nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_during_an_email_sends_it_once() {
+    let _turn = OUTAGE.lock().await;
     let smtp = SmtpSink::start().await;
     let stack = stack_with_smtp(&smtp, Deployment::PostgresOnly).await;
     let key = new_user(&stack, "ada").await;
