@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
-use zapflow_core::{ActionSpec, RetryOverride, RunStatus, StepStatus, ZapStatus};
+use zapflow_core::{ActionSpec, AttemptOutcome, RetryOverride, RunStatus, StepStatus, ZapStatus};
 use zapflow_proto::json::{json_to_struct, json_to_value, struct_to_json};
 use zapflow_proto::v1 as pb;
 
@@ -140,15 +140,19 @@ fn step_to_proto(step: &zapflow_store::Step) -> pb::Step {
             .iter()
             .map(|attempt| pb::Attempt {
                 number: attempt.number,
-                outcome: attempt
-                    .outcome
-                    .parse()
-                    .map_or(pb::StepStatus::Unspecified, step_status_to_proto)
-                    as i32,
+                outcome: attempt_outcome_to_proto(attempt.outcome) as i32,
                 error: attempt.error.clone().unwrap_or_default(),
                 finish_time: Some(timestamp(attempt.finished_at)),
             })
             .collect(),
+    }
+}
+
+fn attempt_outcome_to_proto(outcome: AttemptOutcome) -> pb::StepStatus {
+    match outcome {
+        AttemptOutcome::Succeeded => pb::StepStatus::Succeeded,
+        AttemptOutcome::Retrying => pb::StepStatus::Retrying,
+        AttemptOutcome::Failed => pb::StepStatus::Failed,
     }
 }
 

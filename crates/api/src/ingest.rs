@@ -13,7 +13,7 @@ use zapflow_core::delivery::{self, DeliveryLimits};
 use zapflow_core::{ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::ingest_service_server::IngestService;
-use zapflow_store::{NewRun, Store};
+use zapflow_store::{NewRun, RecordedRun, Store};
 
 use crate::error::ApiError;
 
@@ -22,7 +22,7 @@ const MAX_BATCH: usize = 256;
 /// Transactions in flight at once.
 const COMMITTERS: usize = 4;
 
-type Reply = oneshot::Sender<Result<(Uuid, bool), ApiError>>;
+type Reply = oneshot::Sender<Result<RecordedRun, ApiError>>;
 
 #[derive(Clone)]
 pub struct IngestApi {
@@ -48,7 +48,7 @@ impl IngestApi {
 
     /// Records a delivery; returns the run id and whether it repeated an
     /// earlier delivery's idempotency key.
-    pub async fn ingest(&self, request: &pb::IngestRequest) -> Result<(Uuid, bool), ApiError> {
+    pub async fn ingest(&self, request: &pb::IngestRequest) -> Result<RecordedRun, ApiError> {
         // One answer for every way a URL can be wrong: nothing tells a
         // prober which part was.
         const NOT_FOUND: ApiError = ApiError::NotFound("webhook");
@@ -156,10 +156,10 @@ impl IngestService for IngestApi {
         &self,
         request: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
-        let (run_id, duplicate) = IngestApi::ingest(self, request.get_ref()).await?;
+        let run = IngestApi::ingest(self, request.get_ref()).await?;
         Ok(Response::new(pb::IngestResponse {
-            run_id: run_id.to_string(),
-            duplicate,
+            run_id: run.id.to_string(),
+            duplicate: run.repeated,
         }))
     }
 }

@@ -8,4 +8,6 @@ pub mod secret;
 pub mod template;
 pub mod webhook_signature;
 
-pub use model::{ActionSpec, Attempt, RetryOverride, RunStatus, StepStatus, ZapStatus};
+pub use model::{
+    ActionSpec, Attempt, AttemptOutcome, RetryOverride, RunStatus, StepStatus, ZapStatus,
+};

@@ -32,8 +32,7 @@ pub struct RetryOverride {
 pub struct Attempt {
     /// From 1.
     pub number: u32,
-    /// "succeeded", "retrying" (a transient failure) or "failed".
-    pub outcome: String,
+    pub outcome: AttemptOutcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub finished_at: chrono::DateTime<chrono::Utc>,
@@ -74,6 +73,17 @@ macro_rules! string_enum {
 #[derive(Debug, thiserror::Error)]
 #[error("unknown status {0:?}")]
 pub struct UnknownStatus(pub String);
+
+string_enum!(
+    /// How an attempt at a step ended (`retrying`: a transient failure).
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    AttemptOutcome {
+        Succeeded => "succeeded",
+        Retrying => "retrying",
+        Failed => "failed",
+    }
+);
 
 string_enum!(
     /// Whether a zap's webhook accepts deliveries.

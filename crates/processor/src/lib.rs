@@ -10,7 +10,7 @@ use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use zapflow_bus::{BusSettings, KafkaError, encode, event_for};
-use zapflow_store::{OUTBOX_CHANNEL, PgStore, StoreError};
+use zapflow_store::{OUTBOX_CHANNEL, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -26,7 +26,7 @@ pub struct RelaySettings {
 
 /// One relay; run several against one database to share the work.
 pub struct Relay {
-    store: PgStore,
+    store: Store,
     /// Replaced after a failed delivery: an idempotent producer whose
     /// broker lost its state (a restart, a failover) can stay broken for
     /// good, and a new one costs little next to an outage.
@@ -37,7 +37,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
-        store: PgStore,
+        store: Store,
         bus: BusSettings,
         settings: RelaySettings,
     ) -> Result<Self, KafkaError> {
@@ -177,7 +177,9 @@ impl Relay {
     }
 
     async fn listen(&self) -> Option<PgListener> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await.ok()?;
+        let mut listener = PgListener::connect_with(self.store.postgres()?)
+            .await
+            .ok()?;
         listener.listen(OUTBOX_CHANNEL).await.ok()?;
         Some(listener)
     }

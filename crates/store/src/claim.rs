@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use zapflow_core::retry::RetryPolicy;
-use zapflow_core::{Attempt, StepStatus};
+use zapflow_core::{Attempt, AttemptOutcome, StepStatus};
 
 use crate::{Run, StepClaim};
 
@@ -74,7 +74,7 @@ pub(crate) fn decide(state: &StepState, now: DateTime<Utc>, max_attempts: u32) -
         );
         let abandoned = Attempt {
             number: attempts,
-            outcome: StepStatus::Failed.as_str().to_owned(),
+            outcome: AttemptOutcome::Failed,
             error: Some(error.clone()),
             finished_at: now,
         };

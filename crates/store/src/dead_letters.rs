@@ -4,6 +4,8 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::{Result, Store};
+
 /// One step that failed for good.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -24,7 +26,7 @@ pub struct DeadLetterPage {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct DeadLetterRow {
+struct DeadLetterRow {
     id: Uuid,
     zap_id: Uuid,
     run_id: Uuid,
@@ -36,7 +38,7 @@ pub(crate) struct DeadLetterRow {
 impl DeadLetterPage {
     /// A page from up to `limit + 1` rows: the extra row only tells that
     /// there is a next page.
-    pub(crate) fn from_rows(rows: Vec<DeadLetterRow>, limit: u32) -> Self {
+    fn from_rows(rows: Vec<DeadLetterRow>, limit: u32) -> Self {
         let more = rows.len() > limit as usize;
         let dead_letters: Vec<DeadLetter> = rows
             .into_iter()
@@ -57,5 +59,42 @@ impl DeadLetterPage {
             dead_letters,
             next_before,
         }
+    }
+}
+
+impl Store {
+    /// An owner's dead letters (optionally of one zap), newest first.
+    pub async fn list_dead_letters(
+        &self,
+        owner_id: Uuid,
+        zap_id: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<DeadLetterPage> {
+        let rows: Vec<DeadLetterRow> = self
+            .db
+            .fetch_all(
+                "SELECT id, zap_id, run_id, step, reason, created_at FROM zap_dead_letters
+                 WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
+                 ORDER BY id DESC LIMIT $4",
+                &[
+                    owner_id.into(),
+                    zap_id.into(),
+                    before.into(),
+                    (i64::from(limit) + 1).into(),
+                ],
+            )
+            .await?;
+        Ok(DeadLetterPage::from_rows(rows, limit))
+    }
+
+    /// Deletes dead letters recorded before `cutoff`; returns how many.
+    pub async fn purge_dead_letters(&self, cutoff: DateTime<Utc>) -> Result<u64> {
+        self.db
+            .execute(
+                "DELETE FROM zap_dead_letters WHERE created_at < $1",
+                &[cutoff.into()],
+            )
+            .await
     }
 }

@@ -1,31 +1,37 @@
-//! Everything zapflow keeps, in PostgreSQL or an SQLite file.
+//! Everything zapflow keeps, in PostgreSQL or an SQLite file, behind one
+//! [`Store`].
 //!
 //! The database is the source of truth: every state change is committed
-//! together with the outbox row that announces the work it causes.
+//! together with the outbox row that announces the work it causes. Each
+//! query is written once, in the module of its concept (users, zaps, runs,
+//! steps, outbox, dead letters); the differences between the two dialects
+//! live in `db`.
 
 mod claim;
+mod db;
 mod dead_letters;
 mod outbox;
-mod portable;
 mod runs;
-mod sqlite;
 mod steps;
 mod storable;
-mod store;
 mod users;
+mod wakeups;
 mod zaps;
 
-use std::time::Duration;
+use std::path::Path;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
 
+use crate::db::Db;
+
+pub use db::Durability;
 pub use dead_letters::{DeadLetter, DeadLetterPage};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
-pub use runs::{NewRun, Replay, Run, RunPage, Step, TimeWindow};
-pub use sqlite::{Durability, SqliteStore};
+pub use runs::{NewRun, RecordedRun, Replay, Run, RunPage, Step, TimeWindow};
 pub use steps::{ClaimedStep, StepClaim, StepOutcome};
-pub use store::{OutboxWakeups, Store};
+pub use wakeups::OutboxWakeups;
 pub use zaps::{Zap, ZapForIngest};
 
 /// The schema, embedded in the binary.
@@ -83,6 +89,14 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// A status as stored, read back.
+pub(crate) fn parse_status<T: std::str::FromStr<Err = zapflow_core::model::UnknownStatus>>(
+    text: &str,
+) -> Result<T> {
+    text.parse()
+        .map_err(|error| StoreError::Db(sqlx::Error::Decode(Box::new(error))))
+}
+
 enum Class {
     Transient,
     Refused,
@@ -119,29 +133,63 @@ fn classify(error: &dyn sqlx::error::DatabaseError) -> Option<Class> {
     }
 }
 
-/// The PostgreSQL store: the distributed deployment's.
+/// The database: PostgreSQL (distributed and PostgreSQL-only deployments)
+/// or an SQLite file (embedded). Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct PgStore {
-    pool: PgPool,
+pub struct Store {
+    db: Db,
 }
 
-impl PgStore {
-    /// Connects without waiting for the server: the first query does.
-    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy(url)?;
-        Ok(Self { pool })
+impl Store {
+    /// Opens the database a URL names: `postgres://...` (lazily: the first
+    /// query connects) or `sqlite:...` (created if missing).
+    pub async fn open(url: &str, max_connections: u32) -> Result<Self> {
+        let db = if url.starts_with("sqlite:") {
+            Db::sqlite_url(url).await?
+        } else {
+            Db::postgres_lazy(url, max_connections)?
+        };
+        Ok(Self { db })
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// Opens (creating) an SQLite database file.
+    pub async fn open_file(path: &Path) -> Result<Self> {
+        Self::open_file_with(path, Durability::default()).await
+    }
+
+    /// [`open_file`](Self::open_file) with a chosen durability.
+    pub async fn open_file_with(path: &Path, durability: Durability) -> Result<Self> {
+        Ok(Self {
+            db: Db::sqlite_file(path, durability).await?,
+        })
+    }
+
+    /// The PostgreSQL pool, when this is PostgreSQL.
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match &self.db {
+            Db::Postgres(pool) => Some(pool),
+            Db::Sqlite { .. } => None,
+        }
+    }
+
+    /// The SQLite pool, when this is an SQLite file.
+    pub fn sqlite(&self) -> Option<&SqlitePool> {
+        match &self.db {
+            Db::Sqlite { pool, .. } => Some(pool),
+            Db::Postgres(_) => None,
+        }
     }
 
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+        match &self.db {
+            Db::Postgres(pool) => MIGRATOR.run(pool).await,
+            Db::Sqlite { pool, .. } => SQLITE_MIGRATOR.run(pool).await,
+        }
     }
 
-    portable::portable_queries!();
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.db.execute("SELECT 1", &[]).await?;
+        Ok(())
+    }
 }

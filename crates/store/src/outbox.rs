@@ -1,13 +1,17 @@
+//! The transactional outbox: work announced in the same transaction as the
+//! state change behind it. A row with a future `available_at` is a delayed
+//! retry (or a lease, while a local worker holds it).
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::{PgStore, Result};
+use crate::db::{Arg, Stamp, Tx, sql};
+use crate::{Result, Store, StoreError};
 
 /// The channel on which every outbox insert is announced (see the
-/// statement trigger in the migrations).
+/// statement trigger in the PostgreSQL migrations).
 pub const OUTBOX_CHANNEL: &str = "zap_run_outbox";
 
 /// What an outbox row announces.
@@ -20,10 +24,21 @@ pub enum OutboxKind {
 }
 
 impl OutboxKind {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Step => "step",
             Self::DeadLetter => "dead_letter",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        match text {
+            "step" => Ok(Self::Step),
+            "dead_letter" => Ok(Self::DeadLetter),
+            other => Err(StoreError::Db(sqlx::Error::Decode(
+                format!("unknown outbox row kind {other:?}").into(),
+            ))),
         }
     }
 }
@@ -41,7 +56,7 @@ pub struct OutboxRow {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct OutboxRecord {
+struct OutboxRecord {
     id: i64,
     event_id: Uuid,
     run_id: Uuid,
@@ -52,28 +67,49 @@ pub(crate) struct OutboxRecord {
     created_at: DateTime<Utc>,
 }
 
-impl From<OutboxRecord> for OutboxRow {
-    fn from(record: OutboxRecord) -> Self {
-        Self {
+/// The columns an [`OutboxRecord`] reads.
+macro_rules! outbox_columns {
+    () => {
+        "id, event_id, run_id, zap_id, stage, kind, reason, created_at"
+    };
+}
+
+impl TryFrom<OutboxRecord> for OutboxRow {
+    type Error = StoreError;
+
+    fn try_from(record: OutboxRecord) -> Result<Self> {
+        Ok(Self {
             id: record.id,
             event_id: record.event_id,
             run_id: record.run_id,
             zap_id: record.zap_id,
             stage: record.stage as u32,
-            kind: if record.kind == "dead_letter" {
-                OutboxKind::DeadLetter
-            } else {
-                OutboxKind::Step
-            },
+            kind: OutboxKind::parse(&record.kind)?,
             reason: record.reason,
             created_at: record.created_at,
-        }
+        })
     }
 }
 
+/// Rows oldest first, as read.
+fn rows(records: Vec<OutboxRecord>) -> Result<Vec<OutboxRow>> {
+    let mut rows = records
+        .into_iter()
+        .map(OutboxRow::try_from)
+        .collect::<Result<Vec<_>>>()?;
+    rows.sort_by_key(|row| row.id);
+    Ok(rows)
+}
+
+/// Deletes the outbox rows `$1` names.
+const DELETE_ROWS: crate::db::Sql = crate::db::Sql {
+    postgres: "DELETE FROM zap_run_outbox WHERE id = ANY($1)",
+    sqlite: "DELETE FROM zap_run_outbox WHERE id IN (SELECT value FROM json_each($1))",
+};
+
 /// Rows claimed by one relay pass, locked until the pass commits.
 pub struct OutboxClaim {
-    tx: Transaction<'static, Postgres>,
+    tx: Tx,
     pub rows: Vec<OutboxRow>,
 }
 
@@ -82,99 +118,152 @@ impl OutboxClaim {
     /// which stay due for the next pass.
     pub async fn finish(mut self, delivered: &[i64]) -> Result<()> {
         if !delivered.is_empty() {
-            sqlx::query("DELETE FROM zap_run_outbox WHERE id = ANY($1)")
-                .bind(delivered)
-                .execute(&mut *self.tx)
-                .await?;
+            self.tx.execute(DELETE_ROWS, &[Arg::Ids(delivered)]).await?;
         }
-        self.tx.commit().await?;
-        Ok(())
+        self.tx.commit().await
     }
 }
 
-impl PgStore {
+impl Store {
     /// Locks up to `limit` due rows, skipping rows another relay holds, so
     /// several processors share the work without relaying a row twice at once.
     /// Oldest first, but without an "id > last seen" cursor: a row whose
     /// transaction committed late is still found.
     pub async fn claim_due_outbox_rows(&self, limit: u32) -> Result<OutboxClaim> {
-        let mut tx = self.pool.begin().await?;
-        let rows: Vec<OutboxRecord> = sqlx::query_as(
-            "SELECT id, event_id, run_id, zap_id, stage, kind, reason, created_at
-             FROM zap_run_outbox WHERE available_at <= now()
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        let rows = rows.into_iter().map(OutboxRow::from).collect();
-        Ok(OutboxClaim { tx, rows })
+        let mut tx = self.db.begin().await?;
+        let records: Vec<OutboxRecord> = tx
+            .fetch_all(
+                sql!(
+                    "SELECT ", outbox_columns!(), " FROM zap_run_outbox WHERE available_at <= $2
+                     ORDER BY id LIMIT $1";
+                    postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
+                ),
+                &[limit.into(), Arg::Instant(Some(Utc::now()))],
+            )
+            .await?;
+        Ok(OutboxClaim {
+            tx,
+            rows: rows(records)?,
+        })
     }
 
-    /// Leases up to `limit` due step rows to the caller
-    /// for `lease`, for workers that take work from the outbox directly,
-    /// without Kafka: they are not due again until then, and come back if
-    /// never deleted.
+    /// Leases up to `limit` due step rows to the caller for `lease`, for
+    /// workers that take work from the outbox directly, without Kafka: they
+    /// are not due again until then, and come back if never deleted.
     pub async fn lease_due_outbox_rows(
         &self,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>> {
-        let records: Vec<OutboxRecord> = sqlx::query_as(
-            "UPDATE zap_run_outbox SET available_at = now() + $2 * interval '1 microsecond'
-             WHERE id IN (SELECT id FROM zap_run_outbox WHERE kind = 'step' AND available_at <= now()
-                          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING id, event_id, run_id, zap_id, stage, kind, reason, created_at",
-        )
-        .bind(i64::from(limit))
-        .bind(micros(lease))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut rows: Vec<OutboxRow> = records.into_iter().map(OutboxRow::from).collect();
-        rows.sort_by_key(|row| row.id);
-        Ok(rows)
+        let records: Vec<OutboxRecord> = self
+            .db
+            .fetch_all(
+                sql!(
+                    "UPDATE zap_run_outbox SET available_at = $3
+                     WHERE id IN (SELECT id FROM zap_run_outbox
+                                  WHERE kind = 'step' AND available_at <= $2
+                                  ORDER BY id LIMIT $1";
+                    postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
+                    ") RETURNING ", outbox_columns!()
+                ),
+                &[
+                    limit.into(),
+                    Arg::Instant(Some(Utc::now())),
+                    Arg::after(lease),
+                ],
+            )
+            .await?;
+        rows(records)
     }
 
     /// How long until the next step row comes due (zero if one is due now);
-    /// `None` when there are none.
+    /// `None` when there are none. Loops sleep until then rather than until
+    /// their next poll, so a retry runs when it is due.
     pub async fn next_step_due_in(&self) -> Result<Option<Duration>> {
-        let (seconds,): (Option<f64>,) = sqlx::query_as(
-            "SELECT extract(epoch FROM min(available_at) - now())::float8
-             FROM zap_run_outbox WHERE kind = 'step'",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0))))
+        let (due,): (Option<Stamp>,) = self
+            .db
+            .fetch_one(
+                "SELECT min(available_at) FROM zap_run_outbox WHERE kind = 'step'",
+                &[],
+            )
+            .await?;
+        Ok(due.map(|Stamp(due)| (due - Utc::now()).to_std().unwrap_or(Duration::ZERO)))
     }
 
+    /// Deletes outbox rows whose work is recorded.
     pub async fn delete_outbox_rows(&self, ids: &[i64]) -> Result<()> {
-        sqlx::query("DELETE FROM zap_run_outbox WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&self.pool)
-            .await?;
+        self.db.execute(DELETE_ROWS, &[Arg::Ids(ids)]).await?;
         Ok(())
     }
 
-    /// Adds one outbox row in a transaction of its own.
-    pub async fn enqueue_one(
+    /// Announces step `stage` again after `delay` (for a step another worker
+    /// holds: if that worker vanished, its lease will have expired by then).
+    pub async fn reschedule_step(
         &self,
         run_id: Uuid,
         zap_id: Uuid,
         stage: u32,
-        kind: OutboxKind,
-        reason: Option<&str>,
         delay: Duration,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        enqueue(&mut tx, run_id, zap_id, stage, kind, reason, delay).await?;
-        tx.commit().await?;
-        Ok(())
+        let mut tx = self.db.begin().await?;
+        enqueue(
+            &mut tx,
+            run_id,
+            zap_id,
+            stage,
+            OutboxKind::Step,
+            None,
+            delay,
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// Dead-letters an event that points at nothing runnable.
+    pub async fn dead_letter(
+        &self,
+        run_id: Uuid,
+        zap_id: Uuid,
+        stage: u32,
+        reason: &str,
+    ) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        let kind = OutboxKind::DeadLetter;
+        enqueue(
+            &mut tx,
+            run_id,
+            zap_id,
+            stage,
+            kind,
+            Some(reason),
+            Duration::ZERO,
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// Deletes the outbox rows announcing dead letters, for deployments
+    /// without a broker to announce them to; returns how many.
+    pub async fn discard_dead_letter_announcements(&self) -> Result<u64> {
+        self.db
+            .execute("DELETE FROM zap_run_outbox WHERE kind = 'dead_letter'", &[])
+            .await
+    }
+
+    /// Counts outbox rows (due or not).
+    pub async fn outbox_len(&self) -> Result<i64> {
+        let (count,): (i64,) = self
+            .db
+            .fetch_one("SELECT count(*) FROM zap_run_outbox", &[])
+            .await?;
+        Ok(count)
     }
 }
 
-/// Adds an outbox row inside the caller's transaction.
+/// Adds an outbox row inside the caller's transaction; a dead letter is
+/// also recorded for users to list, under the announcing event's id.
 pub(crate) async fn enqueue(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     run_id: Uuid,
     zap_id: Uuid,
     stage: u32,
@@ -183,36 +272,37 @@ pub(crate) async fn enqueue(
     delay: Duration,
 ) -> Result<()> {
     let event_id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at)
-         VALUES ($1, $2, $3, $4, $5, $6, now() + $7 * interval '1 microsecond')",
+    let now = Utc::now();
+    tx.execute(
+        "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at,
+                                     created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            event_id.into(),
+            run_id.into(),
+            zap_id.into(),
+            stage.into(),
+            kind.as_str().into(),
+            reason.into(),
+            Arg::after(delay),
+            now.into(),
+        ],
     )
-    .bind(event_id)
-    .bind(run_id)
-    .bind(zap_id)
-    .bind(stage as i32)
-    .bind(kind.as_str())
-    .bind(reason)
-    .bind(micros(delay))
-    .execute(&mut **tx)
     .await?;
     if kind == OutboxKind::DeadLetter {
-        // The record users list, under the announcing event's id.
-        sqlx::query(
-            "INSERT INTO zap_dead_letters (id, run_id, zap_id, owner_id, step, reason)
-             SELECT $1, id, zap_id, owner_id, $2, $3 FROM zap_runs WHERE id = $4",
+        tx.execute(
+            "INSERT INTO zap_dead_letters (id, run_id, zap_id, owner_id, step, reason, created_at)
+             SELECT $1, id, zap_id, owner_id, $2, $3, $4 FROM zap_runs WHERE id = $5",
+            &[
+                event_id.into(),
+                stage.into(),
+                reason.unwrap_or_default().into(),
+                now.into(),
+                run_id.into(),
+            ],
         )
-        .bind(event_id)
-        .bind(stage as i32)
-        .bind(reason.unwrap_or_default())
-        .bind(run_id)
-        .execute(&mut **tx)
         .await?;
     }
+    tx.announce();
     Ok(())
-}
-
-/// A duration as whole microseconds, PostgreSQL's interval precision.
-pub(crate) fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }

@@ -1,4 +1,7 @@
-use std::collections::HashMap;
+//! Runs: one webhook delivery each, with its steps.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -6,8 +9,10 @@ use sqlx::types::Json;
 use uuid::Uuid;
 use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
 
-use crate::zaps::parse_status as parse_stored_status;
-use crate::{PgStore, Result};
+use crate::db::{Arg, Dialect, Tx};
+use crate::outbox::OutboxKind;
+use crate::parse_status;
+use crate::{Result, Store, StoreError};
 
 /// A webhook delivery to record as a run.
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +58,16 @@ pub struct Step {
     pub finished_at: Option<DateTime<Utc>>,
     /// Every finished attempt, oldest first.
     pub history: Vec<Attempt>,
+}
+
+/// How a delivery was recorded by [`Store::insert_runs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedRun {
+    /// The run: the new one, or the earlier run of a repeated key.
+    pub id: Uuid,
+    /// The delivery repeated an idempotency key already recorded (and
+    /// nothing was written).
+    pub repeated: bool,
 }
 
 /// The replay of a run. A run has at most one: a retried or concurrent
@@ -119,11 +134,21 @@ pub(crate) struct StepRow {
     history: Json<Vec<Attempt>>,
 }
 
-pub(crate) const RUN_COLUMNS: &str = "id, zap_id, owner_id, status, trigger, headers, query, actions, \
-                           replay_of, created_at, updated_at, finished_at";
-/// [`RUN_COLUMNS`] without the delivery's payload, for lists.
-pub(crate) const RUN_COLUMNS_WITHOUT_PAYLOAD: &str = "id, zap_id, owner_id, status, NULL AS trigger, NULL AS headers, NULL AS query, actions, \
-     replay_of, created_at, updated_at, finished_at";
+/// The columns a [`RunRow`] reads.
+macro_rules! run_columns {
+    () => {
+        "id, zap_id, owner_id, status, trigger, headers, query, actions, \
+         replay_of, created_at, updated_at, finished_at"
+    };
+}
+
+/// [`run_columns`] without the delivery's payload, for lists.
+macro_rules! run_columns_without_payload {
+    () => {
+        "id, zap_id, owner_id, status, NULL AS trigger, NULL AS headers, NULL AS query, actions, \
+         replay_of, created_at, updated_at, finished_at"
+    };
+}
 
 impl RunRow {
     pub(crate) fn into_run(self, step_rows: Vec<StepRow>) -> Result<Run> {
@@ -134,7 +159,7 @@ impl RunRow {
                 Some(row) => Ok(Step {
                     index: index as u32,
                     action_type: row.action_type,
-                    status: parse_stored_status(&row.status)?,
+                    status: parse_status(&row.status)?,
                     attempts: row.attempts as u32,
                     output: row.output.map(|json| json.0),
                     error: row.error,
@@ -159,7 +184,7 @@ impl RunRow {
             id: self.id,
             zap_id: self.zap_id,
             owner_id: self.owner_id,
-            status: parse_stored_status(&self.status)?,
+            status: parse_status(&self.status)?,
             trigger: self.trigger.map_or(serde_json::Value::Null, |json| json.0),
             headers: self.headers.map_or(serde_json::Value::Null, |json| json.0),
             query: self.query.map_or(serde_json::Value::Null, |json| json.0),
@@ -173,109 +198,301 @@ impl RunRow {
     }
 }
 
-impl PgStore {
+impl Store {
     /// Records a batch of webhook deliveries in one transaction: each new run
-    /// together with the outbox row for its first step. Returns, in input
-    /// order, the run id and whether it was a repeat of an idempotency key
-    /// already recorded (then the earlier run's id, and nothing is written).
-    pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<(Uuid, bool)>> {
-        let mut tx = self.pool.begin().await?;
-        let inserted: Vec<(Uuid,)> = sqlx::query_as(
-            "WITH input AS (
-                 SELECT * FROM jsonb_to_recordset($1) AS r(
-                     id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
-                     query jsonb, actions jsonb, idempotency_key text)
-             ), inserted AS (
-                 INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
-                                       actions, idempotency_key)
-                 SELECT id, zap_id, owner_id, 'pending', trigger, headers, query, actions,
-                        idempotency_key
-                 FROM input
-                 ON CONFLICT (zap_id, idempotency_key) DO NOTHING
-                 RETURNING id, zap_id
-             ), outbox AS (
-                 INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind)
-                 SELECT gen_random_uuid(), id, zap_id, 0, 'step' FROM inserted
-             )
-             SELECT id FROM inserted",
-        )
-        .bind(Json(runs))
-        .fetch_all(&mut *tx)
-        .await?;
-        let inserted: std::collections::HashSet<Uuid> =
-            inserted.into_iter().map(|(id,)| id).collect();
-
-        let mut results = Vec::with_capacity(runs.len());
+    /// with the outbox row of its first step. Returns, in input order, how
+    /// each was recorded (a delivery repeating an idempotency key already
+    /// recorded gets the earlier run, and nothing is written).
+    pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<RecordedRun>> {
+        let now = Utc::now();
+        let mut tx = self.db.begin().await?;
+        let inserted = match tx.dialect() {
+            Dialect::Postgres => insert_runs_at_once(&mut tx, runs, now).await?,
+            Dialect::Sqlite => insert_runs_one_by_one(&mut tx, runs, now).await?,
+        };
+        let mut recorded = Vec::with_capacity(runs.len());
         for run in runs {
             if inserted.contains(&run.id) {
-                results.push((run.id, false));
+                recorded.push(RecordedRun {
+                    id: run.id,
+                    repeated: false,
+                });
                 continue;
             }
             // Lost to an earlier delivery with the same key (committed, or
             // earlier in this very batch).
-            let (existing,): (Uuid,) = sqlx::query_as(
-                "SELECT id FROM zap_runs WHERE zap_id = $1 AND idempotency_key = $2",
-            )
-            .bind(run.zap_id)
-            .bind(&run.idempotency_key)
-            .fetch_one(&mut *tx)
-            .await?;
-            results.push((existing, true));
+            let (existing,): (Uuid,) = tx
+                .fetch_one(
+                    "SELECT id FROM zap_runs WHERE zap_id = $1 AND idempotency_key = $2",
+                    &[run.zap_id.into(), (&run.idempotency_key).into()],
+                )
+                .await?;
+            recorded.push(RecordedRun {
+                id: existing,
+                repeated: true,
+            });
         }
         tx.commit().await?;
-        Ok(results)
+        Ok(recorded)
+    }
+
+    /// [`insert_runs`](Self::insert_runs), but one delivery the database
+    /// refuses fails alone: when the batch fails for anything but an outage,
+    /// each run is tried in a transaction of its own, so every other
+    /// delivery is still recorded. `Err` means the database did not answer
+    /// and nothing was written.
+    pub async fn insert_runs_isolated(&self, runs: &[NewRun]) -> Result<Vec<Result<RecordedRun>>> {
+        match self.insert_runs(runs).await {
+            Ok(recorded) => Ok(recorded.into_iter().map(Ok).collect()),
+            Err(error) if error.is_transient() => Err(error),
+            Err(error) if runs.len() == 1 => Ok(vec![Err(error)]),
+            Err(error) => {
+                tracing::warn!(%error, runs = runs.len(), "a batch of runs failed; recording each alone");
+                let mut recorded = Vec::with_capacity(runs.len());
+                for run in runs {
+                    let one = self.insert_runs(std::slice::from_ref(run)).await;
+                    recorded.push(one.map(|mut one| one.remove(0)));
+                }
+                Ok(recorded)
+            }
+        }
     }
 
     /// Records a replay of `original` as run `id`, starting at `start_stage`:
-    /// the steps before it are copied with their outputs, and the outbox
-    /// row of the first step to run is added, all in one transaction. When
-    /// `original` has a replay already, nothing is written and that one is
-    /// returned (a concurrent insert waits for the first to commit).
+    /// the steps before it are copied with their outputs, and the outbox row
+    /// of the first step to run is added, all in one transaction. A run has
+    /// at most one replay: when `original` has one already (also one
+    /// committed concurrently), nothing is written and that one is returned.
     pub async fn insert_replay(
         &self,
         original: &Run,
         id: Uuid,
         start_stage: u32,
     ) -> Result<Replay> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query, actions, replay_of)
-             SELECT $1, zap_id, owner_id, 'pending', trigger, headers, query, actions, id
-             FROM zap_runs WHERE id = $2
-             ON CONFLICT (replay_of) WHERE replay_of IS NOT NULL DO NOTHING",
-        )
-        .bind(id)
-        .bind(original.id)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
+        let mut tx = self.db.begin().await?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query, actions,
+                                       replay_of, created_at, updated_at)
+                 SELECT $1, zap_id, owner_id, 'pending', trigger, headers, query, actions, id, $3, $3
+                 FROM zap_runs WHERE id = $2
+                 ON CONFLICT (replay_of) WHERE replay_of IS NOT NULL DO NOTHING",
+                &[id.into(), original.id.into(), Utc::now().into()],
+            )
+            .await?;
+        if inserted == 0 {
+            // Free the connection (SQLite's only one) for the lookup.
             tx.rollback().await?;
-            return self.existing_replay(original.id).await;
+            let (existing,): (Uuid,) = self
+                .db
+                .fetch_one(
+                    "SELECT id FROM zap_runs WHERE replay_of = $1",
+                    &[original.id.into()],
+                )
+                .await?;
+            return Ok(Replay::Existing(existing));
         }
-        sqlx::query(
+        tx.execute(
             "INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts, output, error,
                                         started_at, finished_at, history)
-             SELECT $1, step, action_type, status, attempts, output, error, started_at, finished_at, history
+             SELECT $1, step, action_type, status, attempts, output, error, started_at, finished_at,
+                    history
              FROM zap_run_steps WHERE run_id = $2 AND step < $3",
+            &[id.into(), original.id.into(), start_stage.into()],
         )
-        .bind(id)
-        .bind(original.id)
-        .bind(start_stage as i32)
-        .execute(&mut *tx)
         .await?;
         crate::outbox::enqueue(
             &mut tx,
             id,
             original.zap_id,
             start_stage,
-            crate::OutboxKind::Step,
+            OutboxKind::Step,
             None,
-            std::time::Duration::ZERO,
+            Duration::ZERO,
         )
         .await?;
         tx.commit().await?;
         Ok(Replay::Created(id))
     }
+
+    /// Ids of a zap's failed runs not replayed yet, created in `window`,
+    /// oldest first, at most `limit`.
+    pub async fn failed_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Uuid,
+        window: &TimeWindow,
+        limit: u32,
+    ) -> Result<Vec<Uuid>> {
+        let ids: Vec<(Uuid,)> = self
+            .db
+            .fetch_all(
+                "SELECT id FROM zap_runs
+                 WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
+                   AND ($3 IS NULL OR created_at >= $3) AND ($4 IS NULL OR created_at < $4)
+                   AND NOT EXISTS (SELECT 1 FROM zap_runs AS replay WHERE replay.replay_of = zap_runs.id)
+                 ORDER BY created_at, id LIMIT $5",
+                &[
+                    owner_id.into(),
+                    zap_id.into(),
+                    window.start.into(),
+                    window.end.into(),
+                    limit.into(),
+                ],
+            )
+            .await?;
+        Ok(ids.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// A run with its steps, whoever owns it (for workers).
+    pub async fn run(&self, id: Uuid) -> Result<Option<Run>> {
+        self.fetch_run(id, None).await
+    }
+
+    /// A run with its steps, if `owner_id` owns it.
+    pub async fn owned_run(&self, owner_id: Uuid, id: Uuid) -> Result<Run> {
+        self.fetch_run(id, Some(owner_id))
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
+        let row: Option<RunRow> = self
+            .db
+            .fetch_optional(
+                concat!(
+                    "SELECT ",
+                    run_columns!(),
+                    " FROM zap_runs WHERE id = $1 AND ($2 IS NULL OR owner_id = $2)"
+                ),
+                &[id.into(), owner_id.into()],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let steps: Vec<StepRow> = self
+            .db
+            .fetch_all(
+                "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
+                        history
+                 FROM zap_run_steps WHERE run_id = $1",
+                &[id.into()],
+            )
+            .await?;
+        row.into_run(steps).map(Some)
+    }
+
+    /// Runs of an owner (optionally of one zap), newest first, without steps
+    /// and, unless `payloads`, without their trigger, headers and query
+    /// (left `null`).
+    pub async fn list_runs(
+        &self,
+        owner_id: Uuid,
+        zap_id: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u32,
+        payloads: bool,
+    ) -> Result<RunPage> {
+        macro_rules! page_of_runs {
+            ($columns:expr) => {
+                concat!(
+                    "SELECT ",
+                    $columns,
+                    " FROM zap_runs
+                     WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
+                     ORDER BY id DESC LIMIT $4"
+                )
+            };
+        }
+        let sql = match payloads {
+            true => page_of_runs!(run_columns!()),
+            false => page_of_runs!(run_columns_without_payload!()),
+        };
+        let rows: Vec<RunRow> = self
+            .db
+            .fetch_all(
+                sql,
+                &[
+                    owner_id.into(),
+                    zap_id.into(),
+                    before.into(),
+                    (i64::from(limit) + 1).into(),
+                ],
+            )
+            .await?;
+        RunPage::from_rows(rows, limit)
+    }
+}
+
+/// Inserts runs with one statement (PostgreSQL): the runs and the outbox
+/// rows of their first steps. Returns the ids inserted.
+async fn insert_runs_at_once(
+    tx: &mut Tx,
+    runs: &[NewRun],
+    now: DateTime<Utc>,
+) -> Result<HashSet<Uuid>> {
+    let inserted: Vec<(Uuid,)> = tx
+        .fetch_all(
+            "WITH input AS (
+                 SELECT * FROM jsonb_to_recordset($1) AS r(
+                     id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
+                     query jsonb, actions jsonb, idempotency_key text)
+             ), inserted AS (
+                 INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
+                                       actions, idempotency_key, created_at, updated_at)
+                 SELECT id, zap_id, owner_id, 'pending', trigger, headers, query, actions,
+                        idempotency_key, $2, $2
+                 FROM input
+                 ON CONFLICT (zap_id, idempotency_key) DO NOTHING
+                 RETURNING id, zap_id
+             ), outbox AS (
+                 INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, available_at,
+                                             created_at)
+                 SELECT gen_random_uuid(), id, zap_id, 0, 'step', $2, $2 FROM inserted
+             )
+             SELECT id FROM inserted",
+            &[Arg::json(&runs)?, now.into()],
+        )
+        .await?;
+    Ok(inserted.into_iter().map(|(id,)| id).collect())
+}
+
+/// Inserts runs one statement each (SQLite, where each is a function call,
+/// not a round trip to a server), with the outbox rows of their first steps.
+/// Returns the ids inserted.
+async fn insert_runs_one_by_one(
+    tx: &mut Tx,
+    runs: &[NewRun],
+    now: DateTime<Utc>,
+) -> Result<HashSet<Uuid>> {
+    let mut inserted = HashSet::with_capacity(runs.len());
+    for run in runs {
+        let added = tx
+            .execute(
+                "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
+                                       actions, idempotency_key, created_at, updated_at)
+                 VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $9)
+                 ON CONFLICT (zap_id, idempotency_key) DO NOTHING",
+                &[
+                    run.id.into(),
+                    run.zap_id.into(),
+                    run.owner_id.into(),
+                    Arg::json(&run.trigger)?,
+                    Arg::json(&run.headers)?,
+                    Arg::json(&run.query)?,
+                    Arg::json(&run.actions)?,
+                    (&run.idempotency_key).into(),
+                    now.into(),
+                ],
+            )
+            .await?;
+        if added == 1 {
+            let first = Duration::ZERO;
+            crate::outbox::enqueue(tx, run.id, run.zap_id, 0, OutboxKind::Step, None, first)
+                .await?;
+            inserted.insert(run.id);
+        }
+    }
+    Ok(inserted)
 }
 
 impl RunPage {

@@ -1,16 +1,18 @@
+//! Steps: claiming one for an attempt, and recording how the attempt ended
+//! together with what follows (the next step, a retry, a dead letter).
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::types::Json;
-use sqlx::{Postgres, Transaction};
+use serde_json::Value;
 use uuid::Uuid;
-use zapflow_core::Attempt;
 use zapflow_core::retry::RetryPolicy;
+use zapflow_core::{Attempt, AttemptOutcome, RunStatus, StepStatus};
 
 use crate::claim::{Decision, StepState, decide, max_attempts};
-use crate::outbox::{enqueue, micros};
-use crate::zaps::parse_status;
-use crate::{PgStore, Result, Run};
+use crate::db::{Arg, Stamp, Tx, sql};
+use crate::outbox::{OutboxKind, enqueue};
+use crate::{Result, Run, Store, parse_status};
 
 /// The answer to "may I run step `stage` of this run now?".
 #[derive(Debug)]
@@ -60,18 +62,12 @@ pub enum StepOutcome {
     Failed(String),
 }
 
-type StepStateRow = (
-    String,
-    i32,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    DateTime<Utc>,
-);
-
-impl PgStore {
-    /// Leases step `stage` of a run for `lease`, unless it is done, held,
-    /// not due, or out of attempts under `retry` (the worker's policy; the
-    /// action's override applies on top).
+impl Store {
+    /// Leases step `stage` of a run for `lease`, unless it is done, held by
+    /// another worker, waiting for a retry not yet due, or out of attempts
+    /// under `retry` (the worker's policy; the action's override applies on
+    /// top). A step out of attempts is failed, with its run, and
+    /// dead-lettered ([`StepClaim::Exhausted`]).
     pub async fn claim_step(
         &self,
         run_id: Uuid,
@@ -79,36 +75,45 @@ impl PgStore {
         lease: Duration,
         retry: &RetryPolicy,
     ) -> Result<StepClaim> {
-        let (run, action_type) = match self.run_to_claim(run_id, stage).await? {
-            Ok(found) => found,
-            Err(answer) => return Ok(answer),
+        let Some(run) = self.run(run_id).await? else {
+            return Ok(StepClaim::Unknown);
+        };
+        if run.status.is_final() {
+            return Ok(StepClaim::RunFinished);
+        }
+        let Some(action) = run.actions.get(stage as usize) else {
+            return Ok(StepClaim::Unknown);
         };
 
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let mut tx = self.db.begin().await?;
+        tx.execute(
             "INSERT INTO zap_run_steps (run_id, step, action_type, status)
              VALUES ($1, $2, $3, 'pending') ON CONFLICT DO NOTHING",
+            &[
+                run_id.into(),
+                stage.into(),
+                action.action_type.as_str().into(),
+            ],
         )
-        .bind(run_id)
-        .bind(stage as i32)
-        .bind(&action_type)
-        .execute(&mut *tx)
         .await?;
-        // The database's clock, as for every lease and due time it wrote.
-        let (status, attempts, lease_until, retry_at, now): StepStateRow = sqlx::query_as(
-            "SELECT status, attempts, lease_until, retry_at, now() FROM zap_run_steps
-             WHERE run_id = $1 AND step = $2 FOR UPDATE",
-        )
-        .bind(run_id)
-        .bind(stage as i32)
-        .fetch_one(&mut *tx)
-        .await?;
+        // Locked on PostgreSQL; on SQLite this transaction is the only writer.
+        let (status, attempts, lease_until, retry_at): StepStateRow = tx
+            .fetch_one(
+                sql!(
+                    "SELECT status, attempts, lease_until, retry_at FROM zap_run_steps
+                     WHERE run_id = $1 AND step = $2";
+                    postgres: " FOR UPDATE", sqlite: "";
+                ),
+                &[run_id.into(), stage.into()],
+            )
+            .await?;
         let state = StepState {
             status: parse_status(&status)?,
             attempts: attempts as u32,
-            lease_until,
-            retry_at,
+            lease_until: lease_until.map(|Stamp(at)| at),
+            retry_at: retry_at.map(|Stamp(at)| at),
         };
+        let now = Utc::now();
         let attempt = match decide(&state, now, max_attempts(&run, stage, retry)) {
             Decision::Leave(answer) => return Ok(answer),
             Decision::GiveUp { error, abandoned } => {
@@ -117,31 +122,31 @@ impl PgStore {
                     stage,
                     attempt: state.attempts,
                 };
-                give_up(&mut tx, &step, &error, abandoned).await?;
+                give_up(&mut tx, &step, &error, abandoned, now).await?;
                 tx.commit().await?;
                 return Ok(StepClaim::Exhausted { error });
             }
             Decision::Claim => state.attempts + 1,
         };
-        sqlx::query(
+        tx.execute(
             "UPDATE zap_run_steps
-             SET status = 'running', attempts = $3, retry_at = NULL,
-                 lease_until = now() + $4 * interval '1 microsecond',
-                 started_at = coalesce(started_at, now())
+             SET status = 'running', attempts = $3, retry_at = NULL, lease_until = $4,
+                 started_at = coalesce(started_at, $5)
              WHERE run_id = $1 AND step = $2",
+            &[
+                run_id.into(),
+                stage.into(),
+                attempt.into(),
+                Arg::after(lease),
+                now.into(),
+            ],
         )
-        .bind(run_id)
-        .bind(stage as i32)
-        .bind(attempt as i32)
-        .bind(micros(lease))
-        .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE zap_runs SET status = 'running', updated_at = now()
+        tx.execute(
+            "UPDATE zap_runs SET status = 'running', updated_at = $2
              WHERE id = $1 AND status = 'pending'",
+            &[run_id.into(), now.into()],
         )
-        .bind(run_id)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(StepClaim::Claimed(Box::new(ClaimedStep {
@@ -155,31 +160,39 @@ impl PgStore {
     /// what follows: the next step, a delayed retry, or a dead letter.
     /// Returns false (and changes nothing) when the lease was lost.
     pub async fn finish_step(&self, step: &ClaimedStep, outcome: &StepOutcome) -> Result<bool> {
+        let now = Utc::now();
         let outcome = outcome.storable();
-        let (status, output, error) = outcome.recorded();
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE zap_run_steps
-             SET status = $4, output = $5, error = $6, lease_until = NULL,
-                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE now() END,
-                 retry_at = CASE WHEN $4 = 'retrying' THEN now() + $8 * interval '1 microsecond' END,
-                 history = history || jsonb_build_array($7::jsonb)
-             WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'",
-        )
-        .bind(step.run.id)
-        .bind(step.stage as i32)
-        .bind(step.attempt as i32)
-        .bind(status)
-        .bind(output.map(Json))
-        .bind(error)
-        .bind(Json(step.attempt_record(&outcome, Utc::now())))
-        .bind(micros(outcome.retry_delay()))
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 {
+        let recorded = outcome.recorded();
+        let mut tx = self.db.begin().await?;
+        let updated = tx
+            .execute(
+                sql!(
+                    "UPDATE zap_run_steps
+                     SET status = $4, output = $5, error = $6, lease_until = NULL,
+                         finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
+                         retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
+                         history = ";
+                    postgres: "history || jsonb_build_array($8)",
+                    sqlite: "json_insert(history, '$[#]', json($8))";
+                    " WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'"
+                ),
+                &[
+                    step.run.id.into(),
+                    step.stage.into(),
+                    step.attempt.into(),
+                    recorded.status.as_str().into(),
+                    Arg::json_or_null(recorded.output)?,
+                    recorded.error.into(),
+                    now.into(),
+                    Arg::json(&step.attempt_record(&outcome, now))?,
+                    Arg::after(outcome.retry_delay()),
+                ],
+            )
+            .await?;
+        if updated == 0 {
             return Ok(false);
         }
-        follow_up(&mut tx, step, &outcome).await?;
+        follow_up(&mut tx, step, &outcome, now).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -188,47 +201,167 @@ impl PgStore {
 /// Fails a step whose attempts are used up, keeping the history entry of
 /// an attempt that was never recorded, and fails its run.
 async fn give_up(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     step: &ClaimedStep,
     error: &str,
     abandoned: Option<Attempt>,
+    now: DateTime<Utc>,
 ) -> Result<()> {
-    sqlx::query(
-        "UPDATE zap_run_steps
-         SET status = 'failed', error = $3, lease_until = NULL, retry_at = NULL, finished_at = now(),
-             history = CASE WHEN $4::jsonb IS NULL THEN history
-                            ELSE history || jsonb_build_array($4::jsonb) END
-         WHERE run_id = $1 AND step = $2",
+    tx.execute(
+        sql!(
+            "UPDATE zap_run_steps
+             SET status = 'failed', error = $3, lease_until = NULL, retry_at = NULL, finished_at = $4,
+                 history = CASE WHEN $5 IS NULL THEN history ELSE ";
+            postgres: "history || jsonb_build_array($5)",
+            sqlite: "json_insert(history, '$[#]', json($5))";
+            " END WHERE run_id = $1 AND step = $2"
+        ),
+        &[
+            step.run.id.into(),
+            step.stage.into(),
+            error.into(),
+            now.into(),
+            Arg::json_or_null(abandoned.as_ref())?,
+        ],
     )
-    .bind(step.run.id)
-    .bind(step.stage as i32)
-    .bind(error)
-    .bind(abandoned.map(Json))
-    .execute(&mut **tx)
     .await?;
-    follow_up(tx, step, &StepOutcome::Failed(error.to_owned())).await
+    follow_up(tx, step, &StepOutcome::Failed(error.to_owned()), now).await
 }
 
 /// What follows a recorded outcome: its outbox row and the run's status.
 async fn follow_up(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     step: &ClaimedStep,
     outcome: &StepOutcome,
+    now: DateTime<Utc>,
 ) -> Result<()> {
     let run = &step.run;
-    let (stage, kind, reason, delay, run_status) = step.next(outcome);
-    if let Some(stage) = stage {
+    let next = step.next(outcome);
+    if let Some(Announcement {
+        stage,
+        kind,
+        reason,
+        delay,
+    }) = next.announce
+    {
         enqueue(tx, run.id, run.zap_id, stage, kind, reason, delay).await?;
     }
-    sqlx::query(
-        "UPDATE zap_runs
-         SET status = $2, updated_at = now(),
-             finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN now() END
+    tx.execute(
+        "UPDATE zap_runs SET status = $2, updated_at = $3,
+             finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $3 END
          WHERE id = $1",
+        &[run.id.into(), next.run_status.as_str().into(), now.into()],
     )
-    .bind(run.id)
-    .bind(run_status.as_str())
-    .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+type StepStateRow = (String, i32, Option<Stamp>, Option<Stamp>);
+
+/// A step's new status, output and error as stored.
+struct Recorded<'a> {
+    status: StepStatus,
+    output: Option<&'a Value>,
+    error: Option<&'a str>,
+}
+
+/// What follows an attempt: the outbox row to add, if any, and the run's
+/// status.
+struct Next<'a> {
+    announce: Option<Announcement<'a>>,
+    run_status: RunStatus,
+}
+
+/// An outbox row to add.
+struct Announcement<'a> {
+    stage: u32,
+    kind: OutboxKind,
+    reason: Option<&'a str>,
+    delay: Duration,
+}
+
+impl StepOutcome {
+    fn recorded(&self) -> Recorded<'_> {
+        match self {
+            Self::Succeeded(output) => Recorded {
+                status: StepStatus::Succeeded,
+                output: Some(output),
+                error: None,
+            },
+            Self::Retry { error, .. } => Recorded {
+                status: StepStatus::Retrying,
+                output: None,
+                error: Some(error),
+            },
+            Self::Failed(error) => Recorded {
+                status: StepStatus::Failed,
+                output: None,
+                error: Some(error),
+            },
+        }
+    }
+
+    fn attempt_outcome(&self) -> AttemptOutcome {
+        match self {
+            Self::Succeeded(_) => AttemptOutcome::Succeeded,
+            Self::Retry { .. } => AttemptOutcome::Retrying,
+            Self::Failed(_) => AttemptOutcome::Failed,
+        }
+    }
+
+    /// How long until the next attempt (zero unless a retry).
+    fn retry_delay(&self) -> Duration {
+        match self {
+            Self::Retry { delay, .. } => *delay,
+            Self::Succeeded(_) | Self::Failed(_) => Duration::ZERO,
+        }
+    }
+}
+
+impl ClaimedStep {
+    /// The history entry of this attempt ending with `outcome` at `now`.
+    fn attempt_record(&self, outcome: &StepOutcome, now: DateTime<Utc>) -> Attempt {
+        Attempt {
+            number: self.attempt,
+            outcome: outcome.attempt_outcome(),
+            error: outcome.recorded().error.map(str::to_owned),
+            finished_at: now,
+        }
+    }
+
+    /// What follows an attempt's outcome: the next step, the same step
+    /// again after the retry delay, or a dead letter; nothing once the run
+    /// succeeded.
+    fn next<'a>(&self, outcome: &'a StepOutcome) -> Next<'a> {
+        let step = |stage, delay| Announcement {
+            stage,
+            kind: OutboxKind::Step,
+            reason: None,
+            delay,
+        };
+        let next_stage = self.stage + 1;
+        match outcome {
+            StepOutcome::Succeeded(_) if (next_stage as usize) < self.run.actions.len() => Next {
+                announce: Some(step(next_stage, Duration::ZERO)),
+                run_status: RunStatus::Running,
+            },
+            StepOutcome::Succeeded(_) => Next {
+                announce: None,
+                run_status: RunStatus::Succeeded,
+            },
+            StepOutcome::Retry { delay, .. } => Next {
+                announce: Some(step(self.stage, *delay)),
+                run_status: RunStatus::Running,
+            },
+            StepOutcome::Failed(reason) => Next {
+                announce: Some(Announcement {
+                    stage: self.stage,
+                    kind: OutboxKind::DeadLetter,
+                    reason: Some(reason),
+                    delay: Duration::ZERO,
+                }),
+                run_status: RunStatus::Failed,
+            },
+        }
+    }
 }

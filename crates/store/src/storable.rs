@@ -1,4 +1,4 @@
-//! What both stores can keep.
+//! What both databases can keep.
 //!
 //! PostgreSQL's `text` and `jsonb` refuse U+0000 (NUL); SQLite keeps it. So
 //! that a step's result reads the same on every store, and recording it can

@@ -1,10 +1,12 @@
+//! Zaps: a webhook trigger and its actions, owned by a user.
+
 use chrono::{DateTime, Utc};
-use sqlx::AssertSqlSafe;
 use sqlx::types::Json;
 use uuid::Uuid;
 use zapflow_core::{ActionSpec, ZapStatus};
 
-use crate::{PgStore, Result, StoreError};
+use crate::db::Arg;
+use crate::{Result, Store, StoreError, parse_status};
 
 /// A zap as its owner sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,10 +33,31 @@ pub struct ZapForIngest {
     pub signing_secret: Option<String>,
 }
 
-pub(crate) type IngestRow = (Uuid, Vec<u8>, String, Json<Vec<ActionSpec>>, Option<String>);
+#[derive(sqlx::FromRow)]
+struct IngestRow {
+    owner_id: Uuid,
+    token_hash: Vec<u8>,
+    status: String,
+    actions: Json<Vec<ActionSpec>>,
+    signing_secret: Option<String>,
+}
+
+impl TryFrom<IngestRow> for ZapForIngest {
+    type Error = StoreError;
+
+    fn try_from(row: IngestRow) -> Result<Self> {
+        Ok(Self {
+            owner_id: row.owner_id,
+            token_hash: row.token_hash,
+            status: parse_status(&row.status)?,
+            actions: row.actions.0,
+            signing_secret: row.signing_secret,
+        })
+    }
+}
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct ZapRow {
+struct ZapRow {
     id: Uuid,
     owner_id: Uuid,
     name: String,
@@ -62,16 +85,22 @@ impl TryFrom<ZapRow> for Zap {
     }
 }
 
-pub(crate) fn parse_status<T: std::str::FromStr<Err = zapflow_core::model::UnknownStatus>>(
-    text: &str,
-) -> Result<T> {
-    text.parse()
-        .map_err(|error| StoreError::Db(sqlx::Error::Decode(Box::new(error))))
+/// The columns a [`ZapRow`] reads.
+macro_rules! zap_columns {
+    () => {
+        "id, owner_id, name, actions, status, signing_secret IS NOT NULL AS signature_required, \
+         created_at, updated_at"
+    };
 }
 
-pub(crate) const ZAP_COLUMNS: &str = "id, owner_id, name, actions, status, signing_secret IS NOT NULL AS signature_required, created_at, updated_at";
+/// The condition naming one live zap of one owner (`$1` the zap, `$2` the owner).
+macro_rules! owned_zap {
+    () => {
+        " WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL"
+    };
+}
 
-impl PgStore {
+impl Store {
     pub async fn create_zap(
         &self,
         owner_id: Uuid,
@@ -80,19 +109,61 @@ impl PgStore {
         token_hash: &[u8],
         signing_secret: Option<&str>,
     ) -> Result<Zap> {
-        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
-            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, signing_secret)
-             VALUES ($1, $2, $3, $4, $5, 'active', $6) RETURNING {ZAP_COLUMNS}"
-        )))
-        .bind(Uuid::now_v7())
-        .bind(owner_id)
-        .bind(name)
-        .bind(Json(actions))
-        .bind(token_hash)
-        .bind(signing_secret)
-        .fetch_one(&self.pool)
-        .await?;
+        let row: ZapRow = self
+            .db
+            .fetch_one(
+                concat!(
+                    "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, created_at, \
+                                       updated_at, signing_secret)
+                     VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7) RETURNING ",
+                    zap_columns!()
+                ),
+                &[
+                    Uuid::now_v7().into(),
+                    owner_id.into(),
+                    name.into(),
+                    Arg::json(&actions)?,
+                    token_hash.into(),
+                    Utc::now().into(),
+                    signing_secret.into(),
+                ],
+            )
+            .await?;
         row.try_into()
+    }
+
+    pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
+        let row: ZapRow = self
+            .db
+            .fetch_one(
+                concat!("SELECT ", zap_columns!(), " FROM zaps", owned_zap!()),
+                &[id.into(), owner_id.into()],
+            )
+            .await?;
+        row.try_into()
+    }
+
+    /// Up to `limit` zaps in creation order, after the zap `after`.
+    pub async fn list_zaps(
+        &self,
+        owner_id: Uuid,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Zap>> {
+        let rows: Vec<ZapRow> = self
+            .db
+            .fetch_all(
+                concat!(
+                    "SELECT ",
+                    zap_columns!(),
+                    " FROM zaps
+                     WHERE owner_id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR id > $2)
+                     ORDER BY id LIMIT $3"
+                ),
+                &[owner_id.into(), after.into(), limit.into()],
+            )
+            .await?;
+        rows.into_iter().map(Zap::try_from).collect()
     }
 
     pub async fn update_zap(
@@ -102,80 +173,126 @@ impl PgStore {
         name: &str,
         actions: &[ActionSpec],
     ) -> Result<Zap> {
-        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
-            "UPDATE zaps SET name = $3, actions = $4, updated_at = now()
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL
-             RETURNING {ZAP_COLUMNS}"
-        )))
-        .bind(id)
-        .bind(owner_id)
-        .bind(name)
-        .bind(Json(actions))
-        .fetch_one(&self.pool)
-        .await?;
+        let row: ZapRow = self
+            .db
+            .fetch_one(
+                concat!(
+                    "UPDATE zaps SET name = $3, actions = $4, updated_at = $5",
+                    owned_zap!(),
+                    " RETURNING ",
+                    zap_columns!()
+                ),
+                &[
+                    id.into(),
+                    owner_id.into(),
+                    name.into(),
+                    Arg::json(&actions)?,
+                    Utc::now().into(),
+                ],
+            )
+            .await?;
         row.try_into()
     }
 
     pub async fn set_zap_status(&self, owner_id: Uuid, id: Uuid, status: ZapStatus) -> Result<Zap> {
-        let row: ZapRow = sqlx::query_as(AssertSqlSafe(format!(
-            "UPDATE zaps SET status = $3, updated_at = now()
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL
-             RETURNING {ZAP_COLUMNS}"
-        )))
-        .bind(id)
-        .bind(owner_id)
-        .bind(status.as_str())
-        .fetch_one(&self.pool)
-        .await?;
+        let row: ZapRow = self
+            .db
+            .fetch_one(
+                concat!(
+                    "UPDATE zaps SET status = $3, updated_at = $4",
+                    owned_zap!(),
+                    " RETURNING ",
+                    zap_columns!()
+                ),
+                &[
+                    id.into(),
+                    owner_id.into(),
+                    status.as_str().into(),
+                    Utc::now().into(),
+                ],
+            )
+            .await?;
         row.try_into()
     }
 
+    /// Replaces the hash of the zap's webhook token.
     pub async fn set_zap_token(&self, owner_id: Uuid, id: Uuid, token_hash: &[u8]) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE zaps SET token_hash = $3, updated_at = now()
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+        self.update_owned_zap(
+            concat!(
+                "UPDATE zaps SET token_hash = $3, updated_at = $4",
+                owned_zap!()
+            ),
+            owner_id,
+            id,
+            token_hash.into(),
         )
-        .bind(id)
-        .bind(owner_id)
-        .bind(token_hash)
-        .execute(&self.pool)
-        .await?;
-        found(done.rows_affected())
+        .await
     }
 
+    /// Makes the zap require deliveries signed with `secret` (`whsec_...`).
     pub async fn set_zap_signing_secret(
         &self,
         owner_id: Uuid,
         id: Uuid,
         secret: &str,
     ) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE zaps SET signing_secret = $3, updated_at = now()
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
+        self.update_owned_zap(
+            concat!(
+                "UPDATE zaps SET signing_secret = $3, updated_at = $4",
+                owned_zap!()
+            ),
+            owner_id,
+            id,
+            secret.into(),
         )
-        .bind(id)
-        .bind(owner_id)
-        .bind(secret)
-        .execute(&self.pool)
-        .await?;
-        found(done.rows_affected())
+        .await
     }
 
+    /// Marks the zap deleted; its runs stay readable.
     pub async fn delete_zap(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE zaps SET deleted_at = now()
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL",
-        )
-        .bind(id)
-        .bind(owner_id)
-        .execute(&self.pool)
-        .await?;
-        found(done.rows_affected())
+        let changed = self
+            .db
+            .execute(
+                concat!("UPDATE zaps SET deleted_at = $3", owned_zap!()),
+                &[id.into(), owner_id.into(), Utc::now().into()],
+            )
+            .await?;
+        found(changed)
+    }
+
+    /// Runs `sql` on zap `$1` of owner `$2`, with `value` as `$3` and now as
+    /// `$4`; [`StoreError::NotFound`] when no live zap matched.
+    async fn update_owned_zap(
+        &self,
+        sql: &'static str,
+        owner_id: Uuid,
+        id: Uuid,
+        value: Arg<'_>,
+    ) -> Result<()> {
+        let changed = self
+            .db
+            .execute(sql, &[id.into(), owner_id.into(), value, Utc::now().into()])
+            .await?;
+        found(changed)
+    }
+
+    /// A live zap by id alone: the webhook token is the caller's credential.
+    pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
+        let row: Option<IngestRow> = self
+            .db
+            .fetch_optional(
+                "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
+                 WHERE id = $1 AND deleted_at IS NULL",
+                &[id.into()],
+            )
+            .await?;
+        row.map(ZapForIngest::try_from).transpose()
     }
 }
 
-pub(crate) fn found(rows_affected: u64) -> Result<()> {
-    if rows_affected == 0 {
+/// [`StoreError::NotFound`] when a statement changed no row.
+fn found(rows_changed: u64) -> Result<()> {
+    if rows_changed == 0 {
         Err(StoreError::NotFound)
     } else {
         Ok(())

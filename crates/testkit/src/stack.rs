@@ -129,11 +129,13 @@ impl Stack {
         });
 
         if let Some(bus) = &bus {
-            let pg = store
-                .postgres()
-                .expect("the Kafka deployment runs on PostgreSQL");
+            assert!(
+                store.postgres().is_some(),
+                "the Kafka deployment runs on PostgreSQL"
+            );
             for _ in 0..options.processors {
-                let relay = Relay::new(pg.clone(), bus.clone(), relay_settings(&options)).unwrap();
+                let relay =
+                    Relay::new(store.clone(), bus.clone(), relay_settings(&options)).unwrap();
                 tasks.spawn(relay.run(shutdown.clone()));
             }
         }

@@ -100,8 +100,8 @@ pub async fn start(
                 });
             }
             Role::Processor => match (&bus, store.postgres()) {
-                (Some(bus), Some(pg)) => {
-                    let relay = Relay::new(pg.clone(), bus.clone(), config.relay())?;
+                (Some(bus), Some(_)) => {
+                    let relay = Relay::new(store.clone(), bus.clone(), config.relay())?;
                     tasks.spawn(async move {
                         relay.run(shutdown).await;
                         Ok(())

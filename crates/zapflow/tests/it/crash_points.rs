@@ -64,7 +64,7 @@ async fn between_insert_and_commit_no_run_is_left_and_the_retry_makes_exactly_on
         vec![email_action("r@example.com", "once", "b")],
     )
     .await;
-    let pool = stack.store.postgres().unwrap().pool().clone();
+    let pool = stack.store.postgres().unwrap().clone();
 
     // A deferred trigger fails every transaction at COMMIT, after the run
     // and its outbox row were inserted: the moment a crash would hit.
@@ -136,8 +136,7 @@ async fn after_the_broker_ack_and_before_the_delete_the_event_comes_twice_and_ru
 
     // The relay produced the row's event and the broker acknowledged it,
     // then the relay died before deleting the row...
-    let pg = store.postgres().unwrap().clone();
-    let claim = pg.claim_due_outbox_rows(10).await.unwrap();
+    let claim = store.claim_due_outbox_rows(10).await.unwrap();
     assert_eq!(claim.rows.len(), 1);
     let event = zapflow_bus::event_for(&claim.rows[0]);
     claim.finish(&[]).await.unwrap();
@@ -154,7 +153,7 @@ async fn after_the_broker_ack_and_before_the_delete_the_event_comes_twice_and_ru
         poll_interval: Duration::from_millis(100),
         delivery_timeout: Duration::from_secs(10),
     };
-    let relay = zapflow_processor::Relay::new(pg, bus.clone(), settings).unwrap();
+    let relay = zapflow_processor::Relay::new(store.clone(), bus.clone(), settings).unwrap();
     assert_eq!(relay.relay_once().await.unwrap(), (1, 1));
 
     let run = wait_for_run(&stack, &key, &run_id, pb::RunStatus::Succeeded).await;

@@ -160,13 +160,13 @@ async fn a_row_the_database_refuses_fails_alone_in_its_batch() {
         run(json!({"n": 3})),
     ];
     let results = store.insert_runs_isolated(&batch).await.unwrap();
-    assert!(matches!(results[0], Ok((id, false)) if id == batch[0].id));
+    assert!(matches!(results[0], Ok(run) if !run.repeated && run.id == batch[0].id));
     assert!(
         matches!(results[1], Err(StoreError::Refused(_))),
         "{:?}",
         results[1]
     );
-    assert!(matches!(results[2], Ok((id, false)) if id == batch[2].id));
+    assert!(matches!(results[2], Ok(run) if !run.repeated && run.id == batch[2].id));
     assert!(store.run(batch[0].id).await.unwrap().is_some());
     assert!(store.run(batch[1].id).await.unwrap().is_none());
     assert!(store.run(batch[2].id).await.unwrap().is_some());
@@ -464,7 +464,7 @@ async fn transient_database_errors_are_503_with_retry_after_on_postgres() {
     let stack = Stack::start(test_store().await, None, StackOptions::default()).await;
     let key = new_user(&stack, "alice").await;
     let (_, url) = simple_zap(&stack, &key).await;
-    let pool = stack.store.postgres().unwrap().pool().clone();
+    let pool = stack.store.postgres().unwrap().clone();
     for sqlstate in ["40P01", "40001", "57P01", "55P03"] {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CREATE OR REPLACE FUNCTION fail_insert() RETURNS trigger AS $$

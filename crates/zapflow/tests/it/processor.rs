@@ -7,27 +7,29 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use zapflow_bus::BusSettings;
 use zapflow_processor::{Relay, RelaySettings};
-use zapflow_store::PgStore;
+use zapflow_store::Store;
 use zapflow_testkit::{test_bus, test_store, unique};
 
 /// A PostgreSQL store of this test's own: the relay needs PostgreSQL.
-async fn pg_store() -> PgStore {
-    test_store().await.postgres().unwrap().clone()
+async fn pg_store() -> Store {
+    let store = test_store().await;
+    assert!(store.postgres().is_some(), "the relay needs PostgreSQL");
+    store
 }
 
-async fn insert_outbox_rows(store: &PgStore, count: i64) {
+async fn insert_outbox_rows(store: &Store, count: i64) {
     sqlx::query(
         "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind)
          SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 0, 'step'
          FROM generate_series(1, $1)",
     )
     .bind(count)
-    .execute(store.pool())
+    .execute(store.postgres().unwrap())
     .await
     .unwrap();
 }
 
-fn relay(store: &PgStore, bus: &BusSettings, delivery_timeout: Duration) -> Relay {
+fn relay(store: &Store, bus: &BusSettings, delivery_timeout: Duration) -> Relay {
     let settings = RelaySettings {
         batch_size: 250,
         poll_interval: Duration::from_millis(100),
@@ -72,7 +74,7 @@ async fn two_processors_relay_every_row_exactly_once() {
     insert_outbox_rows(&store, ROWS).await;
     let (expected,): (Vec<uuid::Uuid>,) =
         sqlx::query_as("SELECT array_agg(event_id) FROM zap_run_outbox")
-            .fetch_one(store.pool())
+            .fetch_one(store.postgres().unwrap())
             .await
             .unwrap();
 
@@ -171,7 +173,7 @@ async fn a_lower_id_committed_later_is_still_relayed() {
     let bus = test_bus(1).await;
     let relay = relay(&store, &bus, Duration::from_secs(10));
 
-    let mut late = store.pool().begin().await.unwrap();
+    let mut late = store.postgres().unwrap().begin().await.unwrap();
     let (late_id,): (i64,) = sqlx::query_as(
         "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind)
          VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 0, 'step')
@@ -190,7 +192,7 @@ async fn a_lower_id_committed_later_is_still_relayed() {
     late.commit().await.unwrap();
     assert_eq!(relay.relay_once().await.unwrap(), (1, 1), "the late one");
     let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
-        .fetch_one(store.pool())
+        .fetch_one(store.postgres().unwrap())
         .await
         .unwrap();
     assert_eq!(left, 0, "row {late_id} was relayed and deleted too");
@@ -208,7 +210,7 @@ async fn a_dropped_listen_connection_falls_back_to_polling() {
     let running = tokio::spawn(relay.run(shutdown.clone()));
     let outbox_empty = || async {
         let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
-            .fetch_one(store.pool())
+            .fetch_one(store.postgres().unwrap())
             .await
             .unwrap();
         (left == 0).then_some(())
@@ -219,7 +221,7 @@ async fn a_dropped_listen_connection_falls_back_to_polling() {
             "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
         )
-        .fetch_one(store.pool())
+        .fetch_one(store.postgres().unwrap())
         .await
         .unwrap();
         (listening > 0).then_some(())
@@ -229,7 +231,7 @@ async fn a_dropped_listen_connection_falls_back_to_polling() {
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = current_database() AND query LIKE 'LISTEN%'",
     )
-    .execute(store.pool())
+    .execute(store.postgres().unwrap())
     .await
     .unwrap();
     for round in 1..=3 {

@@ -117,7 +117,7 @@ async fn binary_and_nul_responses_are_recorded_once(deployment: Deployment) {
 /// restart or a lost connection would. A sequence counts the calls: unlike
 /// a table, it keeps counting when the failing transaction rolls back.
 async fn fail_the_first_success_record(stack: &Stack) {
-    let pool = stack.store.postgres().expect("a PostgreSQL stack").pool();
+    let pool = stack.store.postgres().expect("a PostgreSQL stack");
     sqlx::raw_sql(
         "CREATE SEQUENCE success_records;
          CREATE FUNCTION fail_first_success_record() RETURNS trigger AS $$
@@ -156,7 +156,7 @@ async fn a_failed_recording_is_retried_without_repeating_the_effect() {
     wait_for_run(&stack, &key, &run_id, pb::RunStatus::Succeeded).await;
 
     let (records,): (i64,) = sqlx::query_as("SELECT last_value FROM success_records")
-        .fetch_one(stack.store.postgres().unwrap().pool())
+        .fetch_one(stack.store.postgres().unwrap())
         .await
         .unwrap();
     assert_eq!(records, 3, "one failed and two good recordings");

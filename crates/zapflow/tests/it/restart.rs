@@ -77,11 +77,8 @@ async fn runs_accepted_before_a_restart_finish_after_it_exactly_once() {
 async fn the_embedded_database_syncs_every_commit_by_default() {
     let path = std::env::temp_dir().join(format!("zapflow-sync-{}.db", uuid::Uuid::new_v4()));
     let synchronous = |store: Store| async move {
-        let Store::Sqlite(sqlite) = store else {
-            unreachable!("an SQLite file")
-        };
         let (level,): (i64,) = sqlx::query_as("PRAGMA synchronous")
-            .fetch_one(sqlite.pool())
+            .fetch_one(store.sqlite().expect("an SQLite file"))
             .await
             .unwrap();
         level

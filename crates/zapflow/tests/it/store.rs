@@ -8,7 +8,7 @@ use uuid::Uuid;
 use zapflow_core::retry::RetryPolicy;
 use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, RunStatus, StepStatus, ZapStatus};
-use zapflow_store::{NewRun, StepClaim, StepOutcome, Store, StoreError, TimeWindow};
+use zapflow_store::{NewRun, RecordedRun, StepClaim, StepOutcome, Store, StoreError, TimeWindow};
 
 /// A worker's policy of five attempts.
 const RETRY: RetryPolicy = RetryPolicy {
@@ -207,14 +207,22 @@ async fn ingest_is_idempotent_per_key(store: Store) {
         new_run(zap, owner, 1, Some("k1")),
     ];
     let results = store.insert_runs(&batch).await.unwrap();
-    assert_eq!(results[0], (batch[0].id, false));
-    assert_eq!(results[1], (batch[1].id, false));
-    assert_eq!(results[2], (batch[0].id, true), "same key in one batch");
+    assert_eq!(results[0], recorded(batch[0].id, false));
+    assert_eq!(results[1], recorded(batch[1].id, false));
+    assert_eq!(
+        results[2],
+        recorded(batch[0].id, true),
+        "same key in one batch"
+    );
     let again = store
         .insert_runs(&[new_run(zap, owner, 1, Some("k1"))])
         .await
         .unwrap();
-    assert_eq!(again, [(batch[0].id, true)], "same key in a later batch");
+    assert_eq!(
+        again,
+        [recorded(batch[0].id, true)],
+        "same key in a later batch"
+    );
     assert_eq!(
         store.outbox_len().await.unwrap(),
         2,
@@ -608,4 +616,8 @@ async fn a_run_has_one_replay_and_failed_runs_are_selected_by_window(store: Stor
         4 + 4 + 1,
         "first steps, dead letters, and the one replay's step"
     );
+}
+
+fn recorded(id: Uuid, repeated: bool) -> RecordedRun {
+    RecordedRun { id, repeated }
 }

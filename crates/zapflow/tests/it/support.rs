@@ -85,7 +85,7 @@ pub async fn post_json_text(url: &str, body: &str) -> (u16, Value) {
 
 pub async fn count_runs(stack: &Stack) -> i64 {
     let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_runs")
-        .fetch_one(stack.store.postgres().expect("a PostgreSQL stack").pool())
+        .fetch_one(stack.store.postgres().expect("a PostgreSQL stack"))
         .await
         .unwrap();
     count

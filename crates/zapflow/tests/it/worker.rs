@@ -109,7 +109,7 @@ async fn an_event_for_an_unknown_run_is_dead_lettered() {
     assert!(matches!(handled, Handled::DeadLettered(_)), "{handled:?}");
     let (kind, reason): (String, String) =
         sqlx::query_as("SELECT kind, reason FROM zap_run_outbox")
-            .fetch_one(store.postgres().unwrap().pool())
+            .fetch_one(store.postgres().unwrap())
             .await
             .unwrap();
     assert_eq!(kind, "dead_letter");
@@ -147,7 +147,7 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
     // retry waits in the outbox until its time comes.
     let (delayed,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM zap_run_outbox WHERE available_at > now()")
-            .fetch_one(store.postgres().unwrap().pool())
+            .fetch_one(store.postgres().unwrap())
             .await
             .unwrap();
     assert_eq!(delayed, 1);
@@ -305,7 +305,7 @@ async fn a_step_back_past_its_attempts_is_dead_lettered_without_running() {
     assert_eq!(run.steps[0].error.as_deref(), Some(reason.as_str()));
     let (kind, dead_reason): (String, String) =
         sqlx::query_as("SELECT kind, reason FROM zap_run_outbox WHERE kind = 'dead_letter'")
-            .fetch_one(store.postgres().unwrap().pool())
+            .fetch_one(store.postgres().unwrap())
             .await
             .unwrap();
     assert_eq!(
