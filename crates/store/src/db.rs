@@ -508,43 +508,43 @@ enum Link<'c> {
     Sqlite(&'c mut SqliteConnection),
 }
 
+/// Builds a query with `$build` for the link's dialect and runs it with
+/// `$method`, then `$then` on what it returned.
+macro_rules! on_link {
+    ($link:expr, $sql:expr, $args:expr, $build:path, $method:ident $(, $then:ident)?) => {
+        match $link {
+            Link::Postgres(connection) => {
+                let arguments = encoded(postgres_arguments($args))?;
+                $build($sql.text(Dialect::Postgres), arguments)
+                    .$method(connection)
+                    .await?
+                    $(.$then())?
+            }
+            Link::Sqlite(connection) => {
+                let arguments = encoded(sqlite_arguments($args))?;
+                $build($sql.text(Dialect::Sqlite), arguments)
+                    .$method(connection)
+                    .await?
+                    $(.$then())?
+            }
+        }
+    };
+}
+
 impl Link<'_> {
     async fn execute(self, sql: impl Statement, args: &[Arg<'_>]) -> Result<u64> {
-        let done = match self {
-            Self::Postgres(connection) => {
-                let sql = sql.text(Dialect::Postgres);
-                sqlx::query_with(sql, encoded(postgres_arguments(args))?)
-                    .execute(connection)
-                    .await?
-                    .rows_affected()
-            }
-            Self::Sqlite(connection) => {
-                let sql = sql.text(Dialect::Sqlite);
-                sqlx::query_with(sql, encoded(sqlite_arguments(args))?)
-                    .execute(connection)
-                    .await?
-                    .rows_affected()
-            }
-        };
-        Ok(done)
+        Ok(on_link!(
+            self,
+            sql,
+            args,
+            sqlx::query_with,
+            execute,
+            rows_affected
+        ))
     }
 
     async fn fetch_all<T: Record>(self, sql: impl Statement, args: &[Arg<'_>]) -> Result<Vec<T>> {
-        let rows = match self {
-            Self::Postgres(connection) => {
-                let sql = sql.text(Dialect::Postgres);
-                sqlx::query_as_with(sql, encoded(postgres_arguments(args))?)
-                    .fetch_all(connection)
-                    .await?
-            }
-            Self::Sqlite(connection) => {
-                let sql = sql.text(Dialect::Sqlite);
-                sqlx::query_as_with(sql, encoded(sqlite_arguments(args))?)
-                    .fetch_all(connection)
-                    .await?
-            }
-        };
-        Ok(rows)
+        Ok(on_link!(self, sql, args, sqlx::query_as_with, fetch_all))
     }
 
     async fn fetch_optional<T: Record>(
@@ -552,20 +552,12 @@ impl Link<'_> {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Option<T>> {
-        let row = match self {
-            Self::Postgres(connection) => {
-                let sql = sql.text(Dialect::Postgres);
-                sqlx::query_as_with(sql, encoded(postgres_arguments(args))?)
-                    .fetch_optional(connection)
-                    .await?
-            }
-            Self::Sqlite(connection) => {
-                let sql = sql.text(Dialect::Sqlite);
-                sqlx::query_as_with(sql, encoded(sqlite_arguments(args))?)
-                    .fetch_optional(connection)
-                    .await?
-            }
-        };
-        Ok(row)
+        Ok(on_link!(
+            self,
+            sql,
+            args,
+            sqlx::query_as_with,
+            fetch_optional
+        ))
     }
 }
