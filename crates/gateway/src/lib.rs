@@ -32,7 +32,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
-use zapflow_core::delivery;
+use zapflow_core::{delivery, webhook_signature};
 use zapflow_proto::v1::ingest_service_client::IngestServiceClient;
 use zapflow_proto::v1::{IngestRequest, IngestResponse};
 
@@ -311,7 +311,7 @@ async fn catch(
             "webhooks must be sent as JSON (Content-Type: application/json)",
         );
     }
-    let idempotency_key = ["idempotency-key", "webhook-id"]
+    let idempotency_key = ["idempotency-key", webhook_signature::HEADER_ID]
         .iter()
         .find_map(|name| headers.get(*name))
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
