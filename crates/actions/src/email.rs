@@ -8,64 +8,146 @@ use std::time::Duration;
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::catalog::{ActionField, ActionType};
-use crate::smtp_pool::PlainSmtp;
-use crate::{ActionError, StepRef, render_field};
+use crate::action::{Action, ActionError, StepRef};
+use crate::field::{ActionField, ActionType, FieldError, Fields, Template, any_text, template};
+use crate::smtp_pool::{PlainSmtp, classify_smtp_error};
 
-pub const TYPE: &str = "email";
-
-pub const ACTION_TYPE: ActionType = ActionType {
-    name: TYPE,
-    description: "Sends an email. Every field is a minijinja template over trigger, headers, \
-                  query, steps and run.",
-    fields: &[
-        ActionField {
-            name: "to",
-            description: "Recipients, comma-separated (`Ada <ada@example.com>, bob@example.com`).",
-            required: true,
-            templated: true,
-        },
-        ActionField {
-            name: "cc",
-            description: "Copy recipients, comma-separated.",
-            required: false,
-            templated: true,
-        },
-        ActionField {
-            name: "reply_to",
-            description: "The Reply-To address.",
-            required: false,
-            templated: true,
-        },
-        ActionField {
-            name: "subject",
-            description: "The subject line; line breaks become spaces.",
-            required: true,
-            templated: true,
-        },
-        ActionField {
-            name: "body",
-            description: "The plain-text body.",
-            required: true,
-            templated: true,
-        },
-        ActionField {
-            name: "html_body",
-            description: "An HTML alternative to the body.",
-            required: false,
-            templated: true,
-        },
-    ],
+const TO: ActionField = ActionField {
+    name: "to",
+    description: "Recipients, comma-separated (`Ada <ada@example.com>, bob@example.com`).",
+    required: true,
+    templated: true,
+};
+const CC: ActionField = ActionField {
+    name: "cc",
+    description: "Copy recipients, comma-separated.",
+    required: false,
+    templated: true,
+};
+const REPLY_TO: ActionField = ActionField {
+    name: "reply_to",
+    description: "The Reply-To address.",
+    required: false,
+    templated: true,
+};
+const SUBJECT: ActionField = ActionField {
+    name: "subject",
+    description: "The subject line; line breaks become spaces.",
+    required: true,
+    templated: true,
+};
+const BODY: ActionField = ActionField {
+    name: "body",
+    description: "The plain-text body.",
+    required: true,
+    templated: true,
+};
+const HTML_BODY: ActionField = ActionField {
+    name: "html_body",
+    description: "An HTML alternative to the body.",
+    required: false,
+    templated: true,
 };
 
-/// Checks a field given without template syntax when the zap is saved.
-pub(crate) fn validate_literal(field: &str, text: &str) -> Result<(), String> {
-    match field {
-        "to" | "cc" | "reply_to" => parse_mailboxes(text).map(drop),
-        _ => Ok(()),
+/// An email action's configuration.
+pub(crate) struct Email {
+    to: Template,
+    cc: Option<Template>,
+    reply_to: Option<Template>,
+    subject: Template,
+    body: Template,
+    html_body: Option<Template>,
+}
+
+impl Action for Email {
+    const TYPE: ActionType = ActionType {
+        name: "email",
+        description: "Sends an email. Every field is a minijinja template over trigger, headers, \
+                      query, steps and run.",
+        fields: &[TO, CC, REPLY_TO, SUBJECT, BODY, HTML_BODY],
+    };
+
+    type Runner = Mailer;
+
+    fn parse(fields: &Fields<'_>) -> Result<Self, FieldError> {
+        Ok(Self {
+            to: fields.required(&TO, template(addresses))?,
+            cc: fields.optional(&CC, template(addresses))?,
+            reply_to: fields.optional(&REPLY_TO, template(addresses))?,
+            subject: fields.required(&SUBJECT, template(any_text))?,
+            body: fields.required(&BODY, template(any_text))?,
+            html_body: fields.optional(&HTML_BODY, template(any_text))?,
+        })
     }
+
+    async fn execute(
+        self,
+        mailer: &Mailer,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<Value, ActionError> {
+        let to = self.to.render_as(context, parse_mailboxes)?;
+        let cc = match &self.cc {
+            Some(cc) => Some(cc.render_as(context, parse_mailboxes)?),
+            None => None,
+        };
+        let recipients = to.iter().count() + cc.as_ref().map_or(0, |cc| cc.iter().count());
+        if recipients > mailer.max_recipients {
+            return Err(FieldError::new(
+                format!("{}, {}", TO.name, CC.name),
+                format!(
+                    "{recipients} recipients; at most {} per email",
+                    mailer.max_recipients
+                ),
+            )
+            .into());
+        }
+        // A subject is one header line: never let a payload add a header.
+        let subject = self.subject.render(context)?.replace(['\r', '\n'], " ");
+        let body = self.body.render(context)?;
+        let message_id = Mailer::message_id(step);
+
+        let mut builder = Message::builder()
+            .from(mailer.from.clone())
+            .subject(subject.clone())
+            .message_id(Some(message_id.clone()));
+        for mailbox in to.iter() {
+            builder = builder.to(mailbox.clone());
+        }
+        for mailbox in cc.iter().flat_map(Mailboxes::iter) {
+            builder = builder.cc(mailbox.clone());
+        }
+        if let Some(reply_to) = &self.reply_to {
+            let mailbox = reply_to.render_as(context, |text| {
+                text.parse::<Mailbox>()
+                    .map_err(|error| format!("{error}: {text:?}"))
+            })?;
+            builder = builder.reply_to(mailbox);
+        }
+        let message = match &self.html_body {
+            Some(html) => builder.multipart(MultiPart::alternative_plain_html(
+                body,
+                html.render(context)?,
+            )),
+            None => builder.singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_PLAIN)
+                    .body(body),
+            ),
+        }
+        .map_err(|error| ActionError::Permanent(format!("cannot build the message: {error}")))?;
+
+        mailer.deliver(message).await?;
+        let recipients: Vec<String> = to.iter().map(ToString::to_string).collect();
+        Ok(json!({ "message_id": message_id, "to": recipients, "subject": subject }))
+    }
+}
+
+/// The check of an address list written without template syntax.
+fn addresses(text: &str) -> Result<(), String> {
+    parse_mailboxes(text).map(drop)
 }
 
 fn parse_mailboxes(text: &str) -> Result<Mailboxes, String> {
@@ -156,90 +238,19 @@ impl Mailer {
         format!("<{}.{}@zapflow>", step.run_id, step.stage)
     }
 
-    pub(crate) async fn send(
-        &self,
-        config: &Map<String, Value>,
-        context: &Value,
-        step: StepRef,
-    ) -> Result<Value, ActionError> {
-        let field = |name| render_field(config, name, context);
-        let permanent =
-            |name: &str, error: String| ActionError::Permanent(format!("{name}: {error}"));
-
-        let to_text = field("to")?.unwrap_or_default();
-        let to = parse_mailboxes(&to_text).map_err(|error| permanent("to", error))?;
-        let cc = match field("cc")? {
-            Some(cc) => Some(parse_mailboxes(&cc).map_err(|error| permanent("cc", error))?),
-            None => None,
-        };
-        let recipients = to.iter().count() + cc.as_ref().map_or(0, |cc| cc.iter().count());
-        if recipients > self.max_recipients {
-            return Err(permanent(
-                "to, cc",
-                format!(
-                    "{recipients} recipients; at most {} per email",
-                    self.max_recipients
-                ),
-            ));
-        }
-        // A subject is one header line: never let a payload add a header.
-        let subject = field("subject")?
-            .unwrap_or_default()
-            .replace(['\r', '\n'], " ");
-        let body = field("body")?.unwrap_or_default();
-        let message_id = Self::message_id(step);
-
-        let mut builder = Message::builder()
-            .from(self.from.clone())
-            .subject(subject.clone())
-            .message_id(Some(message_id.clone()));
-        for mailbox in to.iter() {
-            builder = builder.to(mailbox.clone());
-        }
-        for mailbox in cc.iter().flat_map(Mailboxes::iter) {
-            builder = builder.cc(mailbox.clone());
-        }
-        if let Some(reply_to) = field("reply_to")? {
-            let mailbox: Mailbox = reply_to
-                .parse()
-                .map_err(|error| permanent("reply_to", format!("{error}: {reply_to:?}")))?;
-            builder = builder.reply_to(mailbox);
-        }
-        let message = match field("html_body")? {
-            Some(html) => builder.multipart(MultiPart::alternative_plain_html(body, html)),
-            None => builder.singlepart(
-                SinglePart::builder()
-                    .header(ContentType::TEXT_PLAIN)
-                    .body(body),
-            ),
-        }
-        .map_err(|error| ActionError::Permanent(format!("cannot build the message: {error}")))?;
-
+    async fn deliver(&self, message: Message) -> Result<(), ActionError> {
         match &self.transport {
-            Transport::PlainSmtp(pool) => {
-                pool.send(message.envelope(), &message.formatted()).await?;
-            }
-            Transport::Smtp(transport) => {
-                transport.send(message).await.map_err(classify_smtp_error)?;
-            }
-            Transport::Mailbox(transport) => {
-                transport
-                    .send(message)
-                    .await
-                    .map_err(|error| ActionError::Transient(format!("mailbox: {error}")))?;
-            }
+            Transport::PlainSmtp(pool) => pool.send(message.envelope(), &message.formatted()).await,
+            Transport::Smtp(transport) => transport
+                .send(message)
+                .await
+                .map(drop)
+                .map_err(classify_smtp_error),
+            Transport::Mailbox(transport) => transport
+                .send(message)
+                .await
+                .map(drop)
+                .map_err(|error| ActionError::Transient(format!("mailbox: {error}"))),
         }
-        let recipients: Vec<String> = to.iter().map(ToString::to_string).collect();
-        Ok(json!({ "message_id": message_id, "to": recipients, "subject": subject }))
-    }
-}
-
-/// SMTP 5xx answers are permanent; 4xx, timeouts and connection failures
-/// are worth another attempt.
-pub(crate) fn classify_smtp_error(error: lettre::transport::smtp::Error) -> ActionError {
-    if error.is_permanent() {
-        ActionError::Permanent(format!("smtp: {error}"))
-    } else {
-        ActionError::Transient(format!("smtp: {error}"))
     }
 }

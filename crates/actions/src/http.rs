@@ -1,80 +1,71 @@
 //! The `http` action: one templated HTTP request with reqwest, sent only to
 //! addresses the SSRF guard accepts.
 
-use std::sync::Arc;
+mod client;
+
 use std::time::Duration;
 
-use base64::Engine;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
-use reqwest::redirect::Policy;
-use reqwest::{Method, StatusCode, Url};
-use serde_json::{Map, Value, json};
-use zapflow_core::webhook_signature;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, Url};
+use serde_json::Value;
+use zapflow_core::webhook_signature::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 
-use crate::catalog::{ActionField, ActionType, FieldError};
-use crate::ssrf::{self, AddressFilter, Blocked, GuardedResolver, IpNet};
-use crate::{ActionError, StepRef, render_field};
+use self::client::error_chain;
+pub use self::client::{HttpClient, HttpSettings};
+use crate::action::{Action, ActionError, StepRef};
+use crate::field::{
+    ActionField, ActionType, FieldError, Fields, Template, any_text, template, text, value,
+};
 
-pub const TYPE: &str = "http";
-
-pub const ACTION_TYPE: ActionType = ActionType {
-    name: TYPE,
-    description: "Sends an HTTP request. The URL, header values and body are minijinja templates \
-                  over trigger, headers, query, steps and run. Only public addresses are reached \
-                  unless the operator allows a range; redirects are not followed.",
-    fields: &[
-        ActionField {
-            name: "method",
-            description: "GET, POST, PUT, PATCH or DELETE; POST when omitted.",
-            required: false,
-            templated: false,
-        },
-        ActionField {
-            name: "url",
-            description: "The http:// or https:// URL to call.",
-            required: true,
-            templated: true,
-        },
-        ActionField {
-            name: "headers",
-            description: "Request headers: an object of header name to templated value.",
-            required: false,
-            templated: true,
-        },
-        ActionField {
-            name: "body",
-            description: "The request body, as text.",
-            required: false,
-            templated: true,
-        },
-        ActionField {
-            name: "content_type",
-            description: "The body's Content-Type; application/json when omitted.",
-            required: false,
-            templated: false,
-        },
-        ActionField {
-            name: "signing_secret",
-            description: "A Standard Webhooks secret (whsec_...): requests then carry webhook-id, \
-                          webhook-timestamp and webhook-signature headers.",
-            required: false,
-            templated: false,
-        },
-        ActionField {
-            name: "timeout_seconds",
-            description: "Bound on the whole request, at most 60; 10 when omitted.",
-            required: false,
-            templated: false,
-        },
-    ],
+const METHOD: ActionField = ActionField {
+    name: "method",
+    description: "GET, POST, PUT, PATCH or DELETE; POST when omitted.",
+    required: false,
+    templated: false,
+};
+const URL: ActionField = ActionField {
+    name: "url",
+    description: "The http:// or https:// URL to call.",
+    required: true,
+    templated: true,
+};
+const HEADERS: ActionField = ActionField {
+    name: "headers",
+    description: "Request headers: an object of header name to templated value.",
+    required: false,
+    templated: true,
+};
+const BODY: ActionField = ActionField {
+    name: "body",
+    description: "The request body, as text.",
+    required: false,
+    templated: true,
+};
+const CONTENT_TYPE_FIELD: ActionField = ActionField {
+    name: "content_type",
+    description: "The body's Content-Type; application/json when omitted.",
+    required: false,
+    templated: false,
+};
+const SIGNING_SECRET: ActionField = ActionField {
+    name: "signing_secret",
+    description: "A Standard Webhooks secret (whsec_...): requests then carry webhook-id, \
+                  webhook-timestamp and webhook-signature headers.",
+    required: false,
+    templated: false,
+};
+const TIMEOUT: ActionField = ActionField {
+    name: "timeout_seconds",
+    description: "Bound on the whole request, at most 60; 10 when omitted.",
+    required: false,
+    templated: false,
 };
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_TIMEOUT_SECONDS: f64 = 60.0;
-const DEFAULT_CONTENT_TYPE: &str = "application/json";
-/// How much of an error response's body a step error quotes.
-const ERROR_EXCERPT_CHARS: usize = 200;
+const DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/json");
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Headers zapflow sets itself, or that describe the connection rather than
 /// the request; a zap may not set them.
 const RESERVED_HEADERS: [&str; 14] = [
@@ -82,76 +73,165 @@ const RESERVED_HEADERS: [&str; 14] = [
     "content-length",
     "content-type",
     "host",
-    "idempotency-key",
+    IDEMPOTENCY_KEY,
     "keep-alive",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
     "user-agent",
-    "webhook-id",
-    "webhook-signature",
-    "webhook-timestamp",
+    HEADER_ID,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
 ];
 
-/// Checks a plain-string field given without template syntax when the zap
-/// is saved.
-pub(crate) fn validate_literal(field: &str, text: &str) -> Result<(), String> {
-    match field {
-        "method" => parse_method(text).map(drop),
-        "url" => parse_url(text).map(drop),
-        "content_type" => HeaderValue::from_str(text)
-            .map(drop)
-            .map_err(|_| format!("not a valid header value: {text:?}")),
-        "signing_secret" => text
-            .parse::<webhook_signature::Secret>()
-            .map(drop)
-            .map_err(|error| error.to_string()),
-        _ => Ok(()),
-    }
+/// An http action's configuration.
+pub(crate) struct Http {
+    method: Method,
+    url: Template,
+    headers: Vec<(HeaderName, Template)>,
+    body: Option<Template>,
+    content_type: Option<HeaderValue>,
+    signing_secret: Option<webhook_signature::Secret>,
+    timeout: Duration,
 }
 
-/// Checks the fields that are not plain strings. `None` leaves the field to
-/// the common string checks. Errors name the field relative to `config`.
-pub(crate) fn validate_structured(field: &str, value: &Value) -> Option<Result<(), FieldError>> {
-    match field {
-        "headers" => Some(validate_headers(value)),
-        "timeout_seconds" => Some(
-            parse_timeout(value)
-                .map(drop)
-                .map_err(|message| FieldError {
-                    field: field.into(),
-                    message,
-                }),
-        ),
-        _ => None,
-    }
-}
-
-fn validate_headers(value: &Value) -> Result<(), FieldError> {
-    let Some(headers) = value.as_object() else {
-        return Err(FieldError {
-            field: "headers".into(),
-            message: "must be an object of header names to values".into(),
-        });
+impl Action for Http {
+    const TYPE: ActionType = ActionType {
+        name: "http",
+        description: "Sends an HTTP request. The URL, header values and body are minijinja \
+                      templates over trigger, headers, query, steps and run. Only public \
+                      addresses are reached unless the operator allows a range; redirects are \
+                      not followed.",
+        fields: &[
+            METHOD,
+            URL,
+            HEADERS,
+            BODY,
+            CONTENT_TYPE_FIELD,
+            SIGNING_SECRET,
+            TIMEOUT,
+        ],
     };
-    for (name, value) in headers {
-        let error = |message: String| FieldError {
-            field: format!("headers.{name}"),
-            message,
-        };
-        check_header_name(name).map_err(error)?;
-        let Some(text) = value.as_str() else {
-            return Err(error("must be a string".into()));
-        };
-        zapflow_core::template::check(text)
-            .map_err(|template| error(format!("invalid template: {template}")))?;
-        let literal = !text.contains("{{") && !text.contains("{%");
-        if literal && HeaderValue::from_str(text).is_err() {
-            return Err(error(format!("not a valid header value: {text:?}")));
-        }
+
+    type Runner = HttpClient;
+
+    fn parse(fields: &Fields<'_>) -> Result<Self, FieldError> {
+        Ok(Self {
+            method: fields
+                .optional(&METHOD, text(parse_method))?
+                .unwrap_or(Method::POST),
+            url: fields.required(&URL, template(|url| parse_url(url).map(drop)))?,
+            headers: fields.optional(&HEADERS, read_headers)?.unwrap_or_default(),
+            body: fields.optional(&BODY, template(any_text))?,
+            content_type: fields.optional(&CONTENT_TYPE_FIELD, text(parse_header_value))?,
+            signing_secret: fields.optional(&SIGNING_SECRET, text(parse_secret))?,
+            timeout: fields
+                .optional(&TIMEOUT, value(parse_timeout))?
+                .unwrap_or(DEFAULT_TIMEOUT),
+        })
     }
-    Ok(())
+
+    async fn execute(
+        self,
+        client: &HttpClient,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<Value, ActionError> {
+        let request = self.render(client, context, step)?;
+        client.send(request).await
+    }
+}
+
+impl Http {
+    /// The request this action makes for `step` in `context`.
+    fn render(
+        &self,
+        client: &HttpClient,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<reqwest::Request, ActionError> {
+        let url = self.url.render_as(context, parse_url)?;
+        let builder = client.request(self.method.clone(), url)?;
+
+        let mut headers = HeaderMap::new();
+        for (name, value) in &self.headers {
+            // Rejects CR and LF, so a payload cannot add a header. The
+            // rendered value is not quoted: it may hold a secret.
+            let value = value.render_as(context, |text| {
+                HeaderValue::from_str(text).map_err(|_| {
+                    "not a valid header value (a line break or another control character)"
+                        .to_owned()
+                })
+            })?;
+            headers.append(name, value);
+        }
+        let idempotency_key = HttpClient::idempotency_key(step);
+        let body = self
+            .body
+            .as_ref()
+            .map(|body| body.render(context))
+            .transpose()?;
+        if let Some(secret) = &self.signing_secret {
+            // The message id is the idempotency key: the same on every
+            // attempt, so the receiver can drop a repeat.
+            let timestamp = chrono::Utc::now().timestamp();
+            let body = body.as_deref().unwrap_or_default().as_bytes();
+            let signature = webhook_signature::sign(secret, &idempotency_key, timestamp, body);
+            for (name, value) in [
+                (HEADER_ID, idempotency_key.clone()),
+                (HEADER_TIMESTAMP, timestamp.to_string()),
+                (HEADER_SIGNATURE, signature),
+            ] {
+                headers.insert(name, header_value(name, &value)?);
+            }
+        }
+        headers.insert(
+            IDEMPOTENCY_KEY,
+            header_value("Idempotency-Key", &idempotency_key)?,
+        );
+
+        let mut builder = builder.timeout(self.timeout).headers(headers);
+        if let Some(body) = body {
+            let content_type = self.content_type.clone().unwrap_or(DEFAULT_CONTENT_TYPE);
+            builder = builder.header(CONTENT_TYPE, content_type).body(body);
+        }
+        builder
+            .build()
+            .map_err(|error| ActionError::Permanent(format!("http: {}", error_chain(&error))))
+    }
+}
+
+fn header_value(name: &str, value: &str) -> Result<HeaderValue, FieldError> {
+    HeaderValue::from_str(value).map_err(|error| FieldError::new(name, error.to_string()))
+}
+
+/// Reads the `headers` object: names a zap may set, to templated values
+/// that are valid header values when they hold no template syntax.
+fn read_headers(
+    field: &ActionField,
+    value: &Value,
+) -> Result<Vec<(HeaderName, Template)>, FieldError> {
+    let Some(entries) = value.as_object() else {
+        return Err(FieldError::new(
+            field.name,
+            "must be an object of header names to values",
+        ));
+    };
+    let check_value = |text: &str| {
+        HeaderValue::from_str(text)
+            .map(drop)
+            .map_err(|_| format!("not a valid header value: {text:?}"))
+    };
+    entries
+        .iter()
+        .map(|(name, value)| {
+            let at = format!("{}.{name}", field.name);
+            let header =
+                check_header_name(name).map_err(|message| FieldError::new(&at, message))?;
+            Ok((header, Template::read(&at, value, false, check_value)?))
+        })
+        .collect()
 }
 
 fn check_header_name(name: &str) -> Result<HeaderName, String> {
@@ -189,6 +269,15 @@ fn parse_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+fn parse_header_value(text: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(text).map_err(|_| format!("not a valid header value: {text:?}"))
+}
+
+fn parse_secret(text: &str) -> Result<webhook_signature::Secret, String> {
+    text.parse()
+        .map_err(|error: webhook_signature::SecretError| error.to_string())
+}
+
 /// A number of seconds, as a JSON number or a numeric string.
 fn parse_timeout(value: &Value) -> Result<Duration, String> {
     let seconds = match value {
@@ -205,433 +294,11 @@ fn parse_timeout(value: &Value) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// How the HTTP action reaches the network.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    /// Ranges the action may reach although they are not public (loopback,
-    /// private networks, ...): for tests and for deployments whose targets
-    /// live on a private network. Empty means public addresses only.
-    pub allow_cidrs: Vec<IpNet>,
-    /// How much of a response body the step output keeps.
-    pub max_response_bytes: usize,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            allow_cidrs: Vec::new(),
-            max_response_bytes: 64 * 1024,
-        }
-    }
-}
-
-/// Sends the http action's requests. Cheap to clone: clones share one
-/// connection pool.
-#[derive(Debug, Clone)]
-pub struct HttpClient {
-    client: reqwest::Client,
-    filter: AddressFilter,
-    max_response_bytes: usize,
-}
-
-impl HttpClient {
-    /// Fails only when the TLS setup does (no CA certificates on the system).
-    pub fn new(settings: &HttpSettings) -> Result<Self, String> {
-        let filter = AddressFilter::new(settings.allow_cidrs.iter().copied());
-        let client = reqwest::Client::builder()
-            // A redirect could point anywhere, including at a blocked address.
-            .redirect(Policy::none())
-            // A proxy would resolve and connect on our behalf, past the guard.
-            .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver::new(filter.clone())))
-            .user_agent("zapflow")
-            .build()
-            .map_err(|error| format!("cannot build the HTTP client: {}", error_chain(&error)))?;
-        Ok(Self {
-            client,
-            filter,
-            max_response_bytes: settings.max_response_bytes,
-        })
-    }
-
-    /// The `Idempotency-Key` of a step's request: the same on every attempt,
-    /// so the receiving service can drop a duplicate.
-    pub fn idempotency_key(step: StepRef) -> String {
-        format!("{}:{}", step.run_id, step.stage)
-    }
-
-    pub(crate) async fn send(
-        &self,
-        config: &Map<String, Value>,
-        context: &Value,
-        step: StepRef,
-    ) -> Result<Value, ActionError> {
-        let request = self.build_request(config, context, step)?;
-        let timeout = request.timeout().copied().unwrap_or(DEFAULT_TIMEOUT);
-        let response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(|error| classify_request_error(error, timeout))?;
-        let status = response.status();
-        let headers = headers_to_json(response.headers());
-        let header = |name| {
-            response
-                .headers()
-                .get(name)
-                .map(|value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned())
-        };
-        let (location, content_type) = (header(LOCATION), header(CONTENT_TYPE));
-        let bytes = read_capped(response, self.max_response_bytes)
-            .await
-            .map_err(|error| classify_request_error(error, timeout))?;
-        let body = Body::new(bytes, content_type);
-        classify_status(status, location.as_deref(), &body.describe())?;
-        Ok(json!({ "status": status.as_u16(), "headers": headers, "body": body.into_output() }))
-    }
-
-    fn build_request(
-        &self,
-        config: &Map<String, Value>,
-        context: &Value,
-        step: StepRef,
-    ) -> Result<reqwest::Request, ActionError> {
-        let permanent =
-            |name: &str, error: String| ActionError::Permanent(format!("{name}: {error}"));
-        let literal = |name: &str| match config.get(name) {
-            None => Ok(None),
-            Some(Value::String(text)) => Ok(Some(text.as_str())),
-            Some(_) => Err(permanent(name, "must be a string".into())),
-        };
-
-        let method = match literal("method")? {
-            Some(text) => parse_method(text).map_err(|error| permanent("method", error))?,
-            None => Method::POST,
-        };
-        let url = render_field(config, "url", context)?
-            .ok_or_else(|| permanent("url", "required".into()))?;
-        let url = parse_url(&url).map_err(|error| permanent("url", error))?;
-        if let Some(address) = ssrf::literal_ip(&url) {
-            self.filter
-                .check(address)
-                .map_err(|blocked| ActionError::Permanent(blocked.to_string()))?;
-        }
-        let timeout = match config.get("timeout_seconds") {
-            Some(value) => {
-                parse_timeout(value).map_err(|error| permanent("timeout_seconds", error))?
-            }
-            None => DEFAULT_TIMEOUT,
-        };
-
-        let mut headers = HeaderMap::new();
-        match config.get("headers") {
-            None => {}
-            Some(Value::Object(entries)) => {
-                for (name, value) in entries {
-                    let field = format!("headers.{name}");
-                    let header =
-                        check_header_name(name).map_err(|error| permanent(&field, error))?;
-                    let Some(source) = value.as_str() else {
-                        return Err(permanent(&field, "must be a string".into()));
-                    };
-                    let text = zapflow_core::template::render(source, context)
-                        .map_err(|error| permanent(&field, error.to_string()))?;
-                    // Rejects CR and LF, so a payload cannot add a header. The
-                    // rendered value is not quoted: it may hold a secret.
-                    let value = HeaderValue::from_str(&text).map_err(|_| {
-                        permanent(
-                            &field,
-                            "not a valid header value (a line break or another control \
-                             character)"
-                                .into(),
-                        )
-                    })?;
-                    headers.append(header, value);
-                }
-            }
-            Some(_) => {
-                return Err(permanent(
-                    "headers",
-                    "must be an object of header names to values".into(),
-                ));
-            }
-        }
-        let idempotency_key = Self::idempotency_key(step);
-        let body = render_field(config, "body", context)?;
-        if let Some(secret) = literal("signing_secret")? {
-            let secret: webhook_signature::Secret =
-                secret
-                    .parse()
-                    .map_err(|error: webhook_signature::SecretError| {
-                        permanent("signing_secret", error.to_string())
-                    })?;
-            // The message id is the idempotency key: the same on every
-            // attempt, so the receiver can drop a repeat.
-            let timestamp = chrono::Utc::now().timestamp();
-            let body = body.as_deref().unwrap_or_default().as_bytes();
-            let signature = webhook_signature::sign(&secret, &idempotency_key, timestamp, body);
-            for (name, value) in [
-                ("webhook-id", idempotency_key.clone()),
-                ("webhook-timestamp", timestamp.to_string()),
-                ("webhook-signature", signature),
-            ] {
-                let value = HeaderValue::from_str(&value)
-                    .map_err(|error| permanent(name, error.to_string()))?;
-                headers.insert(name, value);
-            }
-        }
-        let idempotency_key = HeaderValue::from_str(&idempotency_key)
-            .map_err(|error| permanent("Idempotency-Key", error.to_string()))?;
-        headers.insert("idempotency-key", idempotency_key);
-
-        let mut request = self
-            .client
-            .request(method, url)
-            .timeout(timeout)
-            .headers(headers);
-        if let Some(body) = body {
-            let content_type = literal("content_type")?.unwrap_or(DEFAULT_CONTENT_TYPE);
-            let content_type = HeaderValue::from_str(content_type).map_err(|_| {
-                permanent(
-                    "content_type",
-                    format!("not a valid header value: {content_type:?}"),
-                )
-            })?;
-            request = request.header(CONTENT_TYPE, content_type).body(body);
-        }
-        request
-            .build()
-            .map_err(|error| ActionError::Permanent(format!("http: {}", error_chain(&error))))
-    }
-}
-
-/// Reads at most `limit` bytes of the body; the rest is never downloaded.
-async fn read_capped(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = limit - body.len();
-        if chunk.len() >= room {
-            body.extend_from_slice(&chunk[..room]);
-            break;
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// A response body as the step output keeps it. Text stays text (JSON
-/// when it parses), so templates can use it; any other body is kept whole
-/// as base64, which every store accepts and nothing is lost from.
-#[derive(Debug, PartialEq)]
-enum Body {
-    /// UTF-8 of a text content type, or of none declared.
-    Text(String),
-    Binary {
-        bytes: Vec<u8>,
-        content_type: Option<String>,
-    },
-}
-
-impl Body {
-    fn new(bytes: Vec<u8>, content_type: Option<String>) -> Self {
-        if !content_type.as_deref().is_none_or(is_text_type) {
-            return Self::Binary {
-                bytes,
-                content_type,
-            };
-        }
-        match utf8_prefix(bytes) {
-            Ok(text) => Self::Text(text),
-            Err(bytes) => Self::Binary {
-                bytes,
-                content_type,
-            },
-        }
-    }
-
-    /// What an error message quotes of the body.
-    fn describe(&self) -> String {
-        match self {
-            Self::Text(text) => text.clone(),
-            Self::Binary {
-                bytes,
-                content_type,
-            } => format!(
-                "({} bytes of {})",
-                bytes.len(),
-                content_type.as_deref().unwrap_or("binary data")
-            ),
-        }
-    }
-
-    fn into_output(self) -> Value {
-        match self {
-            Self::Text(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
-            Self::Binary {
-                bytes,
-                content_type,
-            } => json!({
-                "base64": base64::engine::general_purpose::STANDARD.encode(&bytes),
-                "content_type": content_type,
-            }),
-        }
-    }
-}
-
-/// Whether a content type declares text: `text/*`, JSON, XML, JavaScript,
-/// form data, or anything with a charset.
-fn is_text_type(content_type: &str) -> bool {
-    let content_type = content_type.to_ascii_lowercase();
-    let mut parts = content_type.split(';');
-    let essence = parts.next().unwrap_or_default().trim();
-    let has_charset = parts.any(|parameter| parameter.trim().starts_with("charset="));
-    has_charset
-        || essence.starts_with("text/")
-        || essence.ends_with("+json")
-        || essence.ends_with("+xml")
-        || matches!(
-            essence,
-            "application/json"
-                | "application/x-ndjson"
-                | "application/xml"
-                | "application/javascript"
-                | "application/x-www-form-urlencoded"
-        )
-}
-
-/// The bytes as UTF-8, less an incomplete character at the end (where the
-/// size cap may cut one); the bytes back when they are not UTF-8.
-fn utf8_prefix(bytes: Vec<u8>) -> Result<String, Vec<u8>> {
-    let error = match String::from_utf8(bytes) {
-        Ok(text) => return Ok(text),
-        Err(error) => error,
-    };
-    let utf8 = error.utf8_error();
-    let mut bytes = error.into_bytes();
-    if utf8.error_len().is_some() {
-        return Err(bytes);
-    }
-    bytes.truncate(utf8.valid_up_to());
-    String::from_utf8(bytes).map_err(std::string::FromUtf8Error::into_bytes)
-}
-
-fn headers_to_json(headers: &HeaderMap) -> Value {
-    let mut map = Map::new();
-    for name in headers.keys() {
-        let values: Vec<_> = headers
-            .get_all(name)
-            .iter()
-            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
-            .collect();
-        map.insert(name.as_str().to_owned(), Value::String(values.join(", ")));
-    }
-    Value::Object(map)
-}
-
-/// 2xx succeeds; 408, 429 and 5xx may succeed later; a redirect or any
-/// other status would fail the same way again.
-fn classify_status(
-    status: StatusCode,
-    location: Option<&str>,
-    body: &str,
-) -> Result<(), ActionError> {
-    if status.is_success() {
-        return Ok(());
-    }
-    if status.is_redirection() {
-        let target = location
-            .map(|location| format!(" (location: {location})"))
-            .unwrap_or_default();
-        return Err(ActionError::Permanent(format!(
-            "http {status}: redirects are not followed{target}"
-        )));
-    }
-    let excerpt: String = body.trim().chars().take(ERROR_EXCERPT_CHARS).collect();
-    let message = if excerpt.is_empty() {
-        format!("http {status}")
-    } else {
-        format!("http {status}: {excerpt}")
-    };
-    if matches!(
-        status,
-        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
-    ) || status.is_server_error()
-    {
-        Err(ActionError::Transient(message))
-    } else {
-        Err(ActionError::Permanent(message))
-    }
-}
-
-/// A blocked address is permanent; everything that went wrong on the way
-/// (refused, reset, timed out, DNS failure, TLS) may work on another attempt.
-fn classify_request_error(error: reqwest::Error, timeout: Duration) -> ActionError {
-    if let Some(blocked) = find_source::<Blocked>(&error) {
-        return ActionError::Permanent(blocked.to_string());
-    }
-    if error.is_builder() {
-        return ActionError::Permanent(format!("http: {}", error_chain(&error)));
-    }
-    if error.is_timeout() {
-        return ActionError::Transient(format!("http: timed out after {timeout:?}"));
-    }
-    ActionError::Transient(format!("http: {}", error_chain(&error)))
-}
-
-fn find_source<'a, T: std::error::Error + 'static>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        if let Some(found) = error.downcast_ref::<T>() {
-            return Some(found);
-        }
-        current = error.source();
-    }
-    None
-}
-
-/// The error and its causes on one line, without the URL (which may carry
-/// a secret in its query and is in the zap already).
-fn error_chain(error: &reqwest::Error) -> String {
-    let mut text = String::new();
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(error) = current {
-        let part = match error.downcast_ref::<reqwest::Error>() {
-            Some(error) => reqwest_message(error),
-            None => error.to_string(),
-        };
-        if !text.ends_with(&part) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&part);
-        }
-        current = error.source();
-    }
-    text
-}
-
-fn reqwest_message(error: &reqwest::Error) -> String {
-    let text = error.to_string();
-    match error.url() {
-        Some(url) => text.replace(&format!(" for url ({url})"), ""),
-        None => text,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
-
-    fn config(value: Value) -> Map<String, Value> {
-        value.as_object().unwrap().clone()
-    }
 
     fn step() -> StepRef {
         StepRef {
@@ -640,26 +307,27 @@ mod tests {
         }
     }
 
-    fn client() -> HttpClient {
-        HttpClient::new(&HttpSettings::default()).unwrap()
+    /// The request an action with `config` makes in `context`.
+    fn build(config: Value, context: &Value) -> Result<reqwest::Request, ActionError> {
+        let client = HttpClient::new(&HttpSettings::default()).unwrap();
+        let action = Http::from_config(config.as_object().unwrap())?;
+        action.render(&client, context, step())
     }
 
     #[test]
     fn builds_the_request_from_the_rendered_fields() {
         let context = json!({"trigger": {"id": 7, "token": "t0k"}});
-        let request = client()
-            .build_request(
-                &config(json!({
-                    "method": "put",
-                    "url": "https://api.example.com/items/{{ trigger.id }}",
-                    "headers": {"Authorization": "Bearer {{ trigger.token }}"},
-                    "body": "{\"id\": {{ trigger.id }}}",
-                    "timeout_seconds": "2.5",
-                })),
-                &context,
-                step(),
-            )
-            .unwrap();
+        let request = build(
+            json!({
+                "method": "put",
+                "url": "https://api.example.com/items/{{ trigger.id }}",
+                "headers": {"Authorization": "Bearer {{ trigger.token }}"},
+                "body": "{\"id\": {{ trigger.id }}}",
+                "timeout_seconds": "2.5",
+            }),
+            &context,
+        )
+        .unwrap();
         assert_eq!(request.method(), Method::PUT);
         assert_eq!(request.url().as_str(), "https://api.example.com/items/7");
         assert_eq!(request.timeout(), Some(&Duration::from_millis(2500)));
@@ -676,13 +344,7 @@ mod tests {
 
     #[test]
     fn defaults_to_post_without_a_body_or_content_type() {
-        let request = client()
-            .build_request(
-                &config(json!({"url": "http://example.com/"})),
-                &json!({}),
-                step(),
-            )
-            .unwrap();
+        let request = build(json!({"url": "http://example.com/"}), &json!({})).unwrap();
         assert_eq!(request.method(), Method::POST);
         assert_eq!(request.timeout(), Some(&DEFAULT_TIMEOUT));
         assert!(request.headers().get(CONTENT_TYPE).is_none());
@@ -725,75 +387,13 @@ mod tests {
         ];
         let context = json!({"trigger": {"line": "x\r\nBcc: evil", "host": "0x0a.1"}});
         for (fields, expected) in cases {
-            match client().build_request(&config(fields.clone()), &context, step()) {
+            match build(fields.clone(), &context) {
                 Err(ActionError::Permanent(message)) => {
                     assert!(message.starts_with(expected), "{fields}: {message}")
                 }
                 other => panic!("{fields}: {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn classifies_statuses() {
-        let transient = |code: u16| {
-            matches!(
-                classify_status(StatusCode::from_u16(code).unwrap(), None, ""),
-                Err(ActionError::Transient(_))
-            )
-        };
-        let permanent = |code: u16| {
-            matches!(
-                classify_status(StatusCode::from_u16(code).unwrap(), None, ""),
-                Err(ActionError::Permanent(_))
-            )
-        };
-        for code in [200, 201, 204] {
-            assert_eq!(
-                classify_status(StatusCode::from_u16(code).unwrap(), None, ""),
-                Ok(())
-            );
-        }
-        for code in [408, 429, 500, 502, 503, 504] {
-            assert!(transient(code), "{code}");
-        }
-        for code in [301, 302, 307, 308, 400, 401, 403, 404, 410, 422] {
-            assert!(permanent(code), "{code}");
-        }
-    }
-
-    #[test]
-    fn text_bodies_stay_text_and_others_become_base64() {
-        let output = |bytes: &[u8], content_type: Option<&str>| {
-            Body::new(bytes.to_vec(), content_type.map(str::to_owned)).into_output()
-        };
-        assert_eq!(
-            output(br#"{"a": 1}"#, Some("application/json")),
-            json!({"a": 1})
-        );
-        assert_eq!(output(b"hi", None), json!("hi"));
-        assert_eq!(output(b"a\0b", Some("text/plain")), json!("a\u{0}b"));
-        assert_eq!(
-            output("caf\u{e9}".as_bytes(), Some("text/plain; charset=utf-8")),
-            json!("caf\u{e9}")
-        );
-        // A character cut by the size cap is dropped, not a reason for base64.
-        assert_eq!(
-            output(&"ab\u{e9}".as_bytes()[..3], Some("text/plain")),
-            json!("ab")
-        );
-        assert_eq!(
-            output(b"\0\x01\xff", Some("application/octet-stream")),
-            json!({"base64": "AAH/", "content_type": "application/octet-stream"})
-        );
-        assert_eq!(
-            output(b"\xff\xfe", None),
-            json!({"base64": "//4=", "content_type": null})
-        );
-        assert_eq!(
-            Body::new(vec![0; 3], Some("image/png".into())).describe(),
-            "(3 bytes of image/png)"
-        );
     }
 
     #[test]

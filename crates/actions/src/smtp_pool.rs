@@ -16,7 +16,7 @@ use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
 
-use crate::ActionError;
+use crate::action::ActionError;
 
 /// lettre's default for `smtp://` without a port.
 const SMTP_PORT: u16 = 25;
@@ -69,7 +69,7 @@ impl PlainSmtp {
                 self.checkin(connection);
                 Ok(())
             }
-            Ok(Err(error)) => Err(crate::email::classify_smtp_error(error)),
+            Ok(Err(error)) => Err(classify_smtp_error(error)),
             Err(_) => Err(ActionError::Transient(format!(
                 "smtp: no answer within {:?}",
                 self.timeout
@@ -126,6 +126,16 @@ impl PlainSmtp {
         )
         .await
         .map_err(|_| unreachable(format!("no greeting within {:?}", self.timeout)))?
-        .map_err(crate::email::classify_smtp_error)
+        .map_err(classify_smtp_error)
+    }
+}
+
+/// SMTP 5xx answers are permanent; 4xx, timeouts and connection failures
+/// are worth another attempt.
+pub(crate) fn classify_smtp_error(error: lettre::transport::smtp::Error) -> ActionError {
+    if error.is_permanent() {
+        ActionError::Permanent(format!("smtp: {error}"))
+    } else {
+        ActionError::Transient(format!("smtp: {error}"))
     }
 }

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, RawPathParams, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,7 +32,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
-use zapflow_core::delivery;
+use zapflow_core::{delivery, webhook_signature};
 use zapflow_proto::v1::ingest_service_client::IngestServiceClient;
 use zapflow_proto::v1::{IngestRequest, IngestResponse};
 
@@ -213,23 +216,36 @@ async fn ready(State(ingest): State<IngestTarget>) -> Response {
     }
 }
 
+/// The zap a webhook URL names, as the route's `{zap_id}` spells it. Only
+/// the canonical spelling of a zap id names a zap: other spellings are
+/// unknown URLs, so no spelling gets a rate-limit budget of its own.
+#[derive(Debug, Clone, Copy)]
+struct ZapId(Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for ZapId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        // Raw, not percent-decoded: an encoded id is another spelling.
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| not_found())?;
+        params
+            .iter()
+            .find(|(name, _)| *name == "zap_id")
+            .and_then(|(_, id)| delivery::parse_zap_id(id))
+            .map(Self)
+            .ok_or_else(not_found)
+    }
+}
+
 async fn rate_limit(
     State(limits): State<Arc<Limits>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ZapId(zap_id): ZapId,
     request: Request,
     next: Next,
 ) -> Response {
-    // Only the canonical spelling of a zap id names a zap: other spellings
-    // are unknown URLs, so no spelling gets a budget of its own.
-    let Some(zap_id) = request
-        .uri()
-        .path()
-        .split('/')
-        .nth(3)
-        .and_then(delivery::parse_zap_id)
-    else {
-        return error(StatusCode::NOT_FOUND, "not found");
-    };
     let verdict = limits
         .per_ip
         .as_ref()
@@ -260,6 +276,10 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
 
+fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not found")
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     let Some(content_type) = headers
         .get(header::CONTENT_TYPE)
@@ -279,7 +299,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 async fn catch(
     State(ingest): State<IngestTarget>,
-    Path((zap_id, token)): Path<(String, String)>,
+    ZapId(zap_id): ZapId,
+    Path((_, token)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
@@ -290,7 +311,7 @@ async fn catch(
             "webhooks must be sent as JSON (Content-Type: application/json)",
         );
     }
-    let idempotency_key = ["idempotency-key", "webhook-id"]
+    let idempotency_key = ["idempotency-key", webhook_signature::HEADER_ID]
         .iter()
         .find_map(|name| headers.get(*name))
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
@@ -314,7 +335,7 @@ async fn catch(
     // The API checks the body, the key and the rest of the delivery: one
     // set of rules whoever calls it.
     let request = IngestRequest {
-        zap_id,
+        zap_id: zap_id.to_string(),
         token,
         body: body.to_vec(),
         headers: forwarded,
@@ -334,7 +355,7 @@ async fn catch(
 /// The one table from IngestService answers to HTTP.
 fn status_to_response(status: &tonic::Status) -> Response {
     match status.code() {
-        Code::NotFound => error(StatusCode::NOT_FOUND, "not found"),
+        Code::NotFound => not_found(),
         Code::Unauthenticated => error(StatusCode::UNAUTHORIZED, status.message()),
         Code::InvalidArgument => error(StatusCode::BAD_REQUEST, status.message()),
         Code::OutOfRange | Code::ResourceExhausted => {

@@ -1,35 +1,70 @@
-//! What each action type accepts, and validation of a zap's actions against it.
+//! Every action type this build runs: the catalog, the validation of a
+//! zap's actions and the executor all come from one list.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::LazyLock;
+
+use serde_json::{Map, Value};
 use zapflow_core::ActionSpec;
 
-use crate::{email, http};
+use crate::action::{Action, ActionError, StepRef};
+use crate::email::{Email, Mailer};
+use crate::field::{ActionType, FieldError};
+use crate::http::{Http, HttpClient, HttpSettings};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActionType {
-    pub name: &'static str,
-    pub description: &'static str,
-    pub fields: &'static [ActionField],
+/// Every action type, in catalog order. Adding a type is a module that
+/// implements [`Action`] and a line here (and, when it needs a runner of a
+/// new kind, a field of [`Executor`] that [`Provides`] it).
+static ACTIONS: [Registered; 2] = [Registered::of::<Email>(), Registered::of::<Http>()];
+
+type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, ActionError>> + Send + 'a>>;
+
+/// An action type with its configuration type erased, so that actions can be
+/// found by the name a zap stores.
+struct Registered {
+    kind: ActionType,
+    check: fn(&Map<String, Value>) -> Result<(), FieldError>,
+    execute: for<'a> fn(&'a Executor, &'a Map<String, Value>, &'a Value, StepRef) -> StepFuture<'a>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActionField {
-    pub name: &'static str,
-    pub description: &'static str,
-    pub required: bool,
-    pub templated: bool,
+impl Registered {
+    const fn of<A: Action>() -> Self
+    where
+        Executor: Provides<A::Runner>,
+    {
+        Self {
+            kind: A::TYPE,
+            check: |config| A::from_config(config).map(drop),
+            execute: execute::<A>,
+        }
+    }
 }
 
-/// An invalid action, naming the offending field (`actions[1].config.to`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
+fn execute<'a, A: Action>(
+    executor: &'a Executor,
+    config: &'a Map<String, Value>,
+    context: &'a Value,
+    step: StepRef,
+) -> StepFuture<'a>
+where
+    Executor: Provides<A::Runner>,
+{
+    Box::pin(async move {
+        let runner = executor.runner()?;
+        A::from_config(config)?.execute(runner, context, step).await
+    })
+}
+
+fn find(name: &str) -> Option<&'static Registered> {
+    ACTIONS.iter().find(|action| action.kind.name == name)
 }
 
 /// Every action type this build can run.
 pub fn catalog() -> &'static [ActionType] {
-    &[email::ACTION_TYPE, http::ACTION_TYPE]
+    static CATALOG: LazyLock<Vec<ActionType>> =
+        LazyLock::new(|| ACTIONS.iter().map(|action| action.kind.clone()).collect());
+    &CATALOG
 }
 
 /// Checks a zap's actions: at least one, known types, required fields
@@ -37,95 +72,99 @@ pub fn catalog() -> &'static [ActionType] {
 /// (those without template syntax) valid for their field.
 pub fn validate_actions(actions: &[ActionSpec]) -> Result<(), FieldError> {
     if actions.is_empty() {
-        return Err(FieldError {
-            field: "actions".into(),
-            message: "a zap needs at least one action".into(),
-        });
+        return Err(FieldError::new(
+            "actions",
+            "a zap needs at least one action",
+        ));
     }
     for (index, action) in actions.iter().enumerate() {
         let prefix = format!("actions[{index}]");
-        let Some(kind) = catalog()
-            .iter()
-            .find(|kind| kind.name == action.action_type)
-        else {
-            let known: Vec<_> = catalog().iter().map(|kind| kind.name).collect();
-            return Err(FieldError {
-                field: format!("{prefix}.type"),
-                message: format!(
+        let Some(registered) = find(&action.action_type) else {
+            let known: Vec<_> = ACTIONS.iter().map(|action| action.kind.name).collect();
+            return Err(FieldError::new(
+                format!("{prefix}.type"),
+                format!(
                     "unknown action type {:?}; known types: {}",
                     action.action_type,
                     known.join(", ")
                 ),
-            });
+            ));
         };
         if let Some(retry) = &action.retry {
             zapflow_core::retry::RetryPolicy::validate_override(retry).map_err(
-                |(field, message)| FieldError {
-                    field: format!("{prefix}.retry.{field}"),
-                    message,
-                },
+                |(field, message)| FieldError::new(format!("{prefix}.retry.{field}"), message),
             )?;
         }
-        let field_error = |name: &str, message: String| FieldError {
-            field: format!("{prefix}.config.{name}"),
-            message,
-        };
-        for name in action.config.keys() {
-            if !kind.fields.iter().any(|field| field.name == name) {
-                return Err(field_error(name, "unknown field".into()));
-            }
-        }
-        for field in kind.fields {
-            match action.config.get(field.name) {
-                None if field.required => {
-                    return Err(field_error(field.name, "required".into()));
-                }
-                None => {}
-                Some(value) => check_field(kind, field, value)
-                    .map_err(|error| field_error(&error.field, error.message))?,
-            }
-        }
+        (registered.check)(&action.config)
+            .map_err(|error| error.within(&format!("{prefix}.config")))?;
     }
     Ok(())
 }
 
-/// Checks one field's value; the error names the field relative to the
-/// action's `config` (`to`, `headers.Authorization`).
-fn check_field(
-    kind: &ActionType,
-    field: &ActionField,
-    value: &serde_json::Value,
-) -> Result<(), FieldError> {
-    if kind.name == http::TYPE
-        && let Some(checked) = http::validate_structured(field.name, value)
-    {
-        return checked;
+/// Runs actions of every type.
+#[derive(Clone)]
+pub struct Executor {
+    mailer: Mailer,
+    /// `Err` keeps why the HTTP client could not be built, reported by
+    /// every http step, so that [`Executor::new`] stays infallible.
+    http: Result<HttpClient, String>,
+}
+
+impl Executor {
+    /// Email with `mailer`; HTTP to public addresses only, with the default
+    /// [`HttpSettings`].
+    pub fn new(mailer: Mailer) -> Self {
+        let http = HttpClient::new(&HttpSettings::default());
+        if let Err(error) = &http {
+            tracing::warn!(%error, "http actions are unavailable");
+        }
+        Self { mailer, http }
     }
-    let error = |message: String| FieldError {
-        field: field.name.into(),
-        message,
-    };
-    let Some(text) = value.as_str() else {
-        return Err(error("must be a string".into()));
-    };
-    if field.required && text.trim().is_empty() {
-        return Err(error("must not be empty".into()));
+
+    /// Email with `mailer`, HTTP with `settings` (an allowlist of private
+    /// ranges, ...). Fails when the HTTP client cannot be built, so a service
+    /// can refuse to start instead of failing every http step.
+    pub fn with_http(mailer: Mailer, settings: &HttpSettings) -> Result<Self, String> {
+        Ok(Self {
+            mailer,
+            http: Ok(HttpClient::new(settings)?),
+        })
     }
-    let mut literal = true;
-    if field.templated {
-        zapflow_core::template::check(text)
-            .map_err(|template| error(format!("invalid template: {template}")))?;
-        literal = !text.contains("{{") && !text.contains("{%");
-    }
-    if literal {
-        let checked = match kind.name {
-            email::TYPE => email::validate_literal(field.name, text),
-            http::TYPE => http::validate_literal(field.name, text),
-            _ => Ok(()),
+
+    /// Runs one action; the result is the step's output.
+    pub async fn execute(
+        &self,
+        action: &ActionSpec,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<Value, ActionError> {
+        let Some(registered) = find(&action.action_type) else {
+            return Err(ActionError::Permanent(format!(
+                "unknown action type {:?}",
+                action.action_type
+            )));
         };
-        checked.map_err(error)?;
+        (registered.execute)(self, &action.config, context, step).await
     }
-    Ok(())
+}
+
+/// Hands an action type the runner that performs it.
+trait Provides<R> {
+    fn runner(&self) -> Result<&R, ActionError>;
+}
+
+impl Provides<Mailer> for Executor {
+    fn runner(&self) -> Result<&Mailer, ActionError> {
+        Ok(&self.mailer)
+    }
+}
+
+impl Provides<HttpClient> for Executor {
+    fn runner(&self) -> Result<&HttpClient, ActionError> {
+        self.http.as_ref().map_err(|error| {
+            ActionError::Permanent(format!("http actions are unavailable: {error}"))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +223,17 @@ mod tests {
         for (actions, field) in cases {
             assert_eq!(validate_actions(&actions).unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn of_several_faults_the_first_field_in_catalog_order_is_named() {
+        let actions = [email(
+            json!({"subject": "", "to": "not-an-address", "body": "{{ x"}),
+        )];
+        assert_eq!(
+            validate_actions(&actions).unwrap_err().field,
+            "actions[0].config.to"
+        );
     }
 
     fn http(config: serde_json::Value) -> ActionSpec {
