@@ -174,7 +174,7 @@ impl Stack {
     /// Stops every role and waits for them to drain.
     pub async fn stop(self) {
         if let Err(error) = self.server.stop().await {
-            panic!("a role of the stack failed: {error}");
+            panic!("a role of the stack failed: {error:?}");
         }
     }
 }

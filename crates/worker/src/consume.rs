@@ -104,6 +104,7 @@ struct Received {
     payload: Vec<u8>,
 }
 
+/// The next event, owned: it outlives the consumer's borrow.
 async fn receive(consumer: &EventConsumer) -> Result<Received, KafkaError> {
     let message = consumer.recv().await?;
     Ok(Received {
