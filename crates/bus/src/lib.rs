@@ -1,21 +1,20 @@
-//! The Kafka side of zapflow: how events are encoded, and how producers,
-//! consumers and topics are configured.
+//! The Kafka side of zapflow: the events workers take and how they are
+//! encoded, and how producers, consumers and topics are configured.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use prost::Message;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
-use zapflow_proto::v1::ZapEvent;
-use zapflow_store::{OutboxKind, OutboxRow};
 
 mod consumer;
+mod event;
 
 pub use consumer::{COMMIT_INTERVAL, EventConsumer, PartitionProgress, SESSION_TIMEOUT};
+pub use event::{DecodeError, Event, EventKind, decode, encode};
 pub use rdkafka::error::KafkaError;
 
 /// Broker and topic names, shared by the processor and the worker.
@@ -30,11 +29,11 @@ pub struct BusSettings {
 }
 
 impl BusSettings {
-    /// The topic an outbox row is relayed to.
-    pub fn topic_for(&self, kind: OutboxKind) -> &str {
+    /// The topic an event of `kind` goes to.
+    pub fn topic_for(&self, kind: &EventKind) -> &str {
         match kind {
-            OutboxKind::Step => &self.events_topic,
-            OutboxKind::DeadLetter => &self.dead_letter_topic,
+            EventKind::Step => &self.events_topic,
+            EventKind::DeadLetter { .. } => &self.dead_letter_topic,
         }
     }
 
@@ -90,26 +89,4 @@ impl BusSettings {
         .await
         .unwrap_or(Err(KafkaError::Canceled))
     }
-}
-
-/// The event an outbox row announces.
-pub fn event_for(row: &OutboxRow) -> ZapEvent {
-    ZapEvent {
-        event_id: row.event_id.to_string(),
-        run_id: row.run_id.to_string(),
-        zap_id: row.zap_id.to_string(),
-        stage: row.stage,
-        create_time: Some(prost_types::Timestamp::from(SystemTime::from(
-            row.created_at,
-        ))),
-        dead_letter_reason: row.reason.clone().unwrap_or_default(),
-    }
-}
-
-pub fn encode(event: &ZapEvent) -> Vec<u8> {
-    event.encode_to_vec()
-}
-
-pub fn decode(bytes: &[u8]) -> Result<ZapEvent, prost::DecodeError> {
-    ZapEvent::decode(bytes)
 }

@@ -9,7 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
-use zapflow_bus::{BusSettings, KafkaError, encode, event_for};
+use zapflow_bus::{BusSettings, Event, KafkaError, encode};
 use zapflow_store::{OUTBOX_CHANNEL, Store, StoreError};
 
 #[derive(Debug, Clone)]
@@ -22,6 +22,32 @@ pub struct RelaySettings {
     /// How long a message may wait for the broker's acknowledgement before
     /// its delivery counts as failed (`message.timeout.ms`).
     pub delivery_timeout: Duration,
+}
+
+/// What one relay pass came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPass {
+    /// Rows the pass claimed: due, and not locked by another relay.
+    pub claimed: usize,
+    /// Claimed rows the broker acknowledged; they are deleted. The others
+    /// stay for a later pass.
+    pub delivered: usize,
+}
+
+impl RelayPass {
+    /// Whether some claimed rows could not be delivered.
+    pub fn failed(&self) -> bool {
+        self.delivered < self.claimed
+    }
+}
+
+/// A row on its way to the broker.
+struct Outgoing<'a> {
+    outbox_id: i64,
+    topic: &'a str,
+    /// The run id: a run's events stay in order on one partition.
+    key: String,
+    payload: Vec<u8>,
 }
 
 /// One relay; run several against one database to share the work.
@@ -66,35 +92,36 @@ impl Relay {
 
     /// One pass: claims a batch of due rows, produces them, waits for every
     /// delivery report and deletes the acknowledged rows. Rows whose delivery
-    /// failed stay for a later pass. Returns how many rows were delivered and
-    /// how many were claimed.
-    pub async fn relay_once(&self) -> Result<(usize, usize), StoreError> {
+    /// failed stay for a later pass.
+    pub async fn relay_once(&self) -> Result<RelayPass, StoreError> {
         let claim = self
             .store
             .claim_due_outbox_rows(self.settings.batch_size)
             .await?;
-        let messages: Vec<(i64, &str, String, Vec<u8>)> = claim
+        let messages: Vec<Outgoing> = claim
             .rows
             .iter()
             .map(|row| {
-                let topic = self.bus.topic_for(row.kind);
-                (
-                    row.id,
-                    topic,
-                    row.run_id.to_string(),
-                    encode(&event_for(row)),
-                )
+                let event = Event::from(row);
+                Outgoing {
+                    outbox_id: row.id,
+                    topic: self.bus.topic_for(&event.kind),
+                    key: row.run_id.to_string(),
+                    payload: encode(&event),
+                }
             })
             .collect();
         let producer = self.producer();
-        let reports = join_all(messages.iter().map(|(id, topic, key, payload)| {
+        let reports = join_all(messages.iter().map(|message| {
             let producer = &producer;
             async move {
-                let record = FutureRecord::to(topic).key(key).payload(payload);
+                let record = FutureRecord::to(message.topic)
+                    .key(&message.key)
+                    .payload(&message.payload);
                 match producer.send(record, Timeout::Never).await {
-                    Ok(_) => Some(*id),
+                    Ok(_) => Some(message.outbox_id),
                     Err((error, _)) => {
-                        tracing::warn!(outbox_id = id, %error, "delivery failed; row kept");
+                        tracing::warn!(outbox_id = message.outbox_id, %error, "delivery failed; row kept");
                         None
                     }
                 }
@@ -102,12 +129,15 @@ impl Relay {
         }))
         .await;
         let delivered: Vec<i64> = reports.into_iter().flatten().collect();
-        let claimed = claim.rows.len();
-        if delivered.len() < claimed {
+        let pass = RelayPass {
+            claimed: claim.rows.len(),
+            delivered: delivered.len(),
+        };
+        if pass.failed() {
             self.renew_producer();
         }
         claim.finish(&delivered).await?;
-        Ok((delivered.len(), claimed))
+        Ok(pass)
     }
 
     /// Relays until `shutdown`: drains due rows, then sleeps until a
@@ -122,13 +152,13 @@ impl Relay {
             let mut failing = false;
             while !shutdown.is_cancelled() {
                 match self.relay_once().await {
-                    Ok((delivered, claimed))
-                        if claimed == self.settings.batch_size as usize && delivered == claimed =>
+                    Ok(pass)
+                        if pass.claimed == self.settings.batch_size as usize && !pass.failed() =>
                     {
                         continue;
                     }
-                    Ok((delivered, claimed)) => {
-                        failing = delivered < claimed;
+                    Ok(pass) => {
+                        failing = pass.failed();
                         break;
                     }
                     Err(error) => {

@@ -12,6 +12,7 @@ mod broker;
 mod smtp;
 mod stack;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlx::Connection;
@@ -63,9 +64,16 @@ pub async fn test_database_url() -> String {
     format!("{server}/{name}")
 }
 
+/// A SQLite database of a test's own.
+pub struct SqliteTestStore {
+    pub store: Store,
+    /// Its file, for tests that open it again or beside the store.
+    pub path: PathBuf,
+}
+
 /// A migrated, empty SQLite database in a file of this test's own (kept
 /// under the system's temporary directory).
-pub async fn test_sqlite_store() -> (Store, std::path::PathBuf) {
+pub async fn test_sqlite_store() -> SqliteTestStore {
     let path = std::env::temp_dir().join(format!("{}.db", unique("zapflow-test")));
     let store = Store::open_file(&path)
         .await
@@ -74,7 +82,7 @@ pub async fn test_sqlite_store() -> (Store, std::path::PathBuf) {
         .migrate()
         .await
         .expect("migrating the SQLite database");
-    (store, path)
+    SqliteTestStore { store, path }
 }
 
 /// Topic and group names of this test's own on the test broker, with the

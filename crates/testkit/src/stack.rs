@@ -1,22 +1,23 @@
-//! Every role of zapflow inside the test process, on ports chosen by the OS.
+//! zapflow inside the test process, started as the binary starts it, on
+//! ports chosen by the OS.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::Channel;
-use zapflow_actions::{EmailSettings, Executor, HttpSettings, Mailer};
-use zapflow_api::{Api, ApiSettings};
+use zapflow_actions::{EmailSettings, HttpSettings};
+use zapflow_api::ApiSettings;
 use zapflow_bus::BusSettings;
 use zapflow_core::delivery::DeliveryLimits;
-use zapflow_gateway::{GatewaySettings, IngestTarget};
-use zapflow_processor::{Relay, RelaySettings};
+use zapflow_gateway::GatewaySettings;
+use zapflow_processor::RelaySettings;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
+use zapflow_server::{ALL_ROLES, Listeners, Server, Settings};
 use zapflow_store::Store;
-use zapflow_worker::{DeadLetters, Worker, WorkerSettings};
+use zapflow_worker::WorkerSettings;
 
 /// What a test may change about the stack.
 #[derive(Debug, Clone)]
@@ -29,9 +30,10 @@ pub struct StackOptions {
     pub body_limit: usize,
     pub per_zap_limit: Option<zapflow_gateway::RateLimit>,
     pub per_ip_limit: Option<zapflow_gateway::RateLimit>,
-    /// Processors to run (they share the outbox).
+    /// Relays to run (they share the outbox).
     pub processors: usize,
-    /// Workers to run (members of one consumer group).
+    /// Workers to run (members of one consumer group, or leasers of the
+    /// outbox without a broker).
     pub workers: usize,
     /// The workers' consumer group; a fresh one when `None`.
     pub consumer_group: Option<String>,
@@ -45,25 +47,74 @@ pub struct StackOptions {
 }
 
 impl Default for StackOptions {
+    /// `zapflow`'s defaults, but for what tests want otherwise: no rate
+    /// limits, a short poll.
     fn default() -> Self {
+        let defaults = Settings::default();
         Self {
             smtp_url: None,
             http_allow_cidrs: Vec::new(),
-            worker: WorkerSettings::default(),
-            body_limit: 1024 * 1024,
+            worker: defaults.worker,
+            body_limit: defaults.gateway.body_limit,
             per_zap_limit: None,
             per_ip_limit: None,
             processors: 1,
             workers: 1,
             consumer_group: None,
-            max_json_depth: zapflow_core::delivery::DEFAULT_MAX_DEPTH,
+            max_json_depth: defaults.api.delivery.max_depth,
             ingest_token: None,
             poll_interval: Duration::from_millis(200),
         }
     }
 }
 
-/// A running zapflow; stops when dropped.
+impl StackOptions {
+    /// What `zapflow` runs with by default, changed as the test asks.
+    fn settings(&self, bus: Option<BusSettings>, http_address: SocketAddr) -> Settings {
+        let defaults = Settings::default();
+        Settings {
+            api: ApiSettings {
+                public_url: format!("http://{http_address}"),
+                ingest_token: self.ingest_token.clone(),
+                ..defaults.api
+            },
+            gateway: GatewaySettings {
+                per_zap_limit: self.per_zap_limit,
+                per_ip_limit: self.per_ip_limit,
+                ..defaults.gateway
+            },
+            bus,
+            consumer_group: self
+                .consumer_group
+                .clone()
+                .unwrap_or_else(|| crate::unique("zapflow-workers")),
+            relay: RelaySettings {
+                poll_interval: self.poll_interval,
+                ..defaults.relay
+            },
+            worker: self.worker.clone(),
+            email: EmailSettings {
+                smtp_url: self.smtp_url.clone(),
+                mailbox_dir: std::env::temp_dir().join(crate::unique("zapflow-mailbox")),
+                timeout: self.worker.action_timeout,
+                ..defaults.email
+            },
+            http: HttpSettings {
+                allow_cidrs: self.http_allow_cidrs.clone(),
+                ..defaults.http
+            },
+            processors: self.processors,
+            workers: self.workers,
+            ..defaults
+        }
+        .with_delivery_limits(DeliveryLimits {
+            max_body_bytes: self.body_limit,
+            max_depth: self.max_json_depth,
+        })
+    }
+}
+
+/// A running zapflow (every role, as `zapflow all`); stops when dropped.
 pub struct Stack {
     pub store: Store,
     /// The broker, for the Kafka deployment; without, workers take work
@@ -73,126 +124,36 @@ pub struct Stack {
     /// IngestService's own listener, for gateways in other processes.
     pub ingest_address: SocketAddr,
     pub http_address: SocketAddr,
-    shutdown: CancellationToken,
-    tasks: JoinSet<()>,
+    server: Server,
 }
 
 impl Stack {
     pub async fn start(store: Store, bus: Option<BusSettings>, options: StackOptions) -> Self {
-        let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc_address = grpc.local_addr().unwrap();
-        let ingest = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ingest_address = ingest.local_addr().unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http_address = http.local_addr().unwrap();
-
-        let api_settings = ApiSettings {
-            public_url: format!("http://{http_address}"),
-            max_message_bytes: 4 * 1024 * 1024,
-            request_timeout: Duration::from_secs(30),
-            broker: bus.clone(),
-            delivery: DeliveryLimits {
-                max_body_bytes: options.body_limit,
-                max_depth: options.max_json_depth,
-            },
-            ingest_token: options.ingest_token.clone(),
+        let (grpc, ingest, http) = (loopback().await, loopback().await, loopback().await);
+        let [grpc_address, ingest_address, http_address] =
+            [&grpc, &ingest, &http].map(|listener| listener.local_addr().unwrap());
+        let listeners = Listeners {
+            grpc: Some(grpc),
+            ingest: Some(ingest),
+            http: Some(http),
         };
-        let api = Api::new(store.clone(), api_settings).await;
-        // As in `zapflow all`: the gateway calls the API in process.
-        let target = IngestTarget::in_process(api.in_process_ingest(), 4 * 1024 * 1024);
-        tasks.spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                api.serve(grpc, Some(ingest), shutdown).await.unwrap();
-            }
-        });
-
-        let router = zapflow_gateway::router(
-            target,
-            &GatewaySettings {
-                body_limit: options.body_limit,
-                request_timeout: Duration::from_secs(30),
-                per_zap_limit: options.per_zap_limit,
-                per_ip_limit: options.per_ip_limit,
-            },
-        );
-        tasks.spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                zapflow_gateway::serve(http, router, shutdown)
-                    .await
-                    .unwrap();
-            }
-        });
-
-        if let Some(bus) = &bus {
-            assert!(
-                store.postgres().is_some(),
-                "the Kafka deployment runs on PostgreSQL"
-            );
-            for _ in 0..options.processors {
-                let relay =
-                    Relay::new(store.clone(), bus.clone(), relay_settings(&options)).unwrap();
-                tasks.spawn(relay.run(shutdown.clone()));
-            }
-        }
-
-        let group = options
-            .consumer_group
-            .clone()
-            .unwrap_or_else(|| crate::unique("zapflow-workers"));
-        let mailbox_dir = std::env::temp_dir().join(crate::unique("zapflow-mailbox"));
-        for _ in 0..options.workers {
-            let mailer = Mailer::new(&EmailSettings {
-                smtp_url: options.smtp_url.clone(),
-                mailbox_dir: mailbox_dir.clone(),
-                from: "zapflow <zapflow@localhost>".into(),
-                timeout: Duration::from_secs(10),
-                max_recipients: zapflow_actions::DEFAULT_MAX_RECIPIENTS,
-            })
-            .unwrap();
-            let http = HttpSettings {
-                allow_cidrs: options.http_allow_cidrs.clone(),
-                ..HttpSettings::default()
-            };
-            let executor = Executor::with_http(mailer, &http).unwrap();
-            let worker = Worker::new(store.clone(), executor, options.worker.clone());
-            match &bus {
-                Some(bus) => {
-                    let consumer = bus.consumer(&group, Duration::from_secs(60)).unwrap();
-                    let dead_letters = DeadLetters {
-                        producer: bus.producer(Duration::from_secs(10)).unwrap(),
-                        topic: bus.dead_letter_topic.clone(),
-                    };
-                    tasks.spawn(zapflow_worker::consume(
-                        worker,
-                        consumer,
-                        dead_letters,
-                        shutdown.clone(),
-                    ));
-                }
-                None => {
-                    tasks.spawn(zapflow_worker::run_local(
-                        worker,
-                        store.clone(),
-                        options.poll_interval,
-                        shutdown.clone(),
-                    ));
-                }
-            }
-        }
-
+        let settings = options.settings(bus.clone(), http_address);
+        let server = Server::start(
+            &ALL_ROLES,
+            settings,
+            listeners,
+            store.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("starting zapflow");
         Self {
             store,
             bus,
             grpc_address,
             ingest_address,
             http_address,
-            shutdown,
-            tasks,
+            server,
         }
     }
 
@@ -211,24 +172,17 @@ impl Stack {
     }
 
     /// Stops every role and waits for them to drain.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+    pub async fn stop(self) {
+        if let Err(error) = self.server.stop().await {
+            panic!("a role of the stack failed: {error:?}");
+        }
     }
 }
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-fn relay_settings(options: &StackOptions) -> RelaySettings {
-    RelaySettings {
-        batch_size: 500,
-        poll_interval: options.poll_interval,
-        delivery_timeout: Duration::from_secs(10),
-    }
+async fn loopback() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding a loopback port")
 }
 
 /// `message` with `authorization: Bearer <key>`.

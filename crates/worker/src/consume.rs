@@ -17,7 +17,7 @@ use zapflow_bus::{COMMIT_INTERVAL, EventConsumer, KafkaError, SESSION_TIMEOUT};
 
 use self::progress::{ProgressWatch, Stall};
 use crate::offsets::OffsetTracker;
-use crate::{Handled, Worker, WorkerSettings};
+use crate::{Worker, WorkerSettings};
 
 mod progress;
 
@@ -60,10 +60,10 @@ pub async fn consume(
                 permit = Some(acquired.expect("semaphore never closed"));
             }
             received = receive(&consumer), if permit.is_some() => match received {
-                Ok((partition, offset, payload)) => {
+                Ok(Received { position, payload }) => {
                     let (permit, worker, dead_letters, shutdown) =
                         (permit.take(), worker.clone(), dead_letters.clone(), shutdown.clone());
-                    in_flight.start(partition, offset, async move {
+                    in_flight.start(position, async move {
                         let _permit = permit;
                         handle(&worker, &payload, &dead_letters, &shutdown).await
                     });
@@ -91,43 +91,49 @@ fn stall_after(settings: &WorkerSettings) -> Duration {
     SESSION_TIMEOUT + settings.action_timeout + COMMIT_INTERVAL + CHECK_INTERVAL
 }
 
-/// The next event as owned parts: partition, offset, payload.
-async fn receive(consumer: &EventConsumer) -> Result<(i32, i64, Vec<u8>), KafkaError> {
+/// Where an event sits in the topic.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    partition: i32,
+    offset: i64,
+}
+
+/// An event as it came, owned.
+struct Received {
+    position: Position,
+    payload: Vec<u8>,
+}
+
+/// The next event, owned: it outlives the consumer's borrow.
+async fn receive(consumer: &EventConsumer) -> Result<Received, KafkaError> {
     let message = consumer.recv().await?;
-    Ok((
-        message.partition(),
-        message.offset(),
-        message.payload().unwrap_or_default().to_vec(),
-    ))
+    Ok(Received {
+        position: Position {
+            partition: message.partition(),
+            offset: message.offset(),
+        },
+        payload: message.payload().unwrap_or_default().to_vec(),
+    })
 }
 
 /// The steps under way, and which offsets they hold back.
 #[derive(Default)]
 struct InFlight {
-    /// Each yields its event's partition and offset once the outcome is
-    /// recorded, `None` when abandoned at shutdown.
-    tasks: JoinSet<Option<(i32, i64)>>,
+    /// Each yields its event's position once the outcome is recorded,
+    /// `None` when abandoned at shutdown.
+    tasks: JoinSet<Option<Position>>,
     offsets: OffsetTracker,
 }
 
 impl InFlight {
-    fn start(
-        &mut self,
-        partition: i32,
-        offset: i64,
-        handled: impl Future<Output = bool> + Send + 'static,
-    ) {
-        self.offsets.start(partition, offset);
+    fn start(&mut self, position: Position, handled: impl Future<Output = bool> + Send + 'static) {
+        self.offsets.start(position.partition, position.offset);
         self.tasks
-            .spawn(async move { handled.await.then_some((partition, offset)) });
+            .spawn(async move { handled.await.then_some(position) });
     }
 
-    fn finished(
-        &mut self,
-        joined: Result<Option<(i32, i64)>, JoinError>,
-        consumer: &EventConsumer,
-    ) {
-        let Ok(Some((partition, offset))) = joined else {
+    fn finished(&mut self, joined: Result<Option<Position>, JoinError>, consumer: &EventConsumer) {
+        let Ok(Some(Position { partition, offset })) = joined else {
             return;
         };
         if let Some(done) = self.offsets.finish(partition, offset) {
@@ -214,24 +220,12 @@ async fn handle(
     dead_letters: &DeadLetters,
     shutdown: &CancellationToken,
 ) -> bool {
-    let event = match zapflow_bus::decode(payload) {
-        Ok(event) => event,
-        Err(error) => {
-            return publish_poison(
-                dead_letters,
-                payload,
-                &format!("undecodable event: {error}"),
-                shutdown,
-            )
-            .await;
-        }
-    };
-    match worker.execute_until_recorded(&event, shutdown).await {
-        Some(Handled::Poison(reason)) => {
-            publish_poison(dead_letters, payload, &reason, shutdown).await
-        }
-        Some(_) => true,
-        None => false,
+    match zapflow_bus::decode(payload) {
+        Ok(event) => worker
+            .execute_until_recorded(&event, shutdown)
+            .await
+            .is_some(),
+        Err(error) => publish_poison(dead_letters, payload, &error.to_string(), shutdown).await,
     }
 }
 

@@ -11,10 +11,9 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 use zapflow_actions::{ActionError, Executor, StepRef};
+use zapflow_bus::{Event, EventKind};
 use zapflow_core::retry::RetryPolicy;
-use zapflow_proto::v1::ZapEvent;
 use zapflow_store::{ClaimedStep, StepClaim, StepOutcome, Store, StoreError};
 
 pub use consume::{DeadLetters, consume};
@@ -59,8 +58,6 @@ pub enum Handled {
     /// The event points at nothing runnable, or its step has used up its
     /// attempts; it went to the dead letters.
     DeadLettered(String),
-    /// The event cannot be read at all; the caller dead-letters it as is.
-    Poison(String),
     /// The action ran, but shutdown came before its outcome could be
     /// recorded. The event must come again: once the step's lease ends the
     /// step runs again (the documented repeat after a crash).
@@ -91,7 +88,7 @@ impl Worker {
     /// the outcome. An error means the claim failed: nothing ran, and the
     /// event should be delivered again. Once the action ran, recording its
     /// outcome is retried (never the action) until the database takes it.
-    pub async fn execute(&self, event: &ZapEvent) -> Result<Handled, StoreError> {
+    pub async fn execute(&self, event: &Event) -> Result<Handled, StoreError> {
         self.execute_until(event, &CancellationToken::new()).await
     }
 
@@ -99,18 +96,16 @@ impl Worker {
     /// ([`Handled::Unrecorded`]).
     pub async fn execute_until(
         &self,
-        event: &ZapEvent,
+        event: &Event,
         shutdown: &CancellationToken,
     ) -> Result<Handled, StoreError> {
-        let (Ok(run_id), Ok(zap_id)) = (
-            Uuid::parse_str(&event.run_id),
-            Uuid::parse_str(&event.zap_id),
-        ) else {
-            return Ok(Handled::Poison(format!(
-                "event {:?} has no valid run or zap id",
-                event.event_id
-            )));
-        };
+        let (run_id, zap_id) = (event.run_id, event.zap_id);
+        if let EventKind::DeadLetter { .. } = event.kind {
+            // Dead letters have a topic of their own and are never leased:
+            // one that reaches a worker announces a step that already ended.
+            tracing::debug!(%run_id, stage = event.stage, "dead-letter event; nothing to run");
+            return Ok(Handled::Duplicate);
+        }
         let step = match self
             .store
             .claim_step(
@@ -196,7 +191,7 @@ impl Worker {
     /// (nothing was recorded: the event must come again).
     pub(crate) async fn execute_until_recorded(
         &self,
-        event: &ZapEvent,
+        event: &Event,
         shutdown: &CancellationToken,
     ) -> Option<Handled> {
         let mut backoff = Backoff::default();
@@ -205,7 +200,7 @@ impl Worker {
                 Ok(Handled::Unrecorded(_)) => return None,
                 Ok(handled) => return Some(handled),
                 Err(error) => {
-                    tracing::warn!(%error, run_id = event.run_id, stage = event.stage, "cannot claim the step; will retry");
+                    tracing::warn!(%error, run_id = %event.run_id, stage = event.stage, "cannot claim the step; will retry");
                     if !backoff.wait(shutdown).await {
                         return None;
                     }

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use zapflow_bus::Event;
 use zapflow_store::Store;
 
-use crate::{Handled, Worker};
+use crate::Worker;
 
 /// How long a worker with steps in flight sleeps at most before it looks
 /// for due rows again.
@@ -65,9 +66,9 @@ pub async fn run_local(
             let (worker, store, shutdown) = (worker.clone(), store.clone(), shutdown.clone());
             tasks.spawn(async move {
                 let _permit = permit;
-                let event = zapflow_bus::event_for(&row);
-                let handled = record(&worker, &event, &shutdown).await;
-                if handled
+                let event = Event::from(&row);
+                let handled = worker.execute_until_recorded(&event, &shutdown).await;
+                if handled.is_some()
                     && let Err(error) = store.delete_outbox_rows(&[row.id]).await
                 {
                     // The row comes due again after its lease; the step
@@ -110,21 +111,4 @@ pub async fn run_local(
     }
     tracing::info!(in_flight = tasks.len(), "worker draining");
     while tasks.join_next().await.is_some() {}
-}
-
-/// Handles one event until its outcome is recorded (true), or gives up at
-/// shutdown (false).
-async fn record(
-    worker: &Worker,
-    event: &zapflow_proto::v1::ZapEvent,
-    shutdown: &CancellationToken,
-) -> bool {
-    match worker.execute_until_recorded(event, shutdown).await {
-        Some(Handled::Poison(reason)) => {
-            tracing::error!(reason, "unreadable outbox row");
-            true
-        }
-        Some(_) => true,
-        None => false,
-    }
 }

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use zapflow_actions::{EmailSettings, Executor, HttpSettings, IpNet, Mailer};
+use tokio::net::TcpListener;
+use zapflow_actions::{EmailSettings, HttpSettings, IpNet};
 use zapflow_api::ApiSettings;
 use zapflow_bus::BusSettings;
 use zapflow_core::delivery::DeliveryLimits;
 use zapflow_gateway::{GatewaySettings, RateLimit};
 use zapflow_processor::RelaySettings;
+use zapflow_server::{Listeners, Role, Settings};
 use zapflow_store::{Durability, Store};
 use zapflow_worker::WorkerSettings;
 
@@ -152,14 +154,84 @@ pub struct Config {
 }
 
 impl Config {
+    /// What the roles run with: the flags, and the defaults of what no
+    /// flag sets.
+    pub fn settings(&self) -> Settings {
+        let defaults = Settings::default();
+        let action_timeout = Duration::from_secs(self.action_timeout);
+        Settings {
+            api: ApiSettings {
+                public_url: self.public_url.clone(),
+                max_message_bytes: self.grpc_max_message,
+                ingest_token: self.ingest_token.clone(),
+                ..defaults.api
+            },
+            gateway: GatewaySettings {
+                per_zap_limit: rate_limit(self.zap_rate_limit),
+                per_ip_limit: rate_limit(self.ip_rate_limit),
+                ..defaults.gateway
+            },
+            ingest_url: self.ingest_url.clone(),
+            bus: self.bus(),
+            consumer_group: self.consumer_group.clone(),
+            relay: RelaySettings {
+                poll_interval: Duration::from_millis(self.poll_interval_ms),
+                ..defaults.relay
+            },
+            worker: WorkerSettings {
+                action_timeout,
+                lease: action_timeout * 2,
+                concurrency: self.worker_concurrency,
+                ..defaults.worker
+            },
+            email: self.email(),
+            http: HttpSettings {
+                allow_cidrs: self.http_allow_cidrs.clone(),
+                ..defaults.http
+            },
+            dead_letter_retention: (self.dead_letter_retention_days > 0)
+                .then(|| Duration::from_secs(self.dead_letter_retention_days * 24 * 60 * 60)),
+            ..defaults
+        }
+        .with_delivery_limits(DeliveryLimits {
+            max_body_bytes: self.body_limit,
+            max_depth: self.max_json_depth,
+        })
+    }
+
     /// The Kafka settings, when a broker list is configured.
-    pub fn bus(&self) -> Option<BusSettings> {
+    fn bus(&self) -> Option<BusSettings> {
         let brokers = self.kafka_brokers.clone()?;
         Some(BusSettings {
             brokers,
             events_topic: self.events_topic.clone(),
             dead_letter_topic: self.dead_letter_topic.clone(),
             partitions: self.topic_partitions,
+        })
+    }
+
+    pub fn email(&self) -> EmailSettings {
+        EmailSettings {
+            smtp_url: self.smtp_url.clone(),
+            mailbox_dir: self.data_dir.join("mailbox"),
+            from: self.smtp_from.clone(),
+            timeout: Duration::from_secs(self.action_timeout),
+            max_recipients: self.email_max_recipients,
+        }
+    }
+
+    /// Binds what `roles` serve on: the gRPC API, IngestService for
+    /// gateways elsewhere (by default only when the gateway is not in this
+    /// process, which calls the API directly), the gateway.
+    pub async fn listeners(&self, roles: &[Role]) -> anyhow::Result<Listeners> {
+        let (api, gateway) = (roles.contains(&Role::Api), roles.contains(&Role::Gateway));
+        let ingest_listen = self
+            .ingest_listen
+            .or_else(|| (!gateway).then(|| SocketAddr::from(([127, 0, 0, 1], 50052))));
+        Ok(Listeners {
+            grpc: bind(api.then_some(self.grpc_listen)).await?,
+            ingest: bind(ingest_listen.filter(|_| api)).await?,
+            http: bind(gateway.then_some(self.http_listen)).await?,
         })
     }
 
@@ -187,79 +259,16 @@ impl Config {
             None => self.data_dir.join("zapflow.db").display().to_string(),
         }
     }
+}
 
-    pub fn api(&self) -> ApiSettings {
-        ApiSettings {
-            public_url: self.public_url.clone(),
-            max_message_bytes: self.grpc_max_message,
-            request_timeout: Duration::from_secs(30),
-            broker: None,
-            delivery: DeliveryLimits {
-                max_body_bytes: self.body_limit,
-                max_depth: self.max_json_depth,
-            },
-            ingest_token: self.ingest_token.clone(),
-        }
-    }
-
-    /// Where to serve IngestService for gateways elsewhere, if anywhere.
-    pub fn ingest_listen(&self, gateway_in_process: bool) -> Option<SocketAddr> {
-        self.ingest_listen
-            .or_else(|| (!gateway_in_process).then(|| SocketAddr::from(([127, 0, 0, 1], 50052))))
-    }
-
-    pub fn gateway(&self) -> GatewaySettings {
-        GatewaySettings {
-            body_limit: self.body_limit,
-            request_timeout: Duration::from_secs(30),
-            per_zap_limit: rate_limit(self.zap_rate_limit),
-            per_ip_limit: rate_limit(self.ip_rate_limit),
-        }
-    }
-
-    pub fn relay(&self) -> RelaySettings {
-        RelaySettings {
-            batch_size: 500,
-            poll_interval: Duration::from_millis(self.poll_interval_ms),
-            delivery_timeout: Duration::from_secs(30),
-        }
-    }
-
-    /// How long dead letters are kept, if not for good.
-    pub fn dead_letter_retention(&self) -> Option<Duration> {
-        (self.dead_letter_retention_days > 0)
-            .then(|| Duration::from_secs(self.dead_letter_retention_days * 24 * 60 * 60))
-    }
-
-    pub fn worker(&self) -> WorkerSettings {
-        let action_timeout = Duration::from_secs(self.action_timeout);
-        WorkerSettings {
-            action_timeout,
-            lease: action_timeout * 2,
-            concurrency: self.worker_concurrency,
-            ..WorkerSettings::default()
-        }
-    }
-
-    /// What runs the actions: email and HTTP as configured.
-    pub fn executor(&self) -> anyhow::Result<Executor> {
-        let mailer = Mailer::new(&self.email()).map_err(anyhow::Error::msg)?;
-        let http = HttpSettings {
-            allow_cidrs: self.http_allow_cidrs.clone(),
-            ..HttpSettings::default()
-        };
-        Executor::with_http(mailer, &http).map_err(anyhow::Error::msg)
-    }
-
-    pub fn email(&self) -> EmailSettings {
-        EmailSettings {
-            smtp_url: self.smtp_url.clone(),
-            mailbox_dir: self.data_dir.join("mailbox"),
-            from: self.smtp_from.clone(),
-            timeout: Duration::from_secs(self.action_timeout),
-            max_recipients: self.email_max_recipients,
-        }
-    }
+async fn bind(address: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    Ok(Some(listener))
 }
 
 /// `scheme://user:****@host/...`: a URL fit for logs.
@@ -297,5 +306,31 @@ impl From<SqliteDurability> for Durability {
             SqliteDurability::PowerLoss => Durability::PowerLoss,
             SqliteDurability::ProcessCrash => Durability::ProcessCrash,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    /// The test kit starts from [`Settings::default`]: it must be what
+    /// `zapflow` runs with when given nothing.
+    #[test]
+    fn no_flags_mean_the_default_settings() {
+        let command = Flags::command().mut_args(|arg| arg.env(None::<&'static str>));
+        let matches = command.try_get_matches_from(["zapflow"]).unwrap();
+        let config = Flags::from_arg_matches(&matches).unwrap().config;
+        assert_eq!(
+            format!("{:#?}", config.settings()),
+            format!("{:#?}", Settings::default())
+        );
     }
 }

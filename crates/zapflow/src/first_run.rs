@@ -6,10 +6,10 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
 use anyhow::{Context, Result};
+use zapflow_server::Role;
 use zapflow_store::Store;
 
 use crate::config::Config;
-use crate::roles::Role;
 
 const KEY_FILE: &str = "admin-api-key";
 

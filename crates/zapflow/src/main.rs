@@ -2,14 +2,13 @@
 
 mod config;
 mod first_run;
-mod roles;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use zapflow_server::{ALL_ROLES, Role, Server};
 
 use crate::config::Config;
-use crate::roles::{ALL_ROLES, Role};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,21 +84,20 @@ async fn main() -> Result<()> {
     };
 
     let shutdown = CancellationToken::new();
-    let mut tasks = roles::start(roles, &config, &store, &shutdown).await?;
+    let listeners = config.listeners(roles).await?;
+    let server = Server::start(
+        roles,
+        config.settings(),
+        listeners,
+        store.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     if roles.contains(&Role::Api) {
         first_run::greet(&config, &store, roles).await?;
     }
-    tokio::spawn(watch_signals(shutdown.clone()));
-    let mut result = Ok(());
-    while let Some(done) = tasks.join_next().await {
-        // One role ending (an error, or shutdown) ends them all.
-        shutdown.cancel();
-        if let Ok(Err(error)) = done {
-            tracing::error!("{error:#}");
-            result = Err(error);
-        }
-    }
-    result
+    tokio::spawn(watch_signals(shutdown));
+    Ok(server.wait().await?)
 }
 
 /// First SIGINT or SIGTERM: drain. Second: exit at once.

@@ -138,12 +138,12 @@ async fn after_the_broker_ack_and_before_the_delete_the_event_comes_twice_and_ru
     // then the relay died before deleting the row...
     let claim = store.claim_due_outbox_rows(10).await.unwrap();
     assert_eq!(claim.rows.len(), 1);
-    let event = zapflow_bus::event_for(&claim.rows[0]);
+    let event = zapflow_bus::Event::from(&claim.rows[0]);
     claim.finish(&[]).await.unwrap();
     produce(
         &bus,
         &bus.events_topic,
-        &event.run_id,
+        &event.run_id.to_string(),
         &zapflow_bus::encode(&event),
     )
     .await;
@@ -154,18 +154,19 @@ async fn after_the_broker_ack_and_before_the_delete_the_event_comes_twice_and_ru
         delivery_timeout: Duration::from_secs(10),
     };
     let relay = zapflow_processor::Relay::new(store.clone(), bus.clone(), settings).unwrap();
-    assert_eq!(relay.relay_once().await.unwrap(), (1, 1));
+    assert_eq!(
+        relay.relay_once().await.unwrap(),
+        zapflow_processor::RelayPass {
+            claimed: 1,
+            delivered: 1
+        }
+    );
 
     let run = wait_for_run(&stack, &key, &run_id, pb::RunStatus::Succeeded).await;
     let delivered = read_topic(&bus, &bus.events_topic).await;
     let copies = delivered
         .iter()
-        .filter(|message| {
-            zapflow_bus::decode(message.payload().unwrap())
-                .unwrap()
-                .event_id
-                == event.event_id
-        })
+        .filter(|message| zapflow_bus::decode(message.payload().unwrap()).unwrap().id == event.id)
         .count();
     assert_eq!(copies, 2, "the event was on the topic twice");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -207,7 +208,8 @@ async fn after_receiving_and_before_acting_the_event_is_delivered_again() {
         assert_eq!(
             zapflow_bus::decode(message.payload().unwrap())
                 .unwrap()
-                .run_id,
+                .run_id
+                .to_string(),
             run_id
         );
     }

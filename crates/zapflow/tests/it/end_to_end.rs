@@ -209,9 +209,12 @@ async fn an_http_step_calls_out_and_a_later_step_uses_its_response() {
         http_allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
         ..Default::default()
     };
-    let stack =
-        zapflow_testkit::Stack::start(zapflow_testkit::test_sqlite_store().await.0, None, options)
-            .await;
+    let stack = zapflow_testkit::Stack::start(
+        zapflow_testkit::test_sqlite_store().await.store,
+        None,
+        options,
+    )
+    .await;
     let key = new_user(&stack, "ada").await;
     let http = pb::Action {
         r#type: "http".into(),

@@ -492,7 +492,8 @@ async fn transient_database_errors_are_503_with_retry_after_on_postgres() {
 async fn a_busy_sqlite_file_is_503_with_retry_after() {
     use sqlx::Connection;
 
-    let (store, path) = zapflow_testkit::test_sqlite_store().await;
+    let zapflow_testkit::SqliteTestStore { store, path } =
+        zapflow_testkit::test_sqlite_store().await;
     let stack = Stack::start(store, None, StackOptions::default()).await;
     let key = new_user(&stack, "alice").await;
     let (_, url) = simple_zap(&stack, &key).await;

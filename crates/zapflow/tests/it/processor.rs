@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use zapflow_bus::BusSettings;
-use zapflow_processor::{Relay, RelaySettings};
+use zapflow_processor::{Relay, RelayPass, RelaySettings};
 use zapflow_store::Store;
 use zapflow_testkit::{test_bus, test_store, unique};
 
@@ -38,6 +38,11 @@ fn relay(store: &Store, bus: &BusSettings, delivery_timeout: Duration) -> Relay 
     Relay::new(store.clone(), bus.clone(), settings).unwrap()
 }
 
+/// A pass that delivered `delivered` of the `claimed` rows.
+fn passed(delivered: usize, claimed: usize) -> RelayPass {
+    RelayPass { claimed, delivered }
+}
+
 /// Reads `expected` messages from the events topic; returns their event ids.
 async fn read_events(bus: &BusSettings, expected: usize) -> Vec<String> {
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
@@ -57,7 +62,8 @@ async fn read_events(bus: &BusSettings, expected: usize) -> Vec<String> {
         ids.push(
             zapflow_bus::decode(message.payload().unwrap())
                 .unwrap()
-                .event_id,
+                .id
+                .to_string(),
         );
     }
     // Nothing beyond what was expected.
@@ -85,9 +91,9 @@ async fn two_processors_relay_every_row_exactly_once() {
     let passes = relays.iter().map(|relay| async move {
         let mut delivered = 0;
         loop {
-            let (done, claimed) = relay.relay_once().await.unwrap();
-            delivered += done;
-            if claimed == 0 {
+            let pass = relay.relay_once().await.unwrap();
+            delivered += pass.delivered;
+            if pass.claimed == 0 {
                 return delivered;
             }
         }
@@ -122,8 +128,7 @@ async fn rows_stay_when_the_broker_is_unreachable() {
     };
     insert_outbox_rows(&store, 5).await;
     let relay = relay(&store, &unreachable, Duration::from_secs(2));
-    let (delivered, claimed) = relay.relay_once().await.unwrap();
-    assert_eq!((delivered, claimed), (0, 5));
+    assert_eq!(relay.relay_once().await.unwrap(), passed(0, 5));
     assert_eq!(
         store.outbox_len().await.unwrap(),
         5,
@@ -133,7 +138,7 @@ async fn rows_stay_when_the_broker_is_unreachable() {
     // Once a broker answers, the same rows go out.
     let bus = test_bus(1).await;
     let relay = self::relay(&store, &bus, Duration::from_secs(30));
-    assert_eq!(relay.relay_once().await.unwrap(), (5, 5));
+    assert_eq!(relay.relay_once().await.unwrap(), passed(5, 5));
     assert_eq!(store.outbox_len().await.unwrap(), 0);
     assert_eq!(read_events(&bus, 5).await.len(), 5);
 }
@@ -185,12 +190,16 @@ async fn a_lower_id_committed_later_is_still_relayed() {
     insert_outbox_rows(&store, 1).await;
     assert_eq!(
         relay.relay_once().await.unwrap(),
-        (1, 1),
+        passed(1, 1),
         "the committed row"
     );
 
     late.commit().await.unwrap();
-    assert_eq!(relay.relay_once().await.unwrap(), (1, 1), "the late one");
+    assert_eq!(
+        relay.relay_once().await.unwrap(),
+        passed(1, 1),
+        "the late one"
+    );
     let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM zap_run_outbox")
         .fetch_one(store.postgres().unwrap())
         .await

@@ -5,14 +5,14 @@ use std::time::Duration;
 use serde_json::json;
 use zapflow_proto::v1 as pb;
 use zapflow_store::Store;
-use zapflow_testkit::{SmtpSink, Stack, StackOptions, test_sqlite_store};
+use zapflow_testkit::{SmtpSink, SqliteTestStore, Stack, StackOptions, test_sqlite_store};
 
 use crate::support::{create_zap, email_action, new_user, post_json, wait_for_run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_accepted_before_a_restart_finish_after_it_exactly_once() {
     let smtp = SmtpSink::start().await;
-    let (store, path) = test_sqlite_store().await;
+    let SqliteTestStore { store, path } = test_sqlite_store().await;
     let options = |workers| StackOptions {
         smtp_url: Some(smtp.url()),
         workers,

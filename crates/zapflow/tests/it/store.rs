@@ -32,7 +32,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    super::$name(zapflow_testkit::test_sqlite_store().await.0).await;
+                    super::$name(zapflow_testkit::test_sqlite_store().await.store).await;
                 }
             )*
         }

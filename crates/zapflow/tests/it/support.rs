@@ -172,7 +172,7 @@ pub async fn stack_of(deployment: Deployment, options: zapflow_testkit::StackOpt
             Some(zapflow_testkit::test_bus(3).await),
         ),
         Deployment::PostgresOnly => (zapflow_testkit::test_store().await, None),
-        Deployment::Embedded => (zapflow_testkit::test_sqlite_store().await.0, None),
+        Deployment::Embedded => (zapflow_testkit::test_sqlite_store().await.store, None),
     };
     Stack::start(store, bus, options).await
 }

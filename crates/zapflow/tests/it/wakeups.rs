@@ -15,7 +15,7 @@ const POLL: Duration = Duration::from_secs(30);
 
 async fn stack_polling_rarely(smtp: &SmtpSink, deployment: Deployment) -> Stack {
     let store = match deployment {
-        Deployment::Embedded => zapflow_testkit::test_sqlite_store().await.0,
+        Deployment::Embedded => zapflow_testkit::test_sqlite_store().await.store,
         Deployment::PostgresOnly => zapflow_testkit::test_store().await,
         Deployment::Distributed => unreachable!("relayed through Kafka"),
     };

@@ -5,9 +5,9 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 use zapflow_actions::{EmailSettings, Executor, Mailer, StepRef};
+use zapflow_bus::{Event, EventKind};
 use zapflow_core::ActionSpec;
 use zapflow_core::retry::RetryPolicy;
-use zapflow_proto::v1::ZapEvent;
 use zapflow_store::{NewRun, StepClaim, StepOutcome, Store};
 use zapflow_testkit::{SmtpSink, test_store};
 use zapflow_worker::{Handled, Worker, WorkerSettings};
@@ -30,7 +30,7 @@ fn worker_with(store: &Store, smtp: &SmtpSink, settings: WorkerSettings) -> Work
 
 /// A run of a one-email zap, recorded as ingestion would; returns its first
 /// step's event.
-async fn accepted_run(store: &Store) -> ZapEvent {
+async fn accepted_run(store: &Store) -> Event {
     let (owner_id, _) = store.create_user("alice").await.unwrap();
     let action: ActionSpec = serde_json::from_value(json!({
         "type": "email",
@@ -58,12 +58,18 @@ async fn accepted_run(store: &Store) -> ZapEvent {
         idempotency_key: None,
     };
     store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
-    ZapEvent {
-        event_id: Uuid::new_v4().to_string(),
-        run_id: run.id.to_string(),
-        zap_id: zap.id.to_string(),
+    step_event(run.id, zap.id)
+}
+
+/// The event of step 0 of run `run_id`.
+fn step_event(run_id: Uuid, zap_id: Uuid) -> Event {
+    Event {
+        id: Uuid::new_v4(),
+        run_id,
+        zap_id,
         stage: 0,
-        ..ZapEvent::default()
+        kind: EventKind::Step,
+        created_at: Default::default(),
     }
 }
 
@@ -84,11 +90,7 @@ async fn the_same_event_twice_sends_one_email() {
 
     assert_eq!(smtp.mails().len(), 1);
     assert_eq!(smtp.mails()[0].recipients, ["bob@example.com"]);
-    let run = store
-        .run(event.run_id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let run = store.run(event.run_id).await.unwrap().unwrap();
     assert_eq!(run.status, zapflow_core::RunStatus::Succeeded);
     assert_eq!(run.steps[0].attempts, 1);
 }
@@ -98,13 +100,7 @@ async fn an_event_for_an_unknown_run_is_dead_lettered() {
     let store = test_store().await;
     let smtp = SmtpSink::start().await;
     let worker = worker(&store, &smtp);
-    let event = ZapEvent {
-        event_id: Uuid::new_v4().to_string(),
-        run_id: Uuid::new_v4().to_string(),
-        zap_id: Uuid::new_v4().to_string(),
-        stage: 0,
-        ..ZapEvent::default()
-    };
+    let event = step_event(Uuid::new_v4(), Uuid::new_v4());
     let handled = worker.execute(&event).await.unwrap();
     assert!(matches!(handled, Handled::DeadLettered(_)), "{handled:?}");
     let (kind, reason): (String, String) =
@@ -113,16 +109,7 @@ async fn an_event_for_an_unknown_run_is_dead_lettered() {
             .await
             .unwrap();
     assert_eq!(kind, "dead_letter");
-    assert!(reason.contains(&event.run_id));
-
-    let garbage = ZapEvent {
-        run_id: "not-a-uuid".into(),
-        ..event
-    };
-    assert!(matches!(
-        worker.execute(&garbage).await.unwrap(),
-        Handled::Poison(_)
-    ));
+    assert!(reason.contains(&event.run_id.to_string()));
     assert!(smtp.mails().is_empty());
 }
 
@@ -151,11 +138,7 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
             .await
             .unwrap();
     assert_eq!(delayed, 1);
-    let run = store
-        .run(event.run_id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let run = store.run(event.run_id).await.unwrap().unwrap();
     assert_eq!(run.steps[0].status, zapflow_core::StepStatus::Retrying);
     assert_eq!(run.steps[0].error.as_deref(), Some(error.as_str()));
 
@@ -164,11 +147,7 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
     smtp.reject_recipients(None);
     assert_eq!(worker.execute(&event).await.unwrap(), Handled::NotDue);
     assert!(smtp.mails().is_empty());
-    let run = store
-        .run(event.run_id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let run = store.run(event.run_id).await.unwrap().unwrap();
     assert_eq!(run.steps[0].attempts, 1);
     // ...and the retry succeeds once due.
     tokio::time::sleep(delay).await;
@@ -177,11 +156,7 @@ async fn an_smtp_server_that_says_try_later_schedules_a_retry() {
         matches!(handled, Handled::Ran(StepOutcome::Succeeded(_))),
         "{handled:?}"
     );
-    let run = store
-        .run(event.run_id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let run = store.run(event.run_id).await.unwrap().unwrap();
     assert_eq!(run.steps[0].attempts, 2);
     assert_eq!(smtp.mails().len(), 1);
 }
@@ -196,7 +171,7 @@ async fn a_crash_after_the_smtp_250_resends_once_with_the_same_message_id() {
     let store = test_store().await;
     let smtp = SmtpSink::start().await;
     let event = accepted_run(&store).await;
-    let run_id: Uuid = event.run_id.parse().unwrap();
+    let run_id = event.run_id;
 
     // The doomed worker: claims with a short lease, sends, and dies before
     // recording anything.
@@ -264,7 +239,7 @@ async fn a_step_back_past_its_attempts_is_dead_lettered_without_running() {
     let store = test_store().await;
     let smtp = SmtpSink::start().await;
     let event = accepted_run(&store).await;
-    let run_id: Uuid = event.run_id.parse().unwrap();
+    let run_id = event.run_id;
     let two_attempts = RetryPolicy {
         max_attempts: 2,
         ..RetryPolicy::default()

@@ -1,0 +1,279 @@
+//! Starting zapflow: the requested roles, from typed [`Settings`] and
+//! listeners the caller bound. The binary turns flags and environment into
+//! these; the test kit builds them from its options. Both start the same
+//! way, so the tests run what users run.
+
+mod error;
+mod settings;
+
+use std::fmt;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use zapflow_actions::{Executor, Mailer};
+use zapflow_api::Api;
+use zapflow_gateway::IngestTarget;
+use zapflow_processor::Relay;
+use zapflow_store::Store;
+use zapflow_worker::{DeadLetters, Worker};
+
+pub use error::ServerError;
+pub use settings::{CONSUMER_MAX_POLL_INTERVAL, DEAD_LETTER_DELIVERY_TIMEOUT, Listeners, Settings};
+
+/// A part of zapflow a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The gRPC API: ZapService, and IngestService for gateways.
+    Api,
+    /// The webhook gateway.
+    Gateway,
+    /// The relay from the outbox to Kafka.
+    Processor,
+    /// Runs the steps: from Kafka, or leasing the outbox without it.
+    Worker,
+}
+
+/// What `zapflow all` runs.
+pub const ALL_ROLES: [Role; 4] = [Role::Api, Role::Gateway, Role::Processor, Role::Worker];
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Api => "api",
+            Role::Gateway => "gateway",
+            Role::Processor => "processor",
+            Role::Worker => "worker",
+        })
+    }
+}
+
+type Result<T, E = ServerError> = std::result::Result<T, E>;
+
+/// The roles of one process, running until shutdown or until one of them
+/// ends. Dropping it stops them.
+pub struct Server {
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<()>>,
+}
+
+impl Server {
+    /// Starts `roles` on `listeners`; each runs until `shutdown`.
+    pub async fn start(
+        roles: &[Role],
+        settings: Settings,
+        mut listeners: Listeners,
+        store: Store,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        if settings.bus.is_some() && store.postgres().is_none() {
+            return Err(ServerError::KafkaWithoutPostgres);
+        }
+        let relays_or_consumes = roles
+            .iter()
+            .any(|role| matches!(role, Role::Processor | Role::Worker));
+        if let Some(bus) = &settings.bus
+            && relays_or_consumes
+        {
+            bus.ensure_topics()
+                .await
+                .map_err(|source| ServerError::Topics {
+                    brokers: bus.brokers.clone(),
+                    source,
+                })?;
+        }
+        // Dropped on a failure below: what already started stops.
+        let mut starting = Starting {
+            settings,
+            store,
+            server: Self {
+                shutdown,
+                tasks: JoinSet::new(),
+            },
+        };
+        // The API first: a gateway in the same process calls it directly.
+        let in_process_ingest = match roles.contains(&Role::Api) {
+            true => {
+                let grpc = listener(&mut listeners.grpc, Role::Api)?;
+                Some(
+                    starting
+                        .api(grpc, listeners.ingest.take(), relays_or_consumes)
+                        .await,
+                )
+            }
+            false => None,
+        };
+        for role in roles {
+            match role {
+                Role::Api => {}
+                Role::Gateway => {
+                    let http = listener(&mut listeners.http, Role::Gateway)?;
+                    starting.gateway(http, in_process_ingest.clone())?;
+                }
+                Role::Processor => starting.processors(roles.len() > 1)?,
+                Role::Worker => starting.workers()?,
+            }
+        }
+        Ok(starting.server)
+    }
+
+    /// Waits until a role ends (at shutdown, or failing), then stops the
+    /// others and waits for them to drain; the first failure, if any.
+    pub async fn wait(mut self) -> Result<()> {
+        let mut result = Ok(());
+        while let Some(done) = self.tasks.join_next().await {
+            // One role ending ends them all.
+            self.shutdown.cancel();
+            if let Ok(Err(error)) = done {
+                tracing::error!(error = %error::chain(&error), "role failed");
+                if result.is_ok() {
+                    result = Err(error);
+                }
+            }
+        }
+        result
+    }
+
+    /// Shuts every role down and waits for in-flight work to drain.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `slot`'s listener, which `role` cannot do without.
+fn listener(slot: &mut Option<TcpListener>, role: Role) -> Result<TcpListener> {
+    slot.take().ok_or(ServerError::NoListener(role))
+}
+
+/// The roles being started, and the server of those already running.
+struct Starting {
+    settings: Settings,
+    store: Store,
+    server: Server,
+}
+
+impl Starting {
+    /// Runs `task` until it ends; it is given the shutdown signal.
+    fn spawn<F>(&mut self, task: impl FnOnce(CancellationToken) -> F)
+    where
+        F: Future<Output = Result<()>> + Send + 'static,
+    {
+        let shutdown = self.server.shutdown.clone();
+        self.server.tasks.spawn(task(shutdown));
+    }
+
+    /// Serves the API; returns its IngestService for a gateway in this
+    /// process. With the relay or the workers in this process, the API is
+    /// only healthy while their broker answers too.
+    async fn api(
+        &mut self,
+        grpc: TcpListener,
+        ingest: Option<TcpListener>,
+        with_broker: bool,
+    ) -> tonic::service::Routes {
+        let mut settings = self.settings.api.clone();
+        settings.broker = self.settings.bus.clone().filter(|_| with_broker);
+        let api = Api::new(self.store.clone(), settings).await;
+        let in_process_ingest = api.in_process_ingest();
+        self.spawn(|shutdown| async move {
+            api.serve(grpc, ingest, shutdown)
+                .await
+                .map_err(ServerError::Api)
+        });
+        in_process_ingest
+    }
+
+    /// Serves webhooks; they go to `in_process_ingest` when the API runs
+    /// here, over the network to `ingest_url` otherwise.
+    fn gateway(
+        &mut self,
+        http: TcpListener,
+        in_process_ingest: Option<tonic::service::Routes>,
+    ) -> Result<()> {
+        let api = &self.settings.api;
+        let ingest = match in_process_ingest {
+            Some(service) => IngestTarget::in_process(service, api.max_message_bytes),
+            None => IngestTarget::connect(
+                &self.settings.ingest_url,
+                api.max_message_bytes,
+                api.ingest_token.as_deref(),
+            )?,
+        };
+        let router = zapflow_gateway::router(ingest, &self.settings.gateway);
+        self.spawn(|shutdown| async move {
+            zapflow_gateway::serve(http, router, shutdown)
+                .await
+                .map_err(ServerError::Gateway)
+        });
+        Ok(())
+    }
+
+    /// Relays the outbox to Kafka. Without Kafka there is nothing to relay:
+    /// workers read the outbox themselves, which is fine beside other roles
+    /// and a mistake on its own.
+    fn processors(&mut self, beside_other_roles: bool) -> Result<()> {
+        let (Some(bus), Some(_)) = (self.settings.bus.clone(), self.store.postgres()) else {
+            return match beside_other_roles {
+                true => Ok(()),
+                false => Err(ServerError::ProcessorWithoutKafka),
+            };
+        };
+        for _ in 0..self.settings.processors {
+            let relay = Relay::new(self.store.clone(), bus.clone(), self.settings.relay.clone())?;
+            self.spawn(|shutdown| async move {
+                relay.run(shutdown).await;
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the steps: members of the consumer group with Kafka, leasers of
+    /// due outbox rows without. Dead letters past their retention are
+    /// trimmed meanwhile.
+    fn workers(&mut self) -> Result<()> {
+        if let Some(retention) = self.settings.dead_letter_retention {
+            let store = self.store.clone();
+            self.spawn(move |shutdown| async move {
+                zapflow_worker::trim_dead_letters(store, retention, shutdown).await;
+                Ok(())
+            });
+        }
+        for _ in 0..self.settings.workers {
+            let mailer = Mailer::new(&self.settings.email).map_err(ServerError::Actions)?;
+            let executor =
+                Executor::with_http(mailer, &self.settings.http).map_err(ServerError::Actions)?;
+            let worker = Worker::new(self.store.clone(), executor, self.settings.worker.clone());
+            match &self.settings.bus {
+                Some(bus) => {
+                    let consumer =
+                        bus.consumer(&self.settings.consumer_group, CONSUMER_MAX_POLL_INTERVAL)?;
+                    let dead_letters = DeadLetters {
+                        producer: bus.producer(DEAD_LETTER_DELIVERY_TIMEOUT)?,
+                        topic: bus.dead_letter_topic.clone(),
+                    };
+                    self.spawn(|shutdown| async move {
+                        zapflow_worker::consume(worker, consumer, dead_letters, shutdown).await;
+                        Ok(())
+                    });
+                }
+                None => {
+                    let (store, poll_interval) =
+                        (self.store.clone(), self.settings.relay.poll_interval);
+                    self.spawn(move |shutdown| async move {
+                        zapflow_worker::run_local(worker, store, poll_interval, shutdown).await;
+                        Ok(())
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
