@@ -377,13 +377,13 @@ async fn a_lapsed_lease_lets_another_worker_take_the_step(store: Store) {
 }
 
 async fn outbox_rows_are_leased_and_come_back(store: Store) {
+    // Long enough that a loaded machine gets from one lease call to the next
+    // before it ends.
+    const LEASE: Duration = Duration::from_secs(1);
     let (owner, zap) = user_and_zap(&store, 1).await;
     let runs: Vec<NewRun> = (0..3).map(|_| new_run(zap, owner, 1, None)).collect();
     store.insert_runs(&runs).await.unwrap();
-    let leased = store
-        .lease_due_outbox_rows(10, Duration::from_millis(100))
-        .await
-        .unwrap();
+    let leased = store.lease_due_outbox_rows(10, LEASE).await.unwrap();
     assert_eq!(
         leased.iter().map(|row| row.run_id).collect::<Vec<_>>(),
         runs.iter().map(|run| run.id).collect::<Vec<_>>()
@@ -400,7 +400,7 @@ async fn outbox_rows_are_leased_and_come_back(store: Store) {
         .delete_outbox_rows(&[leased[0].id, leased[1].id])
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
     let back = store
         .lease_due_outbox_rows(10, Duration::from_secs(60))
         .await
