@@ -165,8 +165,12 @@ impl Template {
         check: fn(&str) -> Result<(), String>,
     ) -> Result<Self, FieldError> {
         let source = string(field, value, required)?;
-        zapflow_core::template::check(source)
-            .map_err(|error| FieldError::new(field, format!("invalid template: {error}")))?;
+        // Text without a delimiter is plain text, which always parses: most
+        // fields are, and this runs before every step.
+        if ["{{", "{%", "{#"].iter().any(|open| source.contains(open)) {
+            zapflow_core::template::check(source)
+                .map_err(|error| FieldError::new(field, format!("invalid template: {error}")))?;
+        }
         let template = Self {
             field: field.to_owned(),
             source: source.to_owned(),
