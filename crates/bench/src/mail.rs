@@ -1,11 +1,11 @@
 //! When each webhook's email reached the SMTP sink.
 //!
-//! The sink keeps messages but not their arrival time, so a task looks at it
-//! periodically and stamps the messages new since the last look: arrival
-//! times are late by at most one interval plus one look. A look copies every
-//! message kept so far, so it grows slower as they pile up; the interval
-//! grows with it (up to [`MAX_INTERVAL`]), keeping the watcher near a tenth
-//! of one CPU.
+//! The sink stamps each message as its last line arrives; a task looks at
+//! it periodically and records the stamps of the messages new since the
+//! last look. A look copies every message kept so far, so it grows slower
+//! as they pile up; the interval grows with it (up to [`MAX_INTERVAL`]),
+//! keeping the watcher near a tenth of one CPU. The interval only delays
+//! when a phase is seen to be over, not the arrival times.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -82,7 +82,7 @@ impl Deliveries {
                             Some(n) => match seen.arrivals.entry(n) {
                                 Entry::Occupied(_) => seen.duplicates += 1,
                                 Entry::Vacant(slot) => {
-                                    slot.insert(started);
+                                    slot.insert(mail.received);
                                 }
                             },
                             None => seen.unmatched += 1,

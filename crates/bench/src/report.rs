@@ -229,7 +229,7 @@ pub fn print(report: &Report) {
         shortest.to_string()
     };
     println!(
-        "  Arrivals are stamped by looking at the sink every {every} ms (a look took {:.2} ms on average).",
+        "  Arrivals are stamped by the sink as each message's last line is read; it was looked at every {every} ms (a look took {:.2} ms on average).",
         report.anomalies.mean_look.as_secs_f64() * 1000.0
     );
     if report.deployment == Deployment::Distributed {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +16,8 @@ pub struct Mail {
     pub recipients: Vec<String>,
     /// The message as sent after DATA (headers, blank line, body).
     pub data: String,
+    /// When the final "." of the message was read.
+    pub received: Instant,
 }
 
 impl Mail {
@@ -221,6 +223,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                             .unwrap_or(&line),
                     );
                 }
+                let received = Instant::now();
                 let data = data.strip_suffix("\r\n").unwrap_or(&data).to_owned();
                 let stall = *shared.stall.lock().unwrap();
                 tokio::time::sleep(stall).await;
@@ -228,6 +231,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                     from: std::mem::take(&mut from),
                     recipients: std::mem::take(&mut recipients),
                     data,
+                    received,
                 });
                 shared.arrived.notify_waiters();
                 "250 OK queued".into()
