@@ -1,19 +1,15 @@
 //! IngestService: one webhook delivery becomes one run.
 //!
-//! Deliveries that arrive together share a database commit: each request
-//! joins a queue, and a few committer tasks each take everything queued,
-//! write it in one transaction and answer every waiting request.
+//! Deliveries that arrive together share a database commit (a
+//! [`GroupCommit`]).
 
-use std::sync::Arc;
-
-use tokio::sync::{Mutex, mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use zapflow_core::delivery::{self, DeliveryLimits};
 use zapflow_core::{ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::ingest_service_server::IngestService;
-use zapflow_store::{NewRun, RecordedRun, Store};
+use zapflow_store::{GroupCommit, NewRun, RecordedRun, Store, StoreError, answers};
 
 use crate::error::ApiError;
 
@@ -22,27 +18,28 @@ const MAX_BATCH: usize = 256;
 /// Transactions in flight at once.
 const COMMITTERS: usize = 4;
 
-type Reply = oneshot::Sender<Result<RecordedRun, ApiError>>;
-
 #[derive(Clone)]
 pub struct IngestApi {
     store: Store,
     limits: DeliveryLimits,
-    queue: mpsc::Sender<(NewRun, Reply)>,
+    runs: GroupCommit<NewRun, Result<RecordedRun, StoreError>>,
 }
 
 impl IngestApi {
     /// Starts the committer tasks; they stop once every handle is dropped.
     pub fn new(store: Store, limits: DeliveryLimits) -> Self {
-        let (queue, receiver) = mpsc::channel(MAX_BATCH * COMMITTERS);
-        let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..COMMITTERS {
-            tokio::spawn(commit_batches(store.clone(), receiver.clone()));
-        }
+        let runs = {
+            let store = store.clone();
+            GroupCommit::spawn(COMMITTERS, MAX_BATCH, move |runs: Vec<NewRun>| {
+                let store = store.clone();
+                // One refused delivery fails alone; an outage fails the batch.
+                async move { answers(store.insert_runs_isolated(&runs).await, runs.len()) }
+            })
+        };
         Self {
             store,
             limits,
-            queue,
+            runs,
         }
     }
 
@@ -88,15 +85,14 @@ impl IngestApi {
             trigger,
             headers: serde_json::to_value(&request.headers).unwrap_or_default(),
             query: serde_json::to_value(&request.query).unwrap_or_default(),
-            actions: zap.actions,
+            actions: zap.actions.clone(),
             idempotency_key: Some(idempotency_key).filter(|key| !key.is_empty()),
         };
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((run, reply))
+        self.runs
+            .submit(run)
             .await
-            .map_err(|_| ApiError::Unavailable)?;
-        answer.await.map_err(|_| ApiError::Unavailable)?
+            .ok_or(ApiError::Unavailable)?
+            .map_err(|error| ApiError::from_store(error, "run"))
     }
 }
 
@@ -112,42 +108,6 @@ fn verify_signature(signing_secret: &str, request: &pb::IngestRequest) -> Result
     let now = chrono::Utc::now().timestamp();
     webhook_signature::verify(&[secret], headers, &request.body, now)
         .map_err(|error| ApiError::BadSignature(error.to_string()))
-}
-
-async fn commit_batches(store: Store, receiver: Arc<Mutex<mpsc::Receiver<(NewRun, Reply)>>>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        {
-            let mut receiver = receiver.lock().await;
-            if receiver.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                return;
-            }
-        }
-        // A caller that gave up (its deadline passed, the sender hung up)
-        // before its turn gets no run: it saw an error, and its retry
-        // starts afresh.
-        let (runs, replies): (Vec<NewRun>, Vec<Reply>) = batch
-            .drain(..)
-            .filter(|(_, reply)| !reply.is_closed())
-            .unzip();
-        if runs.is_empty() {
-            continue;
-        }
-        // One refused delivery fails alone; an outage fails the batch.
-        match store.insert_runs_isolated(&runs).await {
-            Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result.map_err(|error| ApiError::from_store(error, "run")));
-                }
-            }
-            Err(error) => {
-                let error = ApiError::from_store(error, "run");
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
-        }
-    }
 }
 
 #[tonic::async_trait]

@@ -108,7 +108,7 @@ impl Arg<'_> {
     pub(crate) fn json(value: &impl Serialize) -> Result<Self> {
         serde_json::value::to_raw_value(value)
             .map(|raw| Self::Json(Some(raw)))
-            .map_err(|error| StoreError::Db(sqlx::Error::Encode(Box::new(error))))
+            .map_err(|error| StoreError::Db(Arc::new(sqlx::Error::Encode(Box::new(error)))))
     }
 
     /// `value` as JSON, or NULL.
@@ -225,7 +225,7 @@ fn sqlite_arguments(args: &[Arg<'_>]) -> Result<SqliteArguments, BoxDynError> {
 
 /// Arguments that could not be encoded are a bug, not a database's answer.
 fn encoded<A>(arguments: Result<A, BoxDynError>) -> Result<A> {
-    arguments.map_err(|error| StoreError::Db(sqlx::Error::Encode(error)))
+    arguments.map_err(|error| StoreError::Db(Arc::new(sqlx::Error::Encode(error))))
 }
 
 /// An instant read back (see [`Arg::Instant`]).
@@ -292,12 +292,19 @@ pub enum Durability {
     ProcessCrash,
 }
 
+/// Read-only connections beside an SQLite file's writer.
+const READERS: u32 = 2;
+
 /// A connection pool to either database.
 #[derive(Debug, Clone)]
 pub(crate) enum Db {
     Postgres(PgPool),
     Sqlite {
+        /// The one connection that writes.
         pool: SqlitePool,
+        /// Read-only connections: in WAL mode reads run beside the writer
+        /// instead of queueing behind its transactions.
+        reader: SqlitePool,
         /// Marked changed whenever outbox rows were committed. Unlike a bare
         /// notification, a change is kept for each subscriber until it
         /// looks, so a loop that was busy when rows arrived still sees it.
@@ -326,29 +333,57 @@ impl Db {
                 Durability::PowerLoss => SqliteSynchronous::Full,
                 Durability::ProcessCrash => SqliteSynchronous::Normal,
             });
-        Self::sqlite(options).await
+        Self::sqlite(options, READERS).await
     }
 
-    /// Opens a `sqlite:` URL (`sqlite::memory:` included).
+    /// Opens a `sqlite:` URL (`sqlite::memory:` included: a database in
+    /// memory is one connection's own, so that one also reads).
     pub(crate) async fn sqlite_url(url: &str) -> Result<Self> {
-        Self::sqlite(SqliteConnectOptions::from_str(url)?.create_if_missing(true)).await
+        let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        Self::sqlite(options, if in_memory { 0 } else { READERS }).await
     }
 
-    async fn sqlite(options: SqliteConnectOptions) -> Result<Self> {
+    async fn sqlite(options: SqliteConnectOptions, readers: u32) -> Result<Self> {
         let options = options
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        // One connection: SQLite has one writer anyway, and a single
+        // One writing connection: SQLite has one writer anyway, and a single
         // connection never meets SQLITE_BUSY between its own transactions.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
+        let reader = match readers {
+            0 => pool.clone(),
+            readers => SqlitePoolOptions::new()
+                .max_connections(readers)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_lazy_with(options.read_only(true)),
+        };
         Ok(Self::Sqlite {
             pool,
+            reader,
             outbox_written: Arc::new(watch::Sender::new(())),
         })
+    }
+
+    /// The same database for statements that only read: on SQLite, its
+    /// read-only connections (a write there fails).
+    pub(crate) fn reader(&self) -> Self {
+        match self {
+            Self::Postgres(_) => self.clone(),
+            Self::Sqlite {
+                reader,
+                outbox_written,
+                ..
+            } => Self::Sqlite {
+                pool: reader.clone(),
+                reader: reader.clone(),
+                outbox_written: outbox_written.clone(),
+            },
+        }
     }
 
     pub(crate) async fn begin(&self) -> Result<Tx> {
@@ -357,6 +392,7 @@ impl Db {
             Self::Sqlite {
                 pool,
                 outbox_written,
+                ..
             } => Tx::Sqlite {
                 tx: pool.begin().await?,
                 outbox_written: outbox_written.clone(),
@@ -490,13 +526,21 @@ impl Tx {
         self.link().fetch_all(sql, args).await
     }
 
+    pub(crate) async fn fetch_optional<T: Record>(
+        &mut self,
+        sql: impl Statement,
+        args: &[Arg<'_>],
+    ) -> Result<Option<T>> {
+        self.link().fetch_optional(sql, args).await
+    }
+
+    /// The one row a query returns; [`StoreError::NotFound`] without.
     pub(crate) async fn fetch_one<T: Record>(
         &mut self,
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<T> {
-        self.link()
-            .fetch_optional(sql, args)
+        self.fetch_optional(sql, args)
             .await?
             .ok_or(StoreError::NotFound)
     }

@@ -73,6 +73,7 @@ impl Store {
     ) -> Result<DeadLetterPage> {
         let rows: Vec<DeadLetterRow> = self
             .db
+            .reader()
             .fetch_all(
                 "SELECT id, zap_id, run_id, step, reason, created_at FROM zap_dead_letters
                  WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)

@@ -10,28 +10,34 @@
 mod claim;
 mod db;
 mod dead_letters;
+mod group_commit;
 mod outbox;
 mod runs;
 mod steps;
 mod storable;
 mod users;
 mod wakeups;
+mod zap_cache;
 mod zaps;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
 use crate::db::Db;
+use crate::zap_cache::ZapCache;
 
 pub use db::Durability;
 pub use dead_letters::{DeadLetter, DeadLetterPage};
+pub use group_commit::{GroupCommit, answers};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
 pub use runs::{NewRun, RecordedRun, Replay, Run, RunPage, Step, TimeWindow};
-pub use steps::{ClaimedStep, StepClaim, StepOutcome};
+pub use steps::{ClaimedStep, Finish, StepClaim, StepOutcome};
 pub use wakeups::OutboxWakeups;
+pub use zap_cache::ZAPS_CHANNEL;
 pub use zaps::{Zap, ZapForIngest};
 
 /// The schema, embedded in the binary.
@@ -41,7 +47,9 @@ pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite")
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-#[derive(Debug, thiserror::Error)]
+/// What went wrong in the database. Cloneable, so that the operations
+/// sharing a failed commit can each be told.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
     NotFound,
@@ -51,16 +59,21 @@ pub enum StoreError {
     /// deadlock, serialization failure, shutdown, busy file): the same
     /// request may succeed when tried again.
     #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Arc<sqlx::Error>),
     /// The database refused a value it cannot store (an invalid character,
     /// a value over a size limit): trying again cannot help.
     #[error("value refused by the database")]
-    Refused(#[source] sqlx::Error),
+    Refused(#[source] Arc<sqlx::Error>),
     #[error("internal database error")]
-    Db(#[source] sqlx::Error),
+    Db(#[source] Arc<sqlx::Error>),
 }
 
 impl StoreError {
+    /// What an operation gets whose commit task died before answering.
+    pub fn crashed() -> Self {
+        Self::Unavailable(Arc::new(sqlx::Error::WorkerCrashed))
+    }
+
     /// Whether trying the same operation again may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable(_))
@@ -75,16 +88,16 @@ impl From<sqlx::Error> for StoreError {
             // SQLSTATE 23505 on PostgreSQL, SQLITE_CONSTRAINT_UNIQUE on SQLite.
             sqlx::Error::Database(db) if db.is_unique_violation() => Self::AlreadyExists,
             sqlx::Error::Database(db) => match classify(db.as_ref()) {
-                Some(Class::Transient) => Self::Unavailable(error),
-                Some(Class::Refused) => Self::Refused(error),
-                None => Self::Db(error),
+                Some(Class::Transient) => Self::Unavailable(Arc::new(error)),
+                Some(Class::Refused) => Self::Refused(Arc::new(error)),
+                None => Self::Db(Arc::new(error)),
             },
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(error),
-            _ => Self::Db(error),
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(Arc::new(error)),
+            _ => Self::Db(Arc::new(error)),
         }
     }
 }
@@ -94,7 +107,7 @@ pub(crate) fn parse_status<T: std::str::FromStr<Err = zapflow_core::model::Unkno
     text: &str,
 ) -> Result<T> {
     text.parse()
-        .map_err(|error| StoreError::Db(sqlx::Error::Decode(Box::new(error))))
+        .map_err(|error| StoreError::Db(Arc::new(sqlx::Error::Decode(Box::new(error)))))
 }
 
 enum Class {
@@ -138,6 +151,7 @@ fn classify(error: &dyn sqlx::error::DatabaseError) -> Option<Class> {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
+    zaps: Arc<ZapCache>,
 }
 
 impl Store {
@@ -149,7 +163,14 @@ impl Store {
         } else {
             Db::postgres_lazy(url, max_connections)?
         };
-        Ok(Self { db })
+        Ok(Self::new(db))
+    }
+
+    fn new(db: Db) -> Self {
+        Self {
+            zaps: ZapCache::new(&db),
+            db,
+        }
     }
 
     /// Opens (creating) an SQLite database file.
@@ -159,9 +180,7 @@ impl Store {
 
     /// [`open_file`](Self::open_file) with a chosen durability.
     pub async fn open_file_with(path: &Path, durability: Durability) -> Result<Self> {
-        Ok(Self {
-            db: Db::sqlite_file(path, durability).await?,
-        })
+        Ok(Self::new(Db::sqlite_file(path, durability).await?))
     }
 
     /// The PostgreSQL pool, when this is PostgreSQL.

@@ -2,6 +2,7 @@
 //! state change behind it. A row with a future `available_at` is a delayed
 //! retry (or a lease, while a local worker holds it).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -36,9 +37,9 @@ impl OutboxKind {
         match text {
             "step" => Ok(Self::Step),
             "dead_letter" => Ok(Self::DeadLetter),
-            other => Err(StoreError::Db(sqlx::Error::Decode(
+            other => Err(StoreError::Db(Arc::new(sqlx::Error::Decode(
                 format!("unknown outbox row kind {other:?}").into(),
-            ))),
+            )))),
         }
     }
 }
@@ -118,7 +119,7 @@ impl OutboxClaim {
     /// which stay due for the next pass.
     pub async fn finish(mut self, delivered: &[i64]) -> Result<()> {
         if !delivered.is_empty() {
-            self.tx.execute(DELETE_ROWS, &[Arg::Ids(delivered)]).await?;
+            delete_outbox_rows(&mut self.tx, delivered).await?;
         }
         self.tx.commit().await
     }
@@ -182,6 +183,7 @@ impl Store {
     pub async fn next_step_due_in(&self) -> Result<Option<Duration>> {
         let (due,): (Option<Stamp>,) = self
             .db
+            .reader()
             .fetch_one(
                 "SELECT min(available_at) FROM zap_run_outbox WHERE kind = 'step'",
                 &[],
@@ -254,10 +256,17 @@ impl Store {
     pub async fn outbox_len(&self) -> Result<i64> {
         let (count,): (i64,) = self
             .db
+            .reader()
             .fetch_one("SELECT count(*) FROM zap_run_outbox", &[])
             .await?;
         Ok(count)
     }
+}
+
+/// Deletes outbox rows inside the caller's transaction.
+pub(crate) async fn delete_outbox_rows(tx: &mut Tx, ids: &[i64]) -> Result<()> {
+    tx.execute(DELETE_ROWS, &[Arg::Ids(ids)]).await?;
+    Ok(())
 }
 
 /// Adds an outbox row inside the caller's transaction; a dead letter is

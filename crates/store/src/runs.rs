@@ -10,6 +10,7 @@ use uuid::Uuid;
 use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
 
 use crate::db::{Arg, Dialect, Tx};
+use crate::group_commit::each_alone_on_refusal;
 use crate::outbox::OutboxKind;
 use crate::parse_status;
 use crate::{Result, Store, StoreError};
@@ -242,20 +243,7 @@ impl Store {
     /// delivery is still recorded. `Err` means the database did not answer
     /// and nothing was written.
     pub async fn insert_runs_isolated(&self, runs: &[NewRun]) -> Result<Vec<Result<RecordedRun>>> {
-        match self.insert_runs(runs).await {
-            Ok(recorded) => Ok(recorded.into_iter().map(Ok).collect()),
-            Err(error) if error.is_transient() => Err(error),
-            Err(error) if runs.len() == 1 => Ok(vec![Err(error)]),
-            Err(error) => {
-                tracing::warn!(%error, runs = runs.len(), "a batch of runs failed; recording each alone");
-                let mut recorded = Vec::with_capacity(runs.len());
-                for run in runs {
-                    let one = self.insert_runs(std::slice::from_ref(run)).await;
-                    recorded.push(one.map(|mut one| one.remove(0)));
-                }
-                Ok(recorded)
-            }
-        }
+        each_alone_on_refusal(runs, "runs", |runs| self.insert_runs(runs)).await
     }
 
     /// Records a replay of `original` as run `id`, starting at `start_stage`:
@@ -325,7 +313,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Uuid>> {
         let ids: Vec<(Uuid,)> = self
-            .db
+            .db.reader()
             .fetch_all(
                 "SELECT id FROM zap_runs
                  WHERE owner_id = $1 AND zap_id = $2 AND status = 'failed'
@@ -356,29 +344,12 @@ impl Store {
             .ok_or(StoreError::NotFound)
     }
 
+    /// Run and steps read in one transaction: a consistent snapshot.
     async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
-        let row: Option<RunRow> = self
-            .db
-            .fetch_optional(
-                concat!(
-                    "SELECT ",
-                    run_columns!(),
-                    " FROM zap_runs WHERE id = $1 AND ($2 IS NULL OR owner_id = $2)"
-                ),
-                &[id.into(), owner_id.into()],
-            )
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let steps: Vec<StepRow> = self
-            .db
-            .fetch_all(
-                "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
-                        history
-                 FROM zap_run_steps WHERE run_id = $1",
-                &[id.into()],
-            )
-            .await?;
-        row.into_run(steps).map(Some)
+        let mut tx = self.db.reader().begin().await?;
+        let run = read_run(&mut tx, id, owner_id).await?;
+        tx.commit().await?;
+        Ok(run)
     }
 
     /// Runs of an owner (optionally of one zap), newest first, without steps
@@ -409,6 +380,7 @@ impl Store {
         };
         let rows: Vec<RunRow> = self
             .db
+            .reader()
             .fetch_all(
                 sql,
                 &[
@@ -421,6 +393,35 @@ impl Store {
             .await?;
         RunPage::from_rows(rows, limit)
     }
+}
+
+/// A run with its steps, whoever owns it, read inside the caller's
+/// transaction.
+pub(crate) async fn run_in(tx: &mut Tx, id: Uuid) -> Result<Option<Run>> {
+    read_run(tx, id, None).await
+}
+
+async fn read_run(tx: &mut Tx, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
+    let row: Option<RunRow> = tx
+        .fetch_optional(
+            concat!(
+                "SELECT ",
+                run_columns!(),
+                " FROM zap_runs WHERE id = $1 AND ($2 IS NULL OR owner_id = $2)"
+            ),
+            &[id.into(), owner_id.into()],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let steps: Vec<StepRow> = tx
+        .fetch_all(
+            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
+                    history
+             FROM zap_run_steps WHERE run_id = $1",
+            &[id.into()],
+        )
+        .await?;
+    row.into_run(steps).map(Some)
 }
 
 /// Inserts runs with one statement (PostgreSQL): the runs and the outbox

@@ -11,7 +11,9 @@ use zapflow_core::{Attempt, AttemptOutcome, RunStatus, StepStatus};
 
 use crate::claim::{Decision, StepState, decide, max_attempts};
 use crate::db::{Arg, Stamp, Tx, sql};
-use crate::outbox::{OutboxKind, enqueue};
+use crate::group_commit::each_alone_on_refusal;
+use crate::outbox::{OutboxKind, delete_outbox_rows, enqueue};
+use crate::runs::run_in;
 use crate::{Result, Run, Store, parse_status};
 
 /// The answer to "may I run step `stage` of this run now?".
@@ -62,6 +64,16 @@ pub enum StepOutcome {
     Failed(String),
 }
 
+/// An attempt's outcome to record ([`Store::finish_steps`]).
+#[derive(Debug)]
+pub struct Finish<'a> {
+    pub step: &'a ClaimedStep,
+    pub outcome: &'a StepOutcome,
+    /// The outbox row that announced the step, when a worker leased it
+    /// from the outbox: deleted in the same transaction.
+    pub outbox_row: Option<i64>,
+}
+
 impl Store {
     /// Leases step `stage` of a run for `lease`, unless it is done, held by
     /// another worker, waiting for a retry not yet due, or out of attempts
@@ -75,20 +87,107 @@ impl Store {
         lease: Duration,
         retry: &RetryPolicy,
     ) -> Result<StepClaim> {
-        let Some(run) = self.run(run_id).await? else {
-            return Ok(StepClaim::Unknown);
-        };
-        if run.status.is_final() {
-            return Ok(StepClaim::RunFinished);
-        }
-        let Some(action) = run.actions.get(stage as usize) else {
-            return Ok(StepClaim::Unknown);
-        };
+        let mut claims = self.claim_steps(&[(run_id, stage)], lease, retry).await?;
+        Ok(claims.remove(0))
+    }
 
+    /// [`claim_step`](Self::claim_step) for each `(run id, stage)`, in one
+    /// transaction; the answers in order.
+    pub async fn claim_steps(
+        &self,
+        steps: &[(Uuid, u32)],
+        lease: Duration,
+        retry: &RetryPolicy,
+    ) -> Result<Vec<StepClaim>> {
         let mut tx = self.db.begin().await?;
-        tx.execute(
+        let mut claims = Vec::with_capacity(steps.len());
+        for &(run_id, stage) in steps {
+            claims.push(claim(&mut tx, run_id, stage, lease, retry).await?);
+        }
+        tx.commit().await?;
+        Ok(claims)
+    }
+
+    /// [`claim_steps`](Self::claim_steps), where a claim the database
+    /// refuses fails alone. `Err` means the database did not answer.
+    pub async fn claim_steps_isolated(
+        &self,
+        steps: &[(Uuid, u32)],
+        lease: Duration,
+        retry: &RetryPolicy,
+    ) -> Result<Vec<Result<StepClaim>>> {
+        each_alone_on_refusal(steps, "claims", |steps| {
+            self.claim_steps(steps, lease, retry)
+        })
+        .await
+    }
+
+    /// Records how an attempt ended and, in the same transaction, announces
+    /// what follows: the next step, a delayed retry, or a dead letter.
+    /// Returns false (and changes nothing) when the lease was lost.
+    pub async fn finish_step(&self, step: &ClaimedStep, outcome: &StepOutcome) -> Result<bool> {
+        let finish = Finish {
+            step,
+            outcome,
+            outbox_row: None,
+        };
+        let mut finished = self.finish_steps(&[finish]).await?;
+        Ok(finished.remove(0))
+    }
+
+    /// [`finish_step`](Self::finish_step) for each attempt, in one
+    /// transaction; whether each was recorded, in order.
+    pub async fn finish_steps(&self, finishes: &[Finish<'_>]) -> Result<Vec<bool>> {
+        let now = Utc::now();
+        let mut tx = self.db.begin().await?;
+        let mut recorded = Vec::with_capacity(finishes.len());
+        for finish in finishes {
+            recorded.push(record(&mut tx, finish, now).await?);
+        }
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    /// [`finish_steps`](Self::finish_steps), where an outcome the database
+    /// refuses fails alone. `Err` means the database did not answer.
+    pub async fn finish_steps_isolated(
+        &self,
+        finishes: &[Finish<'_>],
+    ) -> Result<Vec<Result<bool>>> {
+        each_alone_on_refusal(finishes, "step outcomes", |finishes| {
+            self.finish_steps(finishes)
+        })
+        .await
+    }
+}
+
+/// Claims one step inside the caller's transaction (see
+/// [`Store::claim_step`]).
+async fn claim(
+    tx: &mut Tx,
+    run_id: Uuid,
+    stage: u32,
+    lease: Duration,
+    retry: &RetryPolicy,
+) -> Result<StepClaim> {
+    let Some(run) = run_in(tx, run_id).await? else {
+        return Ok(StepClaim::Unknown);
+    };
+    if run.status.is_final() {
+        return Ok(StepClaim::RunFinished);
+    }
+    let Some(action) = run.actions.get(stage as usize) else {
+        return Ok(StepClaim::Unknown);
+    };
+    // Added if missing and, on PostgreSQL, locked (a conflicting upsert
+    // locks the row it updates); on SQLite the transaction is the only
+    // writer.
+    let (status, attempts, lease_until, retry_at): StepStateRow = tx
+        .fetch_one(
             "INSERT INTO zap_run_steps (run_id, step, action_type, status)
-             VALUES ($1, $2, $3, 'pending') ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, 'pending')
+             ON CONFLICT (run_id, step) DO UPDATE SET status = zap_run_steps.status
+             RETURNING status, attempts, lease_until, retry_at",
             &[
                 run_id.into(),
                 stage.into(),
@@ -96,106 +195,94 @@ impl Store {
             ],
         )
         .await?;
-        // Locked on PostgreSQL; on SQLite this transaction is the only writer.
-        let (status, attempts, lease_until, retry_at): StepStateRow = tx
-            .fetch_one(
-                sql!(
-                    "SELECT status, attempts, lease_until, retry_at FROM zap_run_steps
-                     WHERE run_id = $1 AND step = $2";
-                    postgres: " FOR UPDATE", sqlite: "";
-                ),
-                &[run_id.into(), stage.into()],
-            )
-            .await?;
-        let state = StepState {
-            status: parse_status(&status)?,
-            attempts: attempts as u32,
-            lease_until: lease_until.map(|Stamp(at)| at),
-            retry_at: retry_at.map(|Stamp(at)| at),
-        };
-        let now = Utc::now();
-        let attempt = match decide(&state, now, max_attempts(&run, stage, retry)) {
-            Decision::Leave(answer) => return Ok(answer),
-            Decision::GiveUp { error, abandoned } => {
-                let step = ClaimedStep {
-                    run,
-                    stage,
-                    attempt: state.attempts,
-                };
-                give_up(&mut tx, &step, &error, abandoned, now).await?;
-                tx.commit().await?;
-                return Ok(StepClaim::Exhausted { error });
-            }
-            Decision::Claim => state.attempts + 1,
-        };
-        tx.execute(
-            "UPDATE zap_run_steps
-             SET status = 'running', attempts = $3, retry_at = NULL, lease_until = $4,
-                 started_at = coalesce(started_at, $5)
-             WHERE run_id = $1 AND step = $2",
-            &[
-                run_id.into(),
-                stage.into(),
-                attempt.into(),
-                Arg::after(lease),
-                now.into(),
-            ],
-        )
-        .await?;
+    let state = StepState {
+        status: parse_status(&status)?,
+        attempts: attempts as u32,
+        lease_until: lease_until.map(|Stamp(at)| at),
+        retry_at: retry_at.map(|Stamp(at)| at),
+    };
+    let now = Utc::now();
+    let attempt = match decide(&state, now, max_attempts(&run, stage, retry)) {
+        Decision::Leave(answer) => return Ok(answer),
+        Decision::GiveUp { error, abandoned } => {
+            let step = ClaimedStep {
+                run,
+                stage,
+                attempt: state.attempts,
+            };
+            give_up(tx, &step, &error, abandoned, now).await?;
+            return Ok(StepClaim::Exhausted { error });
+        }
+        Decision::Claim => state.attempts + 1,
+    };
+    tx.execute(
+        "UPDATE zap_run_steps
+         SET status = 'running', attempts = $3, retry_at = NULL, lease_until = $4,
+             started_at = coalesce(started_at, $5)
+         WHERE run_id = $1 AND step = $2",
+        &[
+            run_id.into(),
+            stage.into(),
+            attempt.into(),
+            Arg::after(lease),
+            now.into(),
+        ],
+    )
+    .await?;
+    if run.status == RunStatus::Pending {
         tx.execute(
             "UPDATE zap_runs SET status = 'running', updated_at = $2
              WHERE id = $1 AND status = 'pending'",
             &[run_id.into(), now.into()],
         )
         .await?;
-        tx.commit().await?;
-        Ok(StepClaim::Claimed(Box::new(ClaimedStep {
-            run,
-            stage,
-            attempt,
-        })))
     }
+    Ok(StepClaim::Claimed(Box::new(ClaimedStep {
+        run,
+        stage,
+        attempt,
+    })))
+}
 
-    /// Records how an attempt ended and, in the same transaction, announces
-    /// what follows: the next step, a delayed retry, or a dead letter.
-    /// Returns false (and changes nothing) when the lease was lost.
-    pub async fn finish_step(&self, step: &ClaimedStep, outcome: &StepOutcome) -> Result<bool> {
-        let now = Utc::now();
-        let outcome = outcome.storable();
-        let recorded = outcome.recorded();
-        let mut tx = self.db.begin().await?;
-        let updated = tx
-            .execute(
-                sql!(
-                    "UPDATE zap_run_steps
-                     SET status = $4, output = $5, error = $6, lease_until = NULL,
-                         finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
-                         retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
-                         history = ";
-                    postgres: "history || jsonb_build_array($8)",
-                    sqlite: "json_insert(history, '$[#]', json($8))";
-                    " WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'"
-                ),
-                &[
-                    step.run.id.into(),
-                    step.stage.into(),
-                    step.attempt.into(),
-                    recorded.status.as_str().into(),
-                    Arg::json_or_null(recorded.output)?,
-                    recorded.error.into(),
-                    now.into(),
-                    Arg::json(&step.attempt_record(&outcome, now))?,
-                    Arg::after(outcome.retry_delay()),
-                ],
-            )
-            .await?;
-        if updated == 0 {
-            return Ok(false);
-        }
-        follow_up(&mut tx, step, &outcome, now).await?;
-        tx.commit().await?;
-        Ok(true)
+/// Records one attempt's outcome inside the caller's transaction (see
+/// [`Store::finish_step`]).
+async fn record(tx: &mut Tx, finish: &Finish<'_>, now: DateTime<Utc>) -> Result<bool> {
+    let step = finish.step;
+    let outcome = finish.outcome.storable();
+    let recorded = outcome.recorded();
+    let updated = tx
+        .execute(
+            sql!(
+                "UPDATE zap_run_steps
+                 SET status = $4, output = $5, error = $6, lease_until = NULL,
+                     finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
+                     retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
+                     history = ";
+                postgres: "history || jsonb_build_array($8)",
+                sqlite: "json_insert(history, '$[#]', json($8))";
+                " WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'"
+            ),
+            &[
+                step.run.id.into(),
+                step.stage.into(),
+                step.attempt.into(),
+                recorded.status.as_str().into(),
+                Arg::json_or_null(recorded.output)?,
+                recorded.error.into(),
+                now.into(),
+                Arg::json(&step.attempt_record(&outcome, now))?,
+                Arg::after(outcome.retry_delay()),
+            ],
+        )
+        .await?;
+    if updated == 0 {
+        return Ok(false);
     }
+    follow_up(tx, step, &outcome, now).await?;
+    if let Some(row) = finish.outbox_row {
+        delete_outbox_rows(tx, &[row]).await?;
+    }
+    Ok(true)
 }
 
 /// Fails a step whose attempts are used up, keeping the history entry of

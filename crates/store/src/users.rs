@@ -34,7 +34,11 @@ impl Store {
     }
 
     pub async fn user_count(&self) -> Result<i64> {
-        let (count,): (i64,) = self.db.fetch_one("SELECT count(*) FROM users", &[]).await?;
+        let (count,): (i64,) = self
+            .db
+            .reader()
+            .fetch_one("SELECT count(*) FROM users", &[])
+            .await?;
         Ok(count)
     }
 
@@ -42,6 +46,7 @@ impl Store {
     pub async fn authenticate(&self, key: &ApiKey) -> Result<Option<Uuid>> {
         let row: Option<(Uuid, Vec<u8>)> = self
             .db
+            .reader()
             .fetch_optional(
                 "SELECT user_id, secret_hash FROM api_keys WHERE id = $1",
                 &[key.id.into()],

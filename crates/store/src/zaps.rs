@@ -1,11 +1,13 @@
 //! Zaps: a webhook trigger and its actions, owned by a user.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 use zapflow_core::{ActionSpec, ZapStatus};
 
-use crate::db::Arg;
+use crate::db::{Arg, Db};
 use crate::{Result, Store, StoreError, parse_status};
 
 /// A zap as its owner sees it.
@@ -135,6 +137,7 @@ impl Store {
     pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
         let row: ZapRow = self
             .db
+            .reader()
             .fetch_one(
                 concat!("SELECT ", zap_columns!(), " FROM zaps", owned_zap!()),
                 &[id.into(), owner_id.into()],
@@ -152,6 +155,7 @@ impl Store {
     ) -> Result<Vec<Zap>> {
         let rows: Vec<ZapRow> = self
             .db
+            .reader()
             .fetch_all(
                 concat!(
                     "SELECT ",
@@ -191,6 +195,7 @@ impl Store {
                 ],
             )
             .await?;
+        self.forget_zap(id);
         row.try_into()
     }
 
@@ -212,6 +217,7 @@ impl Store {
                 ],
             )
             .await?;
+        self.forget_zap(id);
         row.try_into()
     }
 
@@ -257,6 +263,7 @@ impl Store {
                 &[id.into(), owner_id.into(), Utc::now().into()],
             )
             .await?;
+        self.forget_zap(id);
         found(changed)
     }
 
@@ -273,20 +280,33 @@ impl Store {
             .db
             .execute(sql, &[id.into(), owner_id.into(), value, Utc::now().into()])
             .await?;
+        self.forget_zap(id);
         found(changed)
     }
 
     /// A live zap by id alone: the webhook token is the caller's credential.
-    pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<ZapForIngest>> {
+    /// Served from memory once read (see `zap_cache`).
+    pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<Arc<ZapForIngest>>> {
+        if let Db::Postgres(pool) = &self.db {
+            self.zaps.listen(pool);
+        }
+        if let Some(zap) = self.zaps.get(id) {
+            return Ok(Some(zap));
+        }
+        let generation = self.zaps.generation();
         let row: Option<IngestRow> = self
             .db
+            .reader()
             .fetch_optional(
                 "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
                  WHERE id = $1 AND deleted_at IS NULL",
                 &[id.into()],
             )
             .await?;
-        row.map(ZapForIngest::try_from).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let zap = Arc::new(ZapForIngest::try_from(row)?);
+        self.zaps.put(generation, id, zap.clone());
+        Ok(Some(zap))
     }
 }
 

@@ -222,7 +222,7 @@ async fn handle(
 ) -> bool {
     match zapflow_bus::decode(payload) {
         Ok(event) => worker
-            .execute_until_recorded(&event, shutdown)
+            .execute_until_recorded(&event, None, shutdown)
             .await
             .is_some(),
         Err(error) => publish_poison(dead_letters, payload, &error.to_string(), shutdown).await,

@@ -6,15 +6,19 @@ mod local;
 mod offsets;
 mod retention;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 use zapflow_actions::{ActionError, Executor, StepRef};
 use zapflow_bus::{Event, EventKind};
 use zapflow_core::retry::RetryPolicy;
-use zapflow_store::{ClaimedStep, StepClaim, StepOutcome, Store, StoreError};
+use zapflow_store::{
+    ClaimedStep, Finish, GroupCommit, StepClaim, StepOutcome, Store, StoreError, answers,
+};
 
 pub use consume::{DeadLetters, consume};
 pub use local::run_local;
@@ -64,19 +68,65 @@ pub enum Handled {
     Unrecorded(StepOutcome),
 }
 
+/// Most claims, or outcomes, recorded in one transaction.
+const MAX_BATCH: usize = 64;
+/// Transactions of claims, or of outcomes, in flight at once.
+const COMMITTERS: usize = 2;
+
+/// An attempt's outcome waiting to be recorded.
+struct Recording {
+    step: Arc<ClaimedStep>,
+    outcome: Arc<StepOutcome>,
+    outbox_row: Option<i64>,
+}
+
 #[derive(Clone)]
 pub struct Worker {
     store: Store,
     executor: Executor,
     settings: WorkerSettings,
+    /// Claims of steps taken together share a transaction...
+    claims: GroupCommit<(Uuid, u32), Result<StepClaim, StoreError>>,
+    /// ...and so do the outcomes of attempts that end together.
+    recordings: GroupCommit<Recording, Result<bool, StoreError>>,
 }
 
 impl Worker {
     pub fn new(store: Store, executor: Executor, settings: WorkerSettings) -> Self {
+        let claims = {
+            let (store, lease, retry) = (store.clone(), settings.lease, settings.retry);
+            GroupCommit::spawn(COMMITTERS, MAX_BATCH, move |steps: Vec<(Uuid, u32)>| {
+                let store = store.clone();
+                async move {
+                    let claimed = store.claim_steps_isolated(&steps, lease, &retry).await;
+                    answers(claimed, steps.len())
+                }
+            })
+        };
+        let recordings = {
+            let store = store.clone();
+            GroupCommit::spawn(COMMITTERS, MAX_BATCH, move |recordings: Vec<Recording>| {
+                let store = store.clone();
+                async move {
+                    let finishes: Vec<Finish<'_>> = recordings
+                        .iter()
+                        .map(|recording| Finish {
+                            step: &recording.step,
+                            outcome: &recording.outcome,
+                            outbox_row: recording.outbox_row,
+                        })
+                        .collect();
+                    let recorded = store.finish_steps_isolated(&finishes).await;
+                    answers(recorded, finishes.len())
+                }
+            })
+        };
         Self {
             store,
             executor,
             settings,
+            claims,
+            recordings,
         }
     }
 
@@ -99,6 +149,18 @@ impl Worker {
         event: &Event,
         shutdown: &CancellationToken,
     ) -> Result<Handled, StoreError> {
+        self.handle(event, None, shutdown).await
+    }
+
+    /// [`execute_until`](Self::execute_until) for an event read from
+    /// `outbox_row`, which is deleted in the transaction that records the
+    /// step's outcome.
+    async fn handle(
+        &self,
+        event: &Event,
+        outbox_row: Option<i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<Handled, StoreError> {
         let (run_id, zap_id) = (event.run_id, event.zap_id);
         if let EventKind::DeadLetter { .. } = event.kind {
             // Dead letters have a topic of their own and are never leased:
@@ -106,16 +168,12 @@ impl Worker {
             tracing::debug!(%run_id, stage = event.stage, "dead-letter event; nothing to run");
             return Ok(Handled::Duplicate);
         }
-        let step = match self
-            .store
-            .claim_step(
-                run_id,
-                event.stage,
-                self.settings.lease,
-                &self.settings.retry,
-            )
-            .await?
-        {
+        let claim = self
+            .claims
+            .submit((run_id, event.stage))
+            .await
+            .unwrap_or_else(|| Err(StoreError::crashed()))?;
+        let step = match claim {
             StepClaim::Claimed(step) => step,
             StepClaim::AlreadyDone | StepClaim::RunFinished => return Ok(Handled::Duplicate),
             StepClaim::NotDue { retry_at } => {
@@ -155,7 +213,9 @@ impl Worker {
                 tracing::warn!(%run_id, stage = step.stage, attempt = step.attempt, error, "step failed")
             }
         }
-        Ok(self.record(&step, outcome, shutdown).await)
+        Ok(self
+            .record(step.into(), outcome, outbox_row, shutdown)
+            .await)
     }
 
     /// Records an attempt's outcome, retrying with backoff while the
@@ -163,23 +223,35 @@ impl Worker {
     /// action again to get another outcome would repeat it.
     async fn record(
         &self,
-        step: &ClaimedStep,
+        step: Arc<ClaimedStep>,
         outcome: StepOutcome,
+        outbox_row: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Handled {
+        let outcome = Arc::new(outcome);
         let mut backoff = Backoff::default();
         loop {
-            match self.store.finish_step(step, &outcome).await {
-                Ok(true) => return Handled::Ran(outcome),
+            let recording = Recording {
+                step: step.clone(),
+                outcome: outcome.clone(),
+                outbox_row,
+            };
+            let recorded = self
+                .recordings
+                .submit(recording)
+                .await
+                .unwrap_or_else(|| Err(StoreError::crashed()));
+            match recorded {
+                Ok(true) => return Handled::Ran(unshared(outcome)),
                 Ok(false) => {
                     tracing::warn!(run_id = %step.run.id, stage = step.stage, attempt = step.attempt, "lease lost before the result was recorded");
-                    return Handled::Ran(outcome);
+                    return Handled::Ran(unshared(outcome));
                 }
                 Err(error) => {
                     tracing::warn!(%error, run_id = %step.run.id, stage = step.stage, attempt = step.attempt, "cannot record the step's outcome; will retry");
                     if !backoff.wait(shutdown).await {
                         tracing::warn!(run_id = %step.run.id, stage = step.stage, "shutting down with an unrecorded outcome");
-                        return Handled::Unrecorded(outcome);
+                        return Handled::Unrecorded(unshared(outcome));
                     }
                 }
             }
@@ -192,11 +264,12 @@ impl Worker {
     pub(crate) async fn execute_until_recorded(
         &self,
         event: &Event,
+        outbox_row: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Option<Handled> {
         let mut backoff = Backoff::default();
         loop {
-            match self.execute_until(event, shutdown).await {
+            match self.handle(event, outbox_row, shutdown).await {
                 Ok(Handled::Unrecorded(_)) => return None,
                 Ok(handled) => return Some(handled),
                 Err(error) => {
@@ -246,6 +319,11 @@ impl Worker {
             }
         }
     }
+}
+
+/// The outcome back from a recording that no longer holds it.
+fn unshared(outcome: Arc<StepOutcome>) -> StepOutcome {
+    Arc::try_unwrap(outcome).unwrap_or_else(|shared| (*shared).clone())
 }
 
 /// Waits between tries at a database that does not answer: from 100 ms,

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use zapflow_bus::Event;
 use zapflow_store::Store;
 
-use crate::Worker;
+use crate::{Handled, Worker};
 
 /// How long a worker with steps in flight sleeps at most before it looks
 /// for due rows again.
@@ -67,8 +67,12 @@ pub async fn run_local(
             tasks.spawn(async move {
                 let _permit = permit;
                 let event = Event::from(&row);
-                let handled = worker.execute_until_recorded(&event, &shutdown).await;
-                if handled.is_some()
+                // A step that ran is recorded with its row deleted; any
+                // other answer leaves the row to delete here.
+                let handled = worker
+                    .execute_until_recorded(&event, Some(row.id), &shutdown)
+                    .await;
+                if handled.is_some_and(|handled| !matches!(handled, Handled::Ran(_)))
                     && let Err(error) = store.delete_outbox_rows(&[row.id]).await
                 {
                     // The row comes due again after its lease; the step

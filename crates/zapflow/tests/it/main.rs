@@ -44,3 +44,4 @@ mod support;
 mod tenancy;
 mod wakeups;
 mod worker;
+mod zap_cache;
