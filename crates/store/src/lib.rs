@@ -29,7 +29,7 @@ use crate::db::Db;
 pub use db::Durability;
 pub use dead_letters::{DeadLetter, DeadLetterPage};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
-pub use runs::{NewRun, RecordedRun, Replay, Run, RunPage, Step, TimeWindow};
+pub use runs::{NewRun, RecordedRun, Replay, Run, RunChange, RunFilter, RunPage, Step, TimeWindow};
 pub use steps::{ClaimedStep, StepClaim, StepOutcome};
 pub use wakeups::OutboxWakeups;
 pub use zaps::{Zap, ZapForIngest};
