@@ -11,7 +11,8 @@ use zapflow_store::Store;
 
 use crate::config::Config;
 
-const KEY_FILE: &str = "admin-api-key";
+/// The admin key's file in the data directory.
+pub const KEY_FILE: &str = "admin-api-key";
 
 pub async fn greet(config: &Config, store: &Store, roles: &[Role]) -> Result<()> {
     let key_path = config.data_dir.join(KEY_FILE);
