@@ -6,7 +6,7 @@ use clap::Args;
 use serde::Serialize;
 use zapflow_proto::v1 as pb;
 
-use crate::cli::client::Client;
+use crate::cli::client::{Client, Connection};
 use crate::cli::output::{Format, paint, print_data};
 use crate::cli::zapfile::{self, ZapFile};
 
@@ -28,6 +28,8 @@ pub struct Apply {
     /// Print the outcome for people (table) or scripts.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,
+    #[command(flatten)]
+    pub connection: Connection,
 }
 
 /// What apply did (or, in a dry run, would do) to one zap.

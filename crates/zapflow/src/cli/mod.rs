@@ -24,12 +24,7 @@ use self::client::{CliError, Client, Connection, Credentials, DEFAULT_SERVER, Ke
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Make the server's zaps match zap files: create, update, leave alone.
-    Apply {
-        #[command(flatten)]
-        apply: apply::Apply,
-        #[command(flatten)]
-        connection: Connection,
-    },
+    Apply(apply::Apply),
     /// List, show and manage zaps.
     #[command(after_help = "Examples:
   zapflow zaps list
@@ -93,9 +88,7 @@ async fn dispatch(
     mut app: clap::Command,
 ) -> anyhow::Result<()> {
     match command {
-        ClientCommand::Apply { apply, connection } => {
-            apply.run(&connection.connect(data_dir).await?).await
-        }
+        ClientCommand::Apply(apply) => apply.run(&apply.connection.connect(data_dir).await?).await,
         ClientCommand::Zaps {
             command,
             connection,

@@ -70,14 +70,15 @@ impl Tail {
             let mut stream = match stream {
                 Ok(stream) => stream.into_inner(),
                 Err(status) if status.code() == Code::Unavailable => {
-                    self.wait(&mut backoff, &status.to_string(), &mut client)
-                        .await?;
+                    self.wait(&mut backoff, None, &mut client).await?;
                     continue;
                 }
                 Err(status) => return Err(client.error(status).into()),
             };
             if connected_once {
                 eprintln!("reconnected to {}", client.server);
+            } else {
+                eprintln!("watching runs on {} (Ctrl-C to stop)", client.server);
             }
             connected_once = true;
             backoff = Duration::from_millis(100);
@@ -111,7 +112,7 @@ impl Tail {
                     Err(status) => return Err(client.error(status).into()),
                 }
             };
-            self.wait(&mut backoff, &ended, &mut client).await?;
+            self.wait(&mut backoff, Some(&ended), &mut client).await?;
         }
     }
 
@@ -119,10 +120,12 @@ impl Tail {
     async fn wait(
         &self,
         backoff: &mut Duration,
-        why: &str,
+        lost: Option<&str>,
         client: &mut Client,
     ) -> anyhow::Result<()> {
-        eprintln!("lost {} ({why}); reconnecting", client.server);
+        if let Some(why) = lost {
+            eprintln!("lost {} ({why}); reconnecting", client.server);
+        }
         loop {
             tokio::time::sleep(*backoff).await;
             *backoff = (*backoff * 2).min(MAX_BACKOFF);
@@ -171,6 +174,7 @@ impl Tail {
                         }
                         text
                     }
+                    None if kind == "accepted" => String::new(),
                     None => paint(run_status(run.status)),
                 };
                 println!("{at}  {}  {zap}  {kind:<8}  {detail}", run.id);
