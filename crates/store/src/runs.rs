@@ -570,6 +570,8 @@ impl Store {
 
     /// The runs of an owner (optionally of one zap) changed at or after
     /// `since`, oldest change first, at most `limit`.
+    /// (On SQLite `updated_at` is RFC 3339 text, always in UTC, which sorts
+    /// as the times do: the same comparison serves both dialects.)
     pub async fn runs_changed_since(
         &self,
         owner_id: Uuid,
@@ -577,15 +579,14 @@ impl Store {
         since: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<RunChange>> {
-        Ok(self
-            .db
+        self.db
             .fetch_all(
                 "SELECT id, updated_at FROM zap_runs
                  WHERE owner_id = $1 AND updated_at >= $2 AND ($3 IS NULL OR zap_id = $3)
                  ORDER BY updated_at, id LIMIT $4",
                 &[owner_id.into(), since.into(), zap_id.into(), limit.into()],
             )
-            .await?)
+            .await
     }
 
     /// A run of `owner_id` with its steps but without its payload.

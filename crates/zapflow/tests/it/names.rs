@@ -172,7 +172,7 @@ async fn runs_are_listed_by_status_and_creation_time(deployment: Deployment) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(ids(reply), [failed.clone()]);
+    assert_eq!(ids(reply), std::slice::from_ref(&failed));
     let both = vec![pb::RunStatus::Failed, pb::RunStatus::Succeeded];
     let reply = client
         .list_runs(list(both, None, None))
