@@ -50,7 +50,8 @@ pub(crate) struct RunWatch {
     /// The last look read a full batch: the next one goes on from the
     /// cursor itself, so that a burst cannot hold the stream in place.
     behind: bool,
-    /// What was told of each run changed within [`LOOKBACK`] of the cursor.
+    /// What was told of each run under way, and of each run finished within
+    /// [`LOOKBACK`] of the cursor.
     told: HashMap<Uuid, Told>,
 }
 
@@ -174,8 +175,11 @@ impl RunWatch {
             }
             self.told.insert(run.id, Told::of(&run));
         }
+        // A run still under way may change again long after (a delayed
+        // retry): it stays known, so that it is not told as new then.
         let horizon = self.cursor - LOOKBACK;
-        self.told.retain(|_, told| told.updated_at >= horizon);
+        self.told
+            .retain(|_, told| told.updated_at >= horizon || !told.status.is_final());
         Ok(events)
     }
 }

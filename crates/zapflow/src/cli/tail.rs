@@ -1,10 +1,10 @@
 //! `zapflow runs tail`: WatchRuns, printed as it comes, through restarts of
 //! the server.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::{TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use clap::Args;
 use serde::Serialize;
 use tonic::Code;
@@ -55,12 +55,12 @@ impl Tail {
             Some(since) => Some(crate::cli::runs::parse_time(since)?),
             None => Some(now()),
         };
-        // What was printed, so that a reconnection's overlap is not printed twice.
-        let mut printed: HashSet<(String, i32, u32, u32)> = HashSet::new();
+        let mut printed = Printed::default();
         let mut client = client.clone();
         let mut backoff = Duration::from_millis(100);
         let mut connected_once = false;
         loop {
+            printed.forget_before(start_from(start_time));
             let request = pb::WatchRunsRequest {
                 zap_id: zap_id.clone(),
                 statuses: self.status.iter().map(|status| status.proto()).collect(),
@@ -86,18 +86,10 @@ impl Tail {
                 match stream.message().await {
                     Ok(Some(event)) => {
                         let Some(run) = &event.run else { continue };
-                        let step = &run.steps.get(event.step as usize);
-                        let key = (
-                            run.id.clone(),
-                            event.kind,
-                            event.step,
-                            step.map_or(0, |step| step.attempts),
-                        );
-                        if let Some(updated) = time(run.update_time.as_ref()) {
-                            let resume = updated - RESUME_OVERLAP;
-                            start_time = Some(timestamp(resume.max(start_from(start_time))));
-                        }
-                        if !printed.insert(key) {
+                        let updated = time(run.update_time.as_ref()).unwrap_or_else(Utc::now);
+                        let resume = updated - RESUME_OVERLAP;
+                        start_time = Some(timestamp(resume.max(start_from(start_time))));
+                        if !printed.first_time(&event, run, updated) {
                             continue;
                         }
                         if !names.contains_key(&run.zap_id) {
@@ -202,6 +194,39 @@ impl Tail {
         use std::io::Write;
         std::io::stdout().flush()?;
         Ok(())
+    }
+}
+
+/// The events printed, so that a reconnection's overlap is not printed
+/// twice: each with its run's update time, and forgotten once the resume
+/// point has passed it (the server sends nothing from before that point).
+#[derive(Default)]
+struct Printed {
+    /// Run id, event kind, step and attempts (for a step's event).
+    events: HashMap<(String, i32, u32, u32), DateTime<Utc>>,
+}
+
+impl Printed {
+    /// Whether `event` was not printed before; remembers it.
+    fn first_time(
+        &mut self,
+        event: &pb::WatchRunsResponse,
+        run: &pb::Run,
+        at: DateTime<Utc>,
+    ) -> bool {
+        let attempts = match pb::RunEventKind::try_from(event.kind) {
+            Ok(pb::RunEventKind::StepFinished) => run
+                .steps
+                .get(event.step as usize)
+                .map_or(0, |step| step.attempts),
+            _ => 0,
+        };
+        let key = (run.id.clone(), event.kind, event.step, attempts);
+        self.events.insert(key, at).is_none()
+    }
+
+    fn forget_before(&mut self, time: DateTime<Utc>) {
+        self.events.retain(|_, at| *at >= time);
     }
 }
 
