@@ -43,6 +43,7 @@ mod restart;
 mod retries;
 mod store;
 mod support;
+mod tail;
 mod tenancy;
 mod wakeups;
 mod worker;
