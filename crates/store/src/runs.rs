@@ -369,15 +369,7 @@ impl Store {
             )
             .await?;
         let Some(row) = row else { return Ok(None) };
-        let steps: Vec<StepRow> = self
-            .db
-            .fetch_all(
-                "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
-                        history
-                 FROM zap_run_steps WHERE run_id = $1",
-                &[id.into()],
-            )
-            .await?;
+        let steps = self.step_rows(id).await?;
         row.into_run(steps).map(Some)
     }
 
@@ -602,15 +594,19 @@ impl Store {
                 &[id.into(), owner_id.into()],
             )
             .await?;
-        let steps: Vec<StepRow> = self
-            .db
+        let steps = self.step_rows(id).await?;
+        row.into_run(steps)
+    }
+
+    /// The recorded steps of a run (steps not started yet have no row).
+    async fn step_rows(&self, run_id: Uuid) -> Result<Vec<StepRow>> {
+        self.db
             .fetch_all(
                 "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
                         history
                  FROM zap_run_steps WHERE run_id = $1",
-                &[id.into()],
+                &[run_id.into()],
             )
-            .await?;
-        row.into_run(steps)
+            .await
     }
 }

@@ -143,7 +143,7 @@ pub struct Client {
 
 impl Connection {
     /// The server to talk to and, if one is found, the key with its source.
-    pub fn resolve(&self, data_dir: &Path) -> Result<(String, String, KeySource), CliError> {
+    fn resolve(&self, data_dir: &Path) -> Result<(String, String, KeySource), CliError> {
         let credentials =
             Credentials::path().and_then(|path| Some((Credentials::load(&path)?, path)));
         let server = self
