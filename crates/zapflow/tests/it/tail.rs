@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 use zapflow_testkit::{Stack, StackOptions, eventually};
 
 use crate::cli::{Cli, email_zap, path, send, webhook_url};
-use crate::support::{WAIT, new_user};
+use crate::support::{Deployment, WAIT, new_user, stack_of};
 
 /// A running `zapflow runs tail`, its lines collected as they come.
 struct Tail {
@@ -198,4 +198,41 @@ async fn tail_reconnects_after_a_server_restart() {
     })
     .await;
     tail.expect(&[&after, "finished", "succeeded"]).await;
+}
+
+/// Accepted, the step, finished: what `runs tail -o json` prints of one run.
+async fn tail_follows_a_run(deployment: Deployment) {
+    let stack = stack_of(deployment, StackOptions::default()).await;
+    let cli = Cli::of(&stack, &new_user(&stack, "ada").await);
+    let applied = cli
+        .ok(&[
+            "apply",
+            "-f",
+            path(&cli.write("mail.yaml", &email_zap("Mail", "hi"))),
+        ])
+        .await;
+    let tail = Tail::start(&cli, &["runs", "tail", "-o", "json"]);
+    tail.expect(&["watching runs"]).await;
+    let run = send(&cli, &webhook_url(&applied), r#"{"to": "a@example.com"}"#).await;
+    tail.expect(&[&run, r#""event":"accepted""#]).await;
+    tail.expect(&[&run, r#""event":"step","step":0"#]).await;
+    tail.expect(&[&run, r#""event":"finished""#, r#""status":"succeeded""#])
+        .await;
+    drop(tail);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_follows_a_run_embedded() {
+    tail_follows_a_run(Deployment::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_follows_a_run_postgres_only() {
+    tail_follows_a_run(Deployment::PostgresOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_follows_a_run_distributed() {
+    tail_follows_a_run(Deployment::Distributed).await;
 }
