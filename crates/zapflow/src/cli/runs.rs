@@ -84,8 +84,8 @@ pub struct ListRuns {
     #[arg(long, default_value_t = 20)]
     limit: i32,
     /// Go on from an earlier page (its next_page_token).
-    #[arg(long, default_value = "")]
-    page_token: String,
+    #[arg(long)]
+    page_token: Option<String>,
     #[arg(short, long, value_enum, default_value_t)]
     output: Format,
 }
@@ -228,7 +228,7 @@ impl ListRuns {
         let request = pb::ListRunsRequest {
             zap_id,
             page_size: self.limit,
-            page_token: self.page_token.clone(),
+            page_token: self.page_token.clone().unwrap_or_default(),
             view: pb::RunView::Basic as i32,
             statuses: self.status.iter().map(|status| status.proto()).collect(),
             start_time: self.since.as_deref().map(parse_time).transpose()?,
