@@ -16,7 +16,7 @@ pid=$!
 cleanup() {
   kill -INT "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  rm -rf data zap.json run.json
+  rm -rf data new-comment.yaml apply.txt run.json
 }
 trap cleanup EXIT
 
@@ -38,9 +38,13 @@ check() {
     exit 1
   fi
 }
+check "created  New comment"
+check "webhook URL     http://127.0.0.1:8080/hooks/catch/"
 check "To: grace@example.com"
 check "Subject: Thanks, Grace"
 check "You wrote: Nice post!"
 check '"status": "RUN_STATUS_SUCCEEDED"'
 check '"status": "STEP_STATUS_SUCCEEDED"'
+check "^status  *succeeded"
+check "^0  *email  *succeeded  *1 "
 echo "quickstart: ok"

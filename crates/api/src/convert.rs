@@ -92,16 +92,45 @@ pub fn zap_to_proto(zap: &zapflow_store::Zap) -> pb::Zap {
     }
 }
 
+fn run_status_to_proto(status: RunStatus) -> pb::RunStatus {
+    match status {
+        RunStatus::Pending => pb::RunStatus::Pending,
+        RunStatus::Running => pb::RunStatus::Running,
+        RunStatus::Succeeded => pb::RunStatus::Succeeded,
+        RunStatus::Failed => pb::RunStatus::Failed,
+    }
+}
+
+/// The statuses a request filters on (`field`); unspecified ones are refused.
+pub fn run_statuses_from_proto(statuses: &[i32], field: &str) -> Result<Vec<RunStatus>> {
+    statuses
+        .iter()
+        .map(|&status| match pb::RunStatus::try_from(status) {
+            Ok(pb::RunStatus::Pending) => Ok(RunStatus::Pending),
+            Ok(pb::RunStatus::Running) => Ok(RunStatus::Running),
+            Ok(pb::RunStatus::Succeeded) => Ok(RunStatus::Succeeded),
+            Ok(pb::RunStatus::Failed) => Ok(RunStatus::Failed),
+            Ok(pb::RunStatus::Unspecified) | Err(_) => {
+                Err(ApiError::invalid(field, "not a run status"))
+            }
+        })
+        .collect()
+}
+
+/// A request's optional time (`field`).
+pub fn time_from_proto(time: Option<&Timestamp>, field: &str) -> Result<Option<DateTime<Utc>>> {
+    time.map(|time| {
+        DateTime::from_timestamp(time.seconds, time.nanos.max(0) as u32)
+            .ok_or_else(|| ApiError::invalid(field, "not a valid time"))
+    })
+    .transpose()
+}
+
 pub fn run_to_proto(run: &zapflow_store::Run) -> pb::Run {
     pb::Run {
         id: run.id.to_string(),
         zap_id: run.zap_id.to_string(),
-        status: match run.status {
-            RunStatus::Pending => pb::RunStatus::Pending,
-            RunStatus::Running => pb::RunStatus::Running,
-            RunStatus::Succeeded => pb::RunStatus::Succeeded,
-            RunStatus::Failed => pb::RunStatus::Failed,
-        } as i32,
+        status: run_status_to_proto(run.status) as i32,
         trigger: Some(json_to_value(&run.trigger)),
         steps: run.steps.iter().map(step_to_proto).collect(),
         create_time: Some(timestamp(run.created_at)),

@@ -20,6 +20,9 @@ pub enum ApiError {
     InvalidArgument { field: String, message: String },
     #[error("{0} already exists")]
     AlreadyExists(&'static str),
+    /// Zap names are unique per owner.
+    #[error("a zap named {0:?} already exists; choose another name, or update that zap")]
+    ZapNameTaken(String),
     #[error("{0}")]
     FailedPrecondition(&'static str),
     /// A webhook delivery that breaks the delivery rules.
@@ -69,7 +72,7 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::BadDelivery(DeliveryError::TooLarge { .. }) => Code::OutOfRange,
             ApiError::BadDelivery(_) => Code::InvalidArgument,
-            ApiError::AlreadyExists(_) => Code::AlreadyExists,
+            ApiError::AlreadyExists(_) | ApiError::ZapNameTaken(_) => Code::AlreadyExists,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Unavailable => Code::Unavailable,
             ApiError::Internal => Code::Internal,

@@ -5,6 +5,7 @@
 mod convert;
 mod error;
 mod ingest;
+mod watch;
 mod zaps;
 
 use std::time::Duration;
@@ -146,9 +147,10 @@ impl Api {
         let reflection_alpha = reflection()
             .build_v1alpha()
             .expect("the embedded descriptor sets are valid");
-        let zaps =
-            ZapServiceServer::new(ZapApi::new(self.store.clone(), &self.settings.public_url))
-                .max_decoding_message_size(self.settings.max_message_bytes);
+        let zap_api = ZapApi::new(self.store.clone(), &self.settings.public_url)
+            .with_shutdown(shutdown.clone());
+        let zaps = ZapServiceServer::new(zap_api)
+            .max_decoding_message_size(self.settings.max_message_bytes);
         let health = HealthServer::new(HealthService::from_health_reporter(
             self.public_health.clone(),
         ));

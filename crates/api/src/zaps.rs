@@ -1,23 +1,28 @@
 //! ZapService: zaps and runs, for their owner only.
 
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use zapflow_core::{RunStatus, StepStatus, ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_server::ZapService;
-use zapflow_store::{Replay, Store, TimeWindow};
+use zapflow_store::{Replay, RunFilter, Store, StoreError, TimeWindow};
 
 use crate::convert::{
     action_type_to_proto, actions_from_proto, dead_letter_to_proto, page_size, parse_id,
-    parse_page_token, run_to_proto, zap_to_proto,
+    parse_page_token, run_statuses_from_proto, run_to_proto, time_from_proto, zap_to_proto,
 };
 use crate::error::{ApiError, Result};
+use crate::watch::RunWatch;
 
 #[derive(Clone)]
 pub struct ZapApi {
     store: Store,
     /// Where webhooks are reached from outside, without a trailing slash.
     public_url: String,
+    /// Ends the streams of WatchRuns (they would hold a draining server).
+    shutdown: CancellationToken,
 }
 
 impl ZapApi {
@@ -25,7 +30,13 @@ impl ZapApi {
         Self {
             store,
             public_url: public_url.trim_end_matches('/').to_owned(),
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Ends open WatchRuns streams (UNAVAILABLE) once `shutdown` is cancelled.
+    pub fn with_shutdown(self, shutdown: CancellationToken) -> Self {
+        Self { shutdown, ..self }
     }
 
     /// A list's zap filter: none when empty, else a zap the caller owns
@@ -129,6 +140,15 @@ fn zap_error(error: zapflow_store::StoreError) -> ApiError {
     ApiError::from_store(error, "zap")
 }
 
+/// [`zap_error`] for a write naming the zap `name`, which another zap may
+/// have already.
+fn zap_write_error(error: zapflow_store::StoreError, name: &str) -> ApiError {
+    match error {
+        StoreError::AlreadyExists => ApiError::ZapNameTaken(name.to_owned()),
+        error => zap_error(error),
+    }
+}
+
 fn run_error(error: zapflow_store::StoreError) -> ApiError {
     ApiError::from_store(error, "run")
 }
@@ -162,7 +182,7 @@ impl ZapService for ZapApi {
                 signing_secret.as_deref(),
             )
             .await
-            .map_err(zap_error)?;
+            .map_err(|error| zap_write_error(error, body.name.trim()))?;
         tracing::info!(zap_id = %zap.id, "zap created");
         Ok(Response::new(pb::CreateZapResponse {
             webhook_url: self.webhook_url(zap.id, &token),
@@ -173,8 +193,13 @@ impl ZapService for ZapApi {
 
     async fn get_zap(&self, request: Request<pb::GetZapRequest>) -> Reply<pb::GetZapResponse> {
         let owner = self.authenticate(&request).await?;
-        let id = parse_id(&request.get_ref().id, "zap")?;
-        let zap = self.store.get_zap(owner, id).await.map_err(zap_error)?;
+        let body = request.get_ref();
+        let zap = match (body.id.as_str(), body.name.as_str()) {
+            ("", "") => return Err(ApiError::invalid("id", "give the zap's id or name").into()),
+            ("", name) => self.store.zap_by_name(owner, name.trim()).await,
+            (id, _) => self.store.get_zap(owner, parse_id(id, "zap")?).await,
+        }
+        .map_err(zap_error)?;
         Ok(Response::new(pb::GetZapResponse {
             zap: Some(zap_to_proto(&zap)),
         }))
@@ -213,13 +238,34 @@ impl ZapService for ZapApi {
         let body = request.get_ref();
         let id = parse_id(&body.id, "zap")?;
         let actions = Self::validate(&body.name, &body.actions)?;
-        let zap = self
+        let name = body.name.trim();
+        let mut zap = self
             .store
-            .update_zap(owner, id, body.name.trim(), &actions)
+            .update_zap(owner, id, name, &actions)
             .await
-            .map_err(zap_error)?;
+            .map_err(|error| zap_write_error(error, name))?;
+        let mut signing_secret = String::new();
+        match body.require_signature {
+            Some(true) if !zap.signature_required => {
+                signing_secret = webhook_signature::Secret::generate().expose();
+                self.store
+                    .set_zap_signing_secret(owner, id, &signing_secret)
+                    .await
+                    .map_err(zap_error)?;
+                zap.signature_required = true;
+            }
+            Some(false) if zap.signature_required => {
+                self.store
+                    .clear_zap_signing_secret(owner, id)
+                    .await
+                    .map_err(zap_error)?;
+                zap.signature_required = false;
+            }
+            _ => {}
+        }
         Ok(Response::new(pb::UpdateZapResponse {
             zap: Some(zap_to_proto(&zap)),
+            signing_secret,
         }))
     }
 
@@ -304,13 +350,20 @@ impl ZapService for ZapApi {
     ) -> Reply<pb::ListRunsResponse> {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
-        let zap_id = self.zap_filter(owner, &body.zap_id).await?;
+        let filter = RunFilter {
+            zap_id: self.zap_filter(owner, &body.zap_id).await?,
+            statuses: run_statuses_from_proto(&body.statuses, "statuses")?,
+            created: TimeWindow {
+                start: time_from_proto(body.start_time.as_ref(), "start_time")?,
+                end: time_from_proto(body.end_time.as_ref(), "end_time")?,
+            },
+        };
         let limit = page_size(body.page_size)?;
         let before = parse_page_token(&body.page_token)?;
         let full = body.view() == pb::RunView::Full;
         let page = self
             .store
-            .list_runs(owner, zap_id, before, limit, full)
+            .list_runs_where(owner, &filter, before, limit, full)
             .await
             .map_err(run_error)?;
         Ok(Response::new(runs_page(page, full)))
@@ -366,17 +419,9 @@ impl ZapService for ZapApi {
         let body = request.get_ref();
         let zap_id = parse_id(&body.zap_id, "zap")?;
         self.store.get_zap(owner, zap_id).await.map_err(zap_error)?;
-        let bound = |time: &Option<prost_types::Timestamp>, field: &str| {
-            time.as_ref()
-                .map(|time| {
-                    chrono::DateTime::from_timestamp(time.seconds, time.nanos.max(0) as u32)
-                        .ok_or_else(|| ApiError::invalid(field, "not a valid time"))
-                })
-                .transpose()
-        };
         let window = TimeWindow {
-            start: bound(&body.start_time, "start_time")?,
-            end: bound(&body.end_time, "end_time")?,
+            start: time_from_proto(body.start_time.as_ref(), "start_time")?,
+            end: time_from_proto(body.end_time.as_ref(), "end_time")?,
         };
         let failed = self
             .store
@@ -392,6 +437,22 @@ impl ZapService for ZapApi {
             }
         }
         Ok(Response::new(pb::ReplayRunsResponse { run_ids }))
+    }
+
+    type WatchRunsStream = ReceiverStream<std::result::Result<pb::WatchRunsResponse, Status>>;
+
+    async fn watch_runs(
+        &self,
+        request: Request<pb::WatchRunsRequest>,
+    ) -> Reply<Self::WatchRunsStream> {
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let zap_id = self.zap_filter(owner, &body.zap_id).await?;
+        let statuses = run_statuses_from_proto(&body.statuses, "statuses")?;
+        let since = time_from_proto(body.start_time.as_ref(), "start_time")?
+            .unwrap_or_else(chrono::Utc::now);
+        let watch = RunWatch::new(self.store.clone(), owner, zap_id, statuses, since);
+        Ok(Response::new(watch.spawn(self.shutdown.clone())))
     }
 
     async fn get_run(&self, request: Request<pb::GetRunRequest>) -> Reply<pb::GetRunResponse> {

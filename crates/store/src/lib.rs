@@ -34,7 +34,7 @@ pub use db::Durability;
 pub use dead_letters::{DeadLetter, DeadLetterPage};
 pub use group_commit::{GroupCommit, answers};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
-pub use runs::{NewRun, RecordedRun, Replay, Run, RunPage, Step, TimeWindow};
+pub use runs::{NewRun, RecordedRun, Replay, Run, RunChange, RunFilter, RunPage, Step, TimeWindow};
 pub use steps::{ClaimedStep, Finish, StepClaim, StepOutcome};
 pub use wakeups::OutboxWakeups;
 pub use zap_cache::ZAPS_CHANNEL;

@@ -363,35 +363,12 @@ impl Store {
         limit: u32,
         payloads: bool,
     ) -> Result<RunPage> {
-        macro_rules! page_of_runs {
-            ($columns:expr) => {
-                concat!(
-                    "SELECT ",
-                    $columns,
-                    " FROM zap_runs
-                     WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
-                     ORDER BY id DESC LIMIT $4"
-                )
-            };
-        }
-        let sql = match payloads {
-            true => page_of_runs!(run_columns!()),
-            false => page_of_runs!(run_columns_without_payload!()),
+        let filter = RunFilter {
+            zap_id,
+            ..RunFilter::default()
         };
-        let rows: Vec<RunRow> = self
-            .db
-            .reader()
-            .fetch_all(
-                sql,
-                &[
-                    owner_id.into(),
-                    zap_id.into(),
-                    before.into(),
-                    (i64::from(limit) + 1).into(),
-                ],
-            )
-            .await?;
-        RunPage::from_rows(rows, limit)
+        self.list_runs_where(owner_id, &filter, before, limit, payloads)
+            .await
     }
 }
 
@@ -413,14 +390,7 @@ async fn read_run(tx: &mut Tx, id: Uuid, owner_id: Option<Uuid>) -> Result<Optio
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
-    let steps: Vec<StepRow> = tx
-        .fetch_all(
-            "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
-                    history
-             FROM zap_run_steps WHERE run_id = $1",
-            &[id.into()],
-        )
-        .await?;
+    let steps = step_rows(tx, id).await?;
     row.into_run(steps).map(Some)
 }
 
@@ -513,4 +483,133 @@ impl RunPage {
         let next_before = more.then(|| runs.last().map(|run| run.id)).flatten();
         Ok(RunPage { runs, next_before })
     }
+}
+
+/// Which of an owner's runs a list shows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunFilter {
+    /// Only this zap's runs.
+    pub zap_id: Option<Uuid>,
+    /// Only runs in one of these statuses; empty for any.
+    pub statuses: Vec<RunStatus>,
+    /// Only runs created in this window.
+    pub created: TimeWindow,
+}
+
+/// When a run last changed, as [`Store::runs_changed_since`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct RunChange {
+    pub id: Uuid,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// The runs of an owner that `filter` selects, newest first, without
+    /// steps and, unless `payloads`, without their trigger, headers and
+    /// query (left `null`).
+    pub async fn list_runs_where(
+        &self,
+        owner_id: Uuid,
+        filter: &RunFilter,
+        before: Option<Uuid>,
+        limit: u32,
+        payloads: bool,
+    ) -> Result<RunPage> {
+        macro_rules! page_of_runs {
+            ($columns:expr) => {
+                concat!(
+                    "SELECT ",
+                    $columns,
+                    " FROM zap_runs
+                     WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
+                       AND ($5 IS NULL OR status IN ($5, $6, $7, $8))
+                       AND ($9 IS NULL OR created_at >= $9) AND ($10 IS NULL OR created_at < $10)
+                     ORDER BY id DESC LIMIT $4"
+                )
+            };
+        }
+        let sql = match payloads {
+            true => page_of_runs!(run_columns!()),
+            false => page_of_runs!(run_columns_without_payload!()),
+        };
+        // Four places for statuses (there are four); unused ones repeat the first.
+        let status = |index: usize| {
+            filter
+                .statuses
+                .get(index)
+                .or(filter.statuses.first())
+                .map(|status| status.as_str())
+        };
+        let rows: Vec<RunRow> = self
+            .db
+            .reader()
+            .fetch_all(
+                sql,
+                &[
+                    owner_id.into(),
+                    filter.zap_id.into(),
+                    before.into(),
+                    (i64::from(limit) + 1).into(),
+                    status(0).into(),
+                    status(1).into(),
+                    status(2).into(),
+                    status(3).into(),
+                    filter.created.start.into(),
+                    filter.created.end.into(),
+                ],
+            )
+            .await?;
+        RunPage::from_rows(rows, limit)
+    }
+
+    /// The runs of an owner (optionally of one zap) changed at or after
+    /// `since`, oldest change first, at most `limit`.
+    /// (On SQLite `updated_at` is RFC 3339 text, always in UTC, which sorts
+    /// as the times do: the same comparison serves both dialects.)
+    pub async fn runs_changed_since(
+        &self,
+        owner_id: Uuid,
+        zap_id: Option<Uuid>,
+        since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<RunChange>> {
+        self.db
+            .reader()
+            .fetch_all(
+                "SELECT id, updated_at FROM zap_runs
+                 WHERE owner_id = $1 AND updated_at >= $2 AND ($3 IS NULL OR zap_id = $3)
+                 ORDER BY updated_at, id LIMIT $4",
+                &[owner_id.into(), since.into(), zap_id.into(), limit.into()],
+            )
+            .await
+    }
+
+    /// A run of `owner_id` with its steps but without its payload.
+    pub async fn run_without_payload(&self, owner_id: Uuid, id: Uuid) -> Result<Run> {
+        let mut tx = self.db.reader().begin().await?;
+        let row: RunRow = tx
+            .fetch_one(
+                concat!(
+                    "SELECT ",
+                    run_columns_without_payload!(),
+                    " FROM zap_runs WHERE id = $1 AND owner_id = $2"
+                ),
+                &[id.into(), owner_id.into()],
+            )
+            .await?;
+        let steps = step_rows(&mut tx, id).await?;
+        tx.commit().await?;
+        row.into_run(steps)
+    }
+}
+
+/// The recorded steps of a run (steps not started yet have no row).
+async fn step_rows(tx: &mut Tx, run_id: Uuid) -> Result<Vec<StepRow>> {
+    tx.fetch_all(
+        "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
+                history
+         FROM zap_run_steps WHERE run_id = $1",
+        &[run_id.into()],
+    )
+    .await
 }

@@ -318,3 +318,36 @@ fn found(rows_changed: u64) -> Result<()> {
         Ok(())
     }
 }
+
+impl Store {
+    /// The live zap `name` of an owner (names are unique among them).
+    pub async fn zap_by_name(&self, owner_id: Uuid, name: &str) -> Result<Zap> {
+        let row: ZapRow = self
+            .db
+            .reader()
+            .fetch_one(
+                concat!(
+                    "SELECT ",
+                    zap_columns!(),
+                    " FROM zaps WHERE owner_id = $1 AND name = $2 AND deleted_at IS NULL"
+                ),
+                &[owner_id.into(), name.into()],
+            )
+            .await?;
+        row.try_into()
+    }
+
+    /// Stops checking the zap's signatures and forgets its secret.
+    pub async fn clear_zap_signing_secret(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
+        self.update_owned_zap(
+            concat!(
+                "UPDATE zaps SET signing_secret = $3, updated_at = $4",
+                owned_zap!()
+            ),
+            owner_id,
+            id,
+            Option::<&str>::None.into(),
+        )
+        .await
+    }
+}

@@ -11,7 +11,8 @@ use zapflow_store::Store;
 
 use crate::config::Config;
 
-const KEY_FILE: &str = "admin-api-key";
+/// The admin key's file in the data directory.
+pub const KEY_FILE: &str = "admin-api-key";
 
 pub async fn greet(config: &Config, store: &Store, roles: &[Role]) -> Result<()> {
     let key_path = config.data_dir.join(KEY_FILE);
@@ -71,15 +72,10 @@ pub async fn greet(config: &Config, store: &Store, roles: &[Role]) -> Result<()>
         }
         None => lines.push(format!("  admin API key in {}", key_path.display())),
     }
-    let key_expression = format!("$(cat {})", key_path.display());
     lines.push(String::new());
-    lines.push("Create a zap:".into());
-    lines.push(format!(
-        "  grpcurl -plaintext -H \"authorization: Bearer {key_expression}\" -d '{{\"name\": \"hello\", \"actions\": \
-         [{{\"type\": \"email\", \"config\": {{\"to\": \"{{{{ trigger.email }}}}\", \"subject\": \"Hello\", \
-         \"body\": \"Hi {{{{ trigger.name }}}}\"}}}}]}}' {} zapflow.v1.ZapService/CreateZap",
-        config.grpc_listen
-    ));
+    lines.push("Create zaps from files and follow their runs (README: Command line):".into());
+    lines.push("  zapflow apply -f zaps/".into());
+    lines.push("  zapflow runs tail".into());
     eprintln!("\n{}\n", lines.join("\n"));
     Ok(())
 }

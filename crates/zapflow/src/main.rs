@@ -1,10 +1,13 @@
-//! `zapflow`: one binary, every role.
+//! `zapflow`: one binary, every role, and the command line to drive it.
 
+mod cli;
 mod config;
 mod first_run;
 
+use std::process::ExitCode;
+
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use zapflow_server::{ALL_ROLES, Role, Server};
 
@@ -14,7 +17,17 @@ use crate::config::Config;
 #[command(
     name = "zapflow",
     version,
-    about = "Self-hostable, gRPC-first task automation"
+    about = "Self-hostable, gRPC-first task automation",
+    after_help = "Examples:
+  zapflow                              run every role (embedded: SQLite in ./data)
+  zapflow apply -f zaps/               make the server's zaps match zap files
+  zapflow zaps list
+  zapflow runs list --status failed --since 1h
+  zapflow runs tail
+
+Client commands find the server in --server / ZAPFLOW_SERVER (default
+http://127.0.0.1:50051) and the API key in ZAPFLOW_API_KEY, else the file
+`zapflow login` writes, else DATA_DIR/admin-api-key."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,6 +38,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Server(ServerCommand),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
+}
+
+/// What a zapflow process runs as.
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
     /// Run every role in this process (the default; migrates the database first).
     All,
     /// Run the gRPC API (ZapService, IngestService).
@@ -45,25 +67,32 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let command = match cli.command {
+        Some(Command::Client(command)) => {
+            return Ok(cli::run(command, &cli.config.data_dir, Cli::command()).await);
+        }
+        Some(Command::Server(command)) => command,
+        None => ServerCommand::All,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,sqlx=warn,tower_http=warn".into()),
         )
         .init();
-    let cli = Cli::parse();
     let config = cli.config;
     let store = config.store().await?;
     let migrate = || async { store.migrate().await.context("migrating the database") };
 
-    let roles: &[Role] = match cli.command.unwrap_or(Command::All) {
-        Command::Migrate => {
+    let roles: &[Role] = match command {
+        ServerCommand::Migrate => {
             migrate().await?;
             tracing::info!(database = %config.database_description(), "database migrated");
-            return Ok(());
+            return Ok(ExitCode::SUCCESS);
         }
-        Command::CreateUser { name } => {
+        ServerCommand::CreateUser { name } => {
             migrate().await?;
             let (user_id, key) = store
                 .create_user(&name)
@@ -71,16 +100,16 @@ async fn main() -> Result<()> {
                 .context("creating the user")?;
             eprintln!("created user {name} ({user_id}); its API key (shown only now):");
             println!("{key}");
-            return Ok(());
+            return Ok(ExitCode::SUCCESS);
         }
-        Command::All => {
+        ServerCommand::All => {
             migrate().await?;
             &ALL_ROLES
         }
-        Command::Api => &[Role::Api],
-        Command::Gateway => &[Role::Gateway],
-        Command::Processor => &[Role::Processor],
-        Command::Worker => &[Role::Worker],
+        ServerCommand::Api => &[Role::Api],
+        ServerCommand::Gateway => &[Role::Gateway],
+        ServerCommand::Processor => &[Role::Processor],
+        ServerCommand::Worker => &[Role::Worker],
     };
 
     let shutdown = CancellationToken::new();
@@ -97,7 +126,8 @@ async fn main() -> Result<()> {
         first_run::greet(&config, &store, roles).await?;
     }
     tokio::spawn(watch_signals(shutdown));
-    Ok(server.wait().await?)
+    server.wait().await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// First SIGINT or SIGTERM: drain. Second: exit at once.
@@ -115,5 +145,15 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

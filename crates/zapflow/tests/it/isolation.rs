@@ -263,6 +263,7 @@ async fn run_lists_stay_under_four_mib_whatever_the_payloads(deployment: Deploym
                     page_size: 50,
                     page_token: page_token.clone(),
                     view: pb::RunView::Full as i32,
+                    ..Default::default()
                 },
             ))
             .await

@@ -26,6 +26,7 @@ macro_rules! on_outbox_deployments {
 }
 
 mod api;
+mod cli;
 mod crash;
 mod crash_points;
 mod dead_letters;
@@ -34,6 +35,7 @@ mod gateway;
 mod isolation;
 mod limits;
 mod membership;
+mod names;
 mod processor;
 mod recording;
 mod replay;
@@ -41,6 +43,7 @@ mod restart;
 mod retries;
 mod store;
 mod support;
+mod tail;
 mod tenancy;
 mod wakeups;
 mod worker;

@@ -32,7 +32,7 @@ pub async fn new_user(stack: &Stack, name: &str) -> String {
     key.to_string()
 }
 
-/// Creates a zap; returns it and its webhook URL.
+/// Creates a zap of a name of its own; returns it and its webhook URL.
 pub async fn create_zap(stack: &Stack, key: &str, actions: Vec<pb::Action>) -> (pb::Zap, String) {
     let reply = stack
         .zap_client()
@@ -40,7 +40,8 @@ pub async fn create_zap(stack: &Stack, key: &str, actions: Vec<pb::Action>) -> (
         .create_zap(with_key(
             key,
             pb::CreateZapRequest {
-                name: "test zap".into(),
+                // Names are unique per user; tests make many zaps.
+                name: zapflow_testkit::unique("test zap"),
                 actions,
                 ..Default::default()
             },

@@ -25,7 +25,13 @@ async fn call_every_rpc(
             "GetZap",
             code(
                 client
-                    .get_zap(with_key(key, pb::GetZapRequest { id: id.clone() }))
+                    .get_zap(with_key(
+                        key,
+                        pb::GetZapRequest {
+                            id: id.clone(),
+                            ..Default::default()
+                        },
+                    ))
                     .await
                     .map(drop),
             ),
@@ -40,6 +46,7 @@ async fn call_every_rpc(
                             id: id.clone(),
                             name: "x".into(),
                             actions,
+                            ..Default::default()
                         },
                     ))
                     .await
@@ -158,7 +165,13 @@ async fn another_users_zaps_and_runs_are_not_found_and_stay_untouched() {
 
     // Alice's zap is unchanged: same name, still active, old URL still works.
     let mine = client
-        .get_zap(with_key(&alice, pb::GetZapRequest { id: zap.id.clone() }))
+        .get_zap(with_key(
+            &alice,
+            pb::GetZapRequest {
+                id: zap.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -210,7 +223,10 @@ async fn every_rpc_without_a_valid_key_is_unauthenticated() {
     }
     // No authorization header at all.
     let status = client
-        .get_zap(pb::GetZapRequest { id: zap.id.clone() })
+        .get_zap(pb::GetZapRequest {
+            id: zap.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
