@@ -242,16 +242,8 @@ impl Store {
         id: Uuid,
         secret: &str,
     ) -> Result<()> {
-        self.update_owned_zap(
-            concat!(
-                "UPDATE zaps SET signing_secret = $3, updated_at = $4",
-                owned_zap!()
-            ),
-            owner_id,
-            id,
-            secret.into(),
-        )
-        .await
+        self.put_zap_signing_secret(owner_id, id, Some(secret))
+            .await
     }
 
     /// Marks the zap deleted; its runs stay readable.
@@ -339,6 +331,15 @@ impl Store {
 
     /// Stops checking the zap's signatures and forgets its secret.
     pub async fn clear_zap_signing_secret(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
+        self.put_zap_signing_secret(owner_id, id, None).await
+    }
+
+    async fn put_zap_signing_secret(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        secret: Option<&str>,
+    ) -> Result<()> {
         self.update_owned_zap(
             concat!(
                 "UPDATE zaps SET signing_secret = $3, updated_at = $4",
@@ -346,7 +347,7 @@ impl Store {
             ),
             owner_id,
             id,
-            Option::<&str>::None.into(),
+            secret.into(),
         )
         .await
     }
