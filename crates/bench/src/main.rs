@@ -25,7 +25,7 @@ use zapflow_testkit::{SmtpSink, unique};
 use crate::cluster::{Cluster, Deployment, Settings};
 use crate::load::Phase;
 use crate::mail::Deliveries;
-use crate::report::{PhaseResult, Report, WarmUp};
+use crate::report::{Percentiles, PhaseResult, Report, Unloaded, WarmUp};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,8 +50,17 @@ struct Args {
         default_value = "127.0.0.1:19092"
     )]
     kafka_brokers: String,
-    /// Load phases as concurrency:requests, run in order.
-    #[arg(long, value_delimiter = ',', default_value = "1:500,16:3000,64:3000")]
+    /// Webhooks sent one at a time, each after the previous one's email,
+    /// for the latency of an unloaded deployment (0 to skip).
+    #[arg(long, default_value_t = 200)]
+    unloaded: u64,
+    /// Load phases as concurrency:requests, run in order; the last, long
+    /// one measures sustained throughput.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1:500,16:3000,64:3000,64:20000"
+    )]
     phases: Vec<Phase>,
     /// Longest a phase keeps sending, in seconds.
     #[arg(long, default_value_t = 60)]
@@ -128,7 +137,7 @@ async fn main() -> Result<()> {
     let alive = cluster.check_alive();
     let stopped = cluster.stop().await;
 
-    let (warm_up, phases, anomalies) = measured.inspect_err(|_| {
+    let (warm_up, unloaded, phases, anomalies) = measured.inspect_err(|_| {
         for role in settings.deployment.roles() {
             let log = settings.work_dir.join(format!("{role}.log"));
             eprintln!(
@@ -141,6 +150,7 @@ async fn main() -> Result<()> {
     report::print(&Report {
         deployment: settings.deployment,
         warm_up,
+        unloaded,
         phases,
         anomalies,
         usage,
@@ -155,7 +165,7 @@ async fn measure(
     args: &Args,
     cluster: &mut Cluster,
     sink: Arc<SmtpSink>,
-) -> Result<(WarmUp, Vec<PhaseResult>, mail::Anomalies)> {
+) -> Result<(WarmUp, Unloaded, Vec<PhaseResult>, mail::Anomalies)> {
     let webhook_url = zap::create(&cluster.grpc_url(), &cluster.api_key).await?;
     let webhook_host = reqwest::Url::parse(&webhook_url)?
         .host_str()
@@ -212,6 +222,29 @@ async fn measure(
     };
     cluster.check_alive()?;
 
+    // One at a time: nothing else in flight, each email before the next POST.
+    let mut unloaded = Vec::new();
+    for _ in 0..args.unloaded {
+        let sent = load::send(
+            &client,
+            &webhook_url,
+            Phase::single(),
+            next_sequence,
+            phase_time_limit,
+        )
+        .await;
+        if let Some(error) = &sent.first_error {
+            bail!("an unloaded webhook was not accepted: {error}");
+        }
+        let arrival =
+            deliveries.wait_for(&[next_sequence], drain_timeout).await[0].with_context(|| {
+                format!("an unloaded webhook's email did not arrive within {drain_timeout:?}")
+            })?;
+        unloaded.push(arrival.saturating_duration_since(sent.samples[0].sent_at));
+        next_sequence += 1;
+    }
+    cluster.check_alive()?;
+
     let mut results = Vec::new();
     for phase in &args.phases {
         let started = Instant::now();
@@ -234,7 +267,11 @@ async fn measure(
         results.push(PhaseResult::new(*phase, started, sent, &accepted, arrivals));
         cluster.check_alive()?;
     }
-    Ok((warm_up, results, deliveries.anomalies()))
+    let unloaded = Unloaded {
+        webhooks: unloaded.len(),
+        end_to_end: Percentiles::of(unloaded),
+    };
+    Ok((warm_up, unloaded, results, deliveries.anomalies()))
 }
 
 /// SIGINT or SIGTERM.

@@ -24,6 +24,14 @@ pub struct WarmUp {
     pub first_email: Duration,
 }
 
+/// Webhooks sent one at a time, each after the previous one's email.
+#[derive(Debug, Clone)]
+pub struct Unloaded {
+    pub webhooks: usize,
+    /// POST to the email at the sink.
+    pub end_to_end: Option<Percentiles>,
+}
+
 /// Nearest-rank percentiles of a set of durations.
 #[derive(Debug, Clone, Copy)]
 pub struct Percentiles {
@@ -133,6 +141,7 @@ impl PhaseResult {
 pub struct Report {
     pub deployment: Deployment,
     pub warm_up: WarmUp,
+    pub unloaded: Unloaded,
     pub phases: Vec<PhaseResult>,
     pub anomalies: Anomalies,
     pub usage: Vec<(&'static str, Usage)>,
@@ -176,6 +185,18 @@ pub fn print(report: &Report) {
         seconds(report.warm_up.first_email)
     );
     println!();
+
+    if report.unloaded.webhooks > 0 {
+        let delay = report.unloaded.end_to_end;
+        println!(
+            "Unloaded: {} webhooks one at a time, each after the previous email; POST -> email p50 {} ms, p99 {} ms, max {} ms",
+            report.unloaded.webhooks,
+            millis(delay.map(|p| p.p50)),
+            millis(delay.map(|p| p.p99)),
+            millis(delay.map(|p| p.max)),
+        );
+        println!();
+    }
 
     println!("Accepted webhooks (POST -> 202 Accepted)");
     println!(
