@@ -50,7 +50,7 @@ impl BusSettings {
         self.client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            .set("linger.ms", "1")
             .set(
                 "message.timeout.ms",
                 delivery_timeout.as_millis().to_string(),
