@@ -347,7 +347,7 @@ impl Store {
     /// Run and steps read in one transaction: a consistent snapshot.
     async fn fetch_run(&self, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
         let mut tx = self.db.reader().begin().await?;
-        let run = read_run(&mut tx, id, owner_id).await?;
+        let run = read_run(&mut tx, id, owner_id, Steps::All).await?;
         tx.commit().await?;
         Ok(run)
     }
@@ -372,13 +372,26 @@ impl Store {
     }
 }
 
-/// A run with its steps, whoever owns it, read inside the caller's
-/// transaction.
-pub(crate) async fn run_in(tx: &mut Tx, id: Uuid) -> Result<Option<Run>> {
-    read_run(tx, id, None).await
+/// A run, whoever owns it, with the steps before `stage` as recorded (the
+/// others read as pending), inside the caller's transaction: what a worker
+/// needs to run step `stage`.
+pub(crate) async fn run_before(tx: &mut Tx, id: Uuid, stage: u32) -> Result<Option<Run>> {
+    read_run(tx, id, None, Steps::Before(stage)).await
 }
 
-async fn read_run(tx: &mut Tx, id: Uuid, owner_id: Option<Uuid>) -> Result<Option<Run>> {
+/// Which of a run's recorded steps to read.
+#[derive(Debug, Clone, Copy)]
+enum Steps {
+    All,
+    Before(u32),
+}
+
+async fn read_run(
+    tx: &mut Tx,
+    id: Uuid,
+    owner_id: Option<Uuid>,
+    steps: Steps,
+) -> Result<Option<Run>> {
     let row: Option<RunRow> = tx
         .fetch_optional(
             concat!(
@@ -390,7 +403,7 @@ async fn read_run(tx: &mut Tx, id: Uuid, owner_id: Option<Uuid>) -> Result<Optio
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
-    let steps = step_rows(tx, id).await?;
+    let steps = step_rows(tx, id, steps).await?;
     row.into_run(steps).map(Some)
 }
 
@@ -597,19 +610,24 @@ impl Store {
                 &[id.into(), owner_id.into()],
             )
             .await?;
-        let steps = step_rows(&mut tx, id).await?;
+        let steps = step_rows(&mut tx, id, Steps::All).await?;
         tx.commit().await?;
         row.into_run(steps)
     }
 }
 
 /// The recorded steps of a run (steps not started yet have no row).
-async fn step_rows(tx: &mut Tx, run_id: Uuid) -> Result<Vec<StepRow>> {
+async fn step_rows(tx: &mut Tx, run_id: Uuid, steps: Steps) -> Result<Vec<StepRow>> {
+    let before = match steps {
+        Steps::All => i64::MAX,
+        Steps::Before(0) => return Ok(Vec::new()),
+        Steps::Before(stage) => i64::from(stage),
+    };
     tx.fetch_all(
         "SELECT step, action_type, status, attempts, output, error, started_at, finished_at,
                 history
-         FROM zap_run_steps WHERE run_id = $1",
-        &[run_id.into()],
+         FROM zap_run_steps WHERE run_id = $1 AND step < $2",
+        &[run_id.into(), before.into()],
     )
     .await
 }

@@ -13,7 +13,7 @@ use crate::claim::{Decision, StepState, decide, max_attempts};
 use crate::db::{Arg, Stamp, Tx, sql};
 use crate::group_commit::each_alone_on_refusal;
 use crate::outbox::{OutboxKind, delete_outbox_rows, enqueue};
-use crate::runs::run_in;
+use crate::runs::run_before;
 use crate::{Result, Run, Store, parse_status};
 
 /// The answer to "may I run step `stage` of this run now?".
@@ -42,7 +42,8 @@ pub enum StepClaim {
 
 #[derive(Debug)]
 pub struct ClaimedStep {
-    /// The run as it was when claimed, earlier steps' outputs included.
+    /// The run as it was when claimed, with the earlier steps' outputs (this
+    /// step and later ones read as pending: a worker does not need them).
     pub run: Run,
     pub stage: u32,
     /// This attempt's number, from 1. Finishing the step only counts while
@@ -170,7 +171,7 @@ async fn claim(
     lease: Duration,
     retry: &RetryPolicy,
 ) -> Result<StepClaim> {
-    let Some(run) = run_in(tx, run_id).await? else {
+    let Some(run) = run_before(tx, run_id, stage).await? else {
         return Ok(StepClaim::Unknown);
     };
     if run.status.is_final() {
