@@ -12,6 +12,7 @@ mod cluster;
 mod load;
 mod mail;
 mod report;
+mod sink_check;
 mod zap;
 
 use std::path::PathBuf;
@@ -75,6 +76,10 @@ struct Args {
 
 /// Webhooks sent, after the first, to warm connections and caches.
 const WARM_UP_REQUESTS: u64 = 100;
+/// The sink is checked alone first: this many messages from this many
+/// senders, as many as zapflow's mailer keeps connections.
+const SINK_CHECK_MESSAGES: usize = 20_000;
+const SINK_CHECK_SENDERS: usize = 64;
 /// Longest wait for the first email; it includes the worker joining its
 /// consumer group.
 const FIRST_EMAIL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -111,6 +116,8 @@ async fn main() -> Result<()> {
         ),
     };
     let sink = Arc::new(SmtpSink::start().await);
+    let sink_capacity =
+        sink_check::messages_per_second(&sink, SINK_CHECK_SENDERS, SINK_CHECK_MESSAGES).await?;
     let settings = Settings {
         binary,
         deployment: args.deployment,
@@ -122,7 +129,7 @@ async fn main() -> Result<()> {
         consumer_group: unique("bench-workers"),
         work_dir,
     };
-    report::print_setup(&settings);
+    report::print_setup(&settings, sink_capacity, SINK_CHECK_SENDERS);
 
     let mut cluster = tokio::select! {
         cluster = Cluster::start(&settings) => cluster.context("starting the deployment")?,

@@ -149,7 +149,9 @@ pub struct Report {
     pub stopped: Vec<Stopped>,
 }
 
-pub fn print_setup(settings: &Settings) {
+/// `sink_capacity`: messages per second the sink took alone from
+/// `sink_senders` connections.
+pub fn print_setup(settings: &Settings, sink_capacity: f64, sink_senders: usize) {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let deployment = settings.deployment;
     println!("zapflow {} benchmark", deployment.name());
@@ -168,7 +170,10 @@ pub fn print_setup(settings: &Settings) {
             settings.kafka_brokers, settings.events_topic, settings.dead_letter_topic
         );
     }
-    println!("  smtp      in-process sink at {}", settings.smtp_url);
+    println!(
+        "  smtp      in-process sink at {} (alone, it takes {sink_capacity:.0} messages/s from {sink_senders} connections)",
+        settings.smtp_url
+    );
     println!(
         "  gateway   rate limits off (ZAPFLOW_ZAP_RATE_LIMIT=0, ZAPFLOW_IP_RATE_LIMIT=0); other settings default"
     );
