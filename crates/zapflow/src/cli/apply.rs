@@ -74,11 +74,8 @@ impl Apply {
                 if !self.dry_run {
                     let request = client.request(pb::DeleteZapRequest { id: zap.id.clone() });
                     client
-                        .zaps
-                        .clone()
-                        .delete_zap(request)
-                        .await
-                        .map_err(|status| client.error(status))?;
+                        .answer(client.zaps.clone().delete_zap(request))
+                        .await?;
                 }
                 outcomes.push(self.outcome(&zap.name, Change::Deleted, Some(&zap.id)));
             }
@@ -107,12 +104,8 @@ impl Apply {
                 require_signature: file.trigger.require_signature,
             });
             let created = client
-                .zaps
-                .clone()
-                .create_zap(request)
-                .await
-                .map_err(|status| client.error(status))?
-                .into_inner();
+                .answer(client.zaps.clone().create_zap(request))
+                .await?;
             outcome.id = created.zap.map(|zap| zap.id);
             outcome.webhook_url = Some(created.webhook_url);
             outcome.signing_secret = non_empty(created.signing_secret);
@@ -132,12 +125,8 @@ impl Apply {
             require_signature: Some(file.trigger.require_signature),
         });
         let updated = client
-            .zaps
-            .clone()
-            .update_zap(request)
-            .await
-            .map_err(|status| client.error(status))?
-            .into_inner();
+            .answer(client.zaps.clone().update_zap(request))
+            .await?;
         outcome.signing_secret = non_empty(updated.signing_secret);
         Ok(outcome)
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Request, Response, Status};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
 
@@ -226,6 +226,17 @@ impl Client {
             request.metadata_mut().insert("authorization", value);
         }
         request
+    }
+
+    /// What a call answered, or what its failure means to the person who
+    /// made it.
+    pub async fn answer<T>(
+        &self,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, CliError> {
+        call.await
+            .map(Response::into_inner)
+            .map_err(|status| self.error(status))
     }
 
     /// What a failed call means to the person who made it.

@@ -129,11 +129,8 @@ impl Login {
             ..Default::default()
         });
         client
-            .zaps
-            .clone()
-            .list_zaps(request)
-            .await
-            .map_err(|status| client.error(status))?;
+            .answer(client.zaps.clone().list_zaps(request))
+            .await?;
         let path = Credentials::path().context("no home directory to keep credentials in")?;
         Credentials {
             server: server.clone(),

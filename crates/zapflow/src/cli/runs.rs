@@ -235,12 +235,8 @@ impl ListRuns {
             end_time: self.until.as_deref().map(parse_time).transpose()?,
         };
         let page = client
-            .zaps
-            .clone()
-            .list_runs(client.request(request))
-            .await
-            .map_err(|status| client.error(status))?
-            .into_inner();
+            .answer(client.zaps.clone().list_runs(client.request(request)))
+            .await?;
         let names = zap_names(client).await?;
         if self.output != Format::Table {
             let runs = page
@@ -366,12 +362,8 @@ impl Replay {
                 from_start: self.from_start,
             };
             let replay = client
-                .zaps
-                .clone()
-                .replay_run(client.request(request))
-                .await
-                .map_err(|status| client.error(status))?
-                .into_inner()
+                .answer(client.zaps.clone().replay_run(client.request(request)))
+                .await?
                 .run
                 .unwrap_or_default();
             println!("replay {} of run {id}", replay.id);
@@ -392,12 +384,8 @@ impl Replay {
                 from_start: self.from_start,
             };
             let ids = client
-                .zaps
-                .clone()
-                .replay_runs(client.request(request))
-                .await
-                .map_err(|status| client.error(status))?
-                .into_inner()
+                .answer(client.zaps.clone().replay_runs(client.request(request)))
+                .await?
                 .run_ids;
             if ids.is_empty() {
                 break;

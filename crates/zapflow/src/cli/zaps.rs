@@ -77,11 +77,8 @@ impl ZapsCommand {
                 let zap = client.zap(name).await?;
                 let request = client.request(pb::DeleteZapRequest { id: zap.id });
                 client
-                    .zaps
-                    .clone()
-                    .delete_zap(request)
-                    .await
-                    .map_err(|status| client.error(status))?;
+                    .answer(client.zaps.clone().delete_zap(request))
+                    .await?;
                 println!("deleted  {}", zap.name);
                 Ok(())
             }
@@ -89,11 +86,8 @@ impl ZapsCommand {
                 let zap = client.zap(name).await?;
                 let request = client.request(pb::PauseZapRequest { id: zap.id });
                 client
-                    .zaps
-                    .clone()
-                    .pause_zap(request)
-                    .await
-                    .map_err(|status| client.error(status))?;
+                    .answer(client.zaps.clone().pause_zap(request))
+                    .await?;
                 println!("paused  {}", zap.name);
                 Ok(())
             }
@@ -101,11 +95,8 @@ impl ZapsCommand {
                 let zap = client.zap(name).await?;
                 let request = client.request(pb::ResumeZapRequest { id: zap.id });
                 client
-                    .zaps
-                    .clone()
-                    .resume_zap(request)
-                    .await
-                    .map_err(|status| client.error(status))?;
+                    .answer(client.zaps.clone().resume_zap(request))
+                    .await?;
                 println!("resumed  {}", zap.name);
                 Ok(())
             }
@@ -113,12 +104,8 @@ impl ZapsCommand {
                 let zap = client.zap(name).await?;
                 let request = client.request(pb::RotateWebhookTokenRequest { id: zap.id });
                 let reply = client
-                    .zaps
-                    .clone()
-                    .rotate_webhook_token(request)
-                    .await
-                    .map_err(|status| client.error(status))?
-                    .into_inner();
+                    .answer(client.zaps.clone().rotate_webhook_token(request))
+                    .await?;
                 println!(
                     "new webhook URL for {} (the old one no longer works):",
                     zap.name
