@@ -194,23 +194,16 @@ async fn measure(
 
     // The first email pays for the consumer group forming and every
     // connection being opened; it is reported on its own.
-    let first = load::send(
+    let first_email = one_webhook(
         &client,
         &webhook_url,
-        Phase::single(),
+        &deliveries,
         next_sequence,
         phase_time_limit,
+        FIRST_EMAIL_TIMEOUT,
     )
-    .await;
-    if let Some(error) = &first.first_error {
-        bail!("the first webhook was not accepted: {error}");
-    }
-    let first_arrival = deliveries
-        .wait_for(&[next_sequence], FIRST_EMAIL_TIMEOUT)
-        .await[0]
-        .with_context(|| {
-            format!("the first email did not arrive within {FIRST_EMAIL_TIMEOUT:?}")
-        })?;
+    .await
+    .context("the first webhook")?;
     next_sequence += 1;
     let warm = Phase {
         concurrency: 4,
@@ -224,30 +217,23 @@ async fn measure(
         .map(|sample| sample.sequence)
         .collect();
     deliveries.wait_for(&warm_sequence, drain_timeout).await;
-    let warm_up = WarmUp {
-        first_email: first_arrival - first.samples[0].sent_at,
-    };
+    let warm_up = WarmUp { first_email };
     cluster.check_alive()?;
 
     // One at a time: nothing else in flight, each email before the next POST.
     let mut unloaded = Vec::new();
     for _ in 0..args.unloaded {
-        let sent = load::send(
+        let delay = one_webhook(
             &client,
             &webhook_url,
-            Phase::single(),
+            &deliveries,
             next_sequence,
             phase_time_limit,
+            drain_timeout,
         )
-        .await;
-        if let Some(error) = &sent.first_error {
-            bail!("an unloaded webhook was not accepted: {error}");
-        }
-        let arrival =
-            deliveries.wait_for(&[next_sequence], drain_timeout).await[0].with_context(|| {
-                format!("an unloaded webhook's email did not arrive within {drain_timeout:?}")
-            })?;
-        unloaded.push(arrival.saturating_duration_since(sent.samples[0].sent_at));
+        .await
+        .context("an unloaded webhook")?;
+        unloaded.push(delay);
         next_sequence += 1;
     }
     cluster.check_alive()?;
@@ -279,6 +265,25 @@ async fn measure(
         end_to_end: Percentiles::of(unloaded),
     };
     Ok((warm_up, unloaded, results, deliveries.anomalies()))
+}
+
+/// Sends webhook `sequence` alone and waits for its email; returns the
+/// time from its POST to the email.
+async fn one_webhook(
+    client: &reqwest::Client,
+    webhook_url: &str,
+    deliveries: &Deliveries,
+    sequence: u64,
+    time_limit: Duration,
+    email_timeout: Duration,
+) -> Result<Duration> {
+    let sent = load::send(client, webhook_url, Phase::single(), sequence, time_limit).await;
+    if let Some(error) = &sent.first_error {
+        bail!("not accepted: {error}");
+    }
+    let arrival = deliveries.wait_for(&[sequence], email_timeout).await[0]
+        .with_context(|| format!("its email did not arrive within {email_timeout:?}"))?;
+    Ok(arrival.saturating_duration_since(sent.samples[0].sent_at))
 }
 
 /// SIGINT or SIGTERM.
