@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool};
@@ -41,9 +41,9 @@ pub(crate) struct ZapCache {
     generation: AtomicU64,
     /// Whether every change to zaps is sure to reach [`Self::forget`].
     trusted: AtomicBool,
-    listener: Once,
-    /// Dropped with the cache, which stops the listener.
-    stop: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    /// Handed to the listener when it starts (so it starts once); it
+    /// resolves when the cache, holding its sender, is dropped.
+    stop: Mutex<Option<oneshot::Receiver<()>>>,
     _stopping: oneshot::Sender<()>,
 }
 
@@ -56,8 +56,7 @@ impl ZapCache {
             entries: RwLock::default(),
             generation: AtomicU64::new(0),
             trusted: AtomicBool::new(matches!(db, Db::Sqlite { .. })),
-            listener: Once::new(),
-            stop: std::sync::Mutex::new(Some(stop)),
+            stop: Mutex::new(Some(stop)),
             _stopping: stopping,
         })
     }
@@ -107,12 +106,10 @@ impl ZapCache {
 
     /// Starts the PostgreSQL listener, once, on first use.
     pub(crate) fn listen(self: &Arc<Self>, pool: &PgPool) {
-        self.listener.call_once(|| {
-            let stop = self.stop.lock().expect("zap cache lock").take();
-            if let Some(stop) = stop {
-                tokio::spawn(listen(Arc::downgrade(self), pool.clone(), stop));
-            }
-        });
+        let stop = self.stop.lock().expect("zap cache lock").take();
+        if let Some(stop) = stop {
+            tokio::spawn(listen(Arc::downgrade(self), pool.clone(), stop));
+        }
     }
 }
 
