@@ -9,6 +9,7 @@ use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::action::{Action, ActionError, StepRef};
 use crate::field::{ActionField, ActionType, FieldError, Fields, Template, any_text, template};
@@ -239,6 +240,11 @@ impl Mailer {
     }
 
     async fn deliver(&self, message: Message) -> Result<(), ActionError> {
+        let span = tracing::info_span!("smtp", otel.kind = "client");
+        self.send(message).instrument(span).await
+    }
+
+    async fn send(&self, message: Message) -> Result<(), ActionError> {
         match &self.transport {
             Transport::PlainSmtp(pool) => pool.send(message.envelope(), &message.formatted()).await,
             Transport::Smtp(transport) => transport

@@ -8,7 +8,9 @@ use std::time::Duration;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, Url};
 use serde_json::Value;
+use tracing::Instrument;
 use zapflow_core::webhook_signature::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use zapflow_telemetry::trace;
 
 use self::client::error_chain;
 pub use self::client::{HttpClient, HttpSettings};
@@ -138,8 +140,24 @@ impl Action for Http {
         context: &Value,
         step: StepRef,
     ) -> Result<Value, ActionError> {
-        let request = self.render(client, context, step)?;
-        client.send(request).await
+        let mut request = self.render(client, context, step)?;
+        let span = tracing::info_span!(
+            "http",
+            otel.kind = "client",
+            http.request.method = %request.method(),
+            server.address = request.url().host_str().unwrap_or_default(),
+        );
+        // The target continues the run's trace, unless the zap sets the
+        // header itself.
+        if let Some(traceparent) = trace::traceparent(&span)
+            && let Ok(value) = HeaderValue::from_str(&traceparent)
+        {
+            request
+                .headers_mut()
+                .entry(trace::TRACEPARENT)
+                .or_insert(value);
+        }
+        client.send(request).instrument(span).await
     }
 }
 

@@ -3,13 +3,18 @@
 //! Deliveries that arrive together share a database commit (a
 //! [`GroupCommit`]).
 
+use std::time::Instant;
+
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 use zapflow_core::delivery::{self, DeliveryLimits};
 use zapflow_core::{ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::ingest_service_server::IngestService;
 use zapflow_store::{GroupCommit, NewRun, RecordedRun, Store, StoreError, answers};
+use zapflow_telemetry::metrics::INGEST_DURATION;
+use zapflow_telemetry::trace;
 
 use crate::error::ApiError;
 
@@ -30,7 +35,7 @@ impl IngestApi {
     pub fn new(store: Store, limits: DeliveryLimits) -> Self {
         let runs = {
             let store = store.clone();
-            GroupCommit::spawn(COMMITTERS, MAX_BATCH, move |runs: Vec<NewRun>| {
+            GroupCommit::spawn("ingest", COMMITTERS, MAX_BATCH, move |runs: Vec<NewRun>| {
                 let store = store.clone();
                 // One refused delivery fails alone; an outage fails the batch.
                 async move { answers(store.insert_runs_isolated(&runs).await, runs.len()) }
@@ -46,6 +51,13 @@ impl IngestApi {
     /// Records a delivery; returns the run id and whether it repeated an
     /// earlier delivery's idempotency key.
     pub async fn ingest(&self, request: &pb::IngestRequest) -> Result<RecordedRun, ApiError> {
+        let started = Instant::now();
+        let recorded = self.record(request).await;
+        metrics::histogram!(INGEST_DURATION).record(started.elapsed().as_secs_f64());
+        recorded
+    }
+
+    async fn record(&self, request: &pb::IngestRequest) -> Result<RecordedRun, ApiError> {
         // One answer for every way a URL can be wrong: nothing tells a
         // prober which part was.
         const NOT_FOUND: ApiError = ApiError::NotFound("webhook");
@@ -78,6 +90,9 @@ impl IngestApi {
             None => request.idempotency_key.clone(),
         };
         let trigger = self.limits.parse_body(&request.body)?;
+        // The run's first outbox row continues the trace from here.
+        let commit = tracing::info_span!("commit", %zap_id, trace_id = tracing::field::Empty);
+        trace::continue_trace(&commit, None);
         let run = NewRun {
             id: Uuid::now_v7(),
             zap_id,
@@ -87,9 +102,11 @@ impl IngestApi {
             query: serde_json::to_value(&request.query).unwrap_or_default(),
             actions: zap.actions.clone(),
             idempotency_key: Some(idempotency_key).filter(|key| !key.is_empty()),
+            trace_parent: trace::traceparent(&commit),
         };
         self.runs
             .submit(run)
+            .instrument(commit)
             .await
             .ok_or(ApiError::Unavailable)?
             .map_err(|error| ApiError::from_store(error, "run"))

@@ -5,6 +5,7 @@
 mod convert;
 mod error;
 mod ingest;
+mod observe;
 mod watch;
 mod zaps;
 
@@ -27,7 +28,14 @@ use zapflow_store::Store;
 
 pub use error::ApiError;
 pub use ingest::IngestApi;
+pub use observe::{Observe, ObserveLayer};
 pub use zaps::ZapApi;
+
+/// IngestService and its health, observed, for a gateway in this process.
+pub type InProcessIngest = Observe<Routes>;
+
+/// A tonic server whose calls are observed.
+type ObservedServer = Server<tower::layer::util::Stack<ObserveLayer, tower::layer::util::Identity>>;
 
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
@@ -89,10 +97,11 @@ impl Api {
 
     /// IngestService and its health as one service to call inside this
     /// process: what a gateway in the same process uses instead of a socket.
-    pub fn in_process_ingest(&self) -> Routes {
-        Routes::new(self.ingest_server()).add_service(HealthServer::new(
+    pub fn in_process_ingest(&self) -> InProcessIngest {
+        let routes = Routes::new(self.ingest_server()).add_service(HealthServer::new(
             HealthService::from_health_reporter(self.ingest_health.clone()),
-        ))
+        ));
+        tower::Layer::layer(&ObserveLayer, routes)
     }
 
     fn ingest_server(&self) -> IngestServiceServer<IngestApi> {
@@ -189,10 +198,11 @@ impl Api {
             .await
     }
 
-    fn server(&self) -> Server {
+    fn server(&self) -> ObservedServer {
         Server::builder()
             .timeout(self.settings.request_timeout)
             .concurrency_limit_per_connection(256)
+            .layer(ObserveLayer)
     }
 }
 

@@ -296,6 +296,7 @@ impl Environment {
         }
         command
             .env("ZAPFLOW_GRPC_LISTEN", self.grpc_address.to_string())
+            .env("ZAPFLOW_ADMIN_LISTEN", "127.0.0.1:0")
             .env("ZAPFLOW_HTTP_LISTEN", self.http_address.to_string())
             .env("ZAPFLOW_INGEST_LISTEN", self.ingest_address.to_string())
             .env(

@@ -155,6 +155,11 @@ fn subscribed(
 }
 
 impl EventConsumer {
+    /// The topic consumed.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     pub async fn recv(&self) -> Result<BorrowedMessage<'_>, KafkaError> {
         self.consumer.recv().await
     }

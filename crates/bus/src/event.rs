@@ -23,6 +23,9 @@ pub struct Event {
     pub stage: u32,
     pub kind: EventKind,
     pub created_at: DateTime<Utc>,
+    /// The W3C trace context of the work that announced the event (a
+    /// Kafka message carries it in its `traceparent` header).
+    pub trace_parent: Option<String>,
 }
 
 /// What an event asks for.
@@ -59,6 +62,7 @@ impl From<&OutboxRow> for Event {
             stage: row.stage,
             kind,
             created_at: row.created_at,
+            trace_parent: row.trace_parent.clone(),
         }
     }
 }
@@ -116,6 +120,7 @@ impl TryFrom<ZapEvent> for Event {
             stage: event.stage,
             kind,
             created_at,
+            trace_parent: None,
         })
     }
 }
@@ -142,6 +147,7 @@ mod tests {
             stage: 2,
             kind,
             created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            trace_parent: None,
         }
     }
 

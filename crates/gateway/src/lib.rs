@@ -31,10 +31,13 @@ use tower::util::BoxCloneSyncService;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 use uuid::Uuid;
 use zapflow_core::{delivery, webhook_signature};
 use zapflow_proto::v1::ingest_service_client::IngestServiceClient;
 use zapflow_proto::v1::{IngestRequest, IngestResponse};
+use zapflow_telemetry::metrics as telemetry;
+use zapflow_telemetry::trace;
 
 use crate::rate_limit::RateLimiter;
 
@@ -115,7 +118,18 @@ impl IngestTarget {
     }
 
     /// The API's ingest service running in this process.
-    pub fn in_process(service: tonic::service::Routes, max_message_bytes: usize) -> Self {
+    pub fn in_process<S>(service: S, max_message_bytes: usize) -> Self
+    where
+        S: tower::Service<
+                axum::http::Request<tonic::body::Body>,
+                Response = axum::http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let service = ServiceExt::<axum::http::Request<tonic::body::Body>>::map_err(
             service,
             |never| -> tonic::transport::Error { match never {} },
@@ -143,11 +157,16 @@ impl IngestTarget {
                 .metadata_mut()
                 .insert("authorization", token.clone());
         }
+        if let Some(traceparent) = trace::current_traceparent()
+            && let Ok(value) = traceparent.parse()
+        {
+            request.metadata_mut().insert(trace::TRACEPARENT, value);
+        }
         Ok(self.ingest.clone().ingest(request).await?.into_inner())
     }
 
     /// Whether the API answers and says its IngestService is serving.
-    async fn ready(&self) -> bool {
+    pub async fn ready(&self) -> bool {
         let mut health = self.health.clone();
         let check = health.check(HealthCheckRequest {
             service: "zapflow.v1.IngestService".into(),
@@ -190,6 +209,28 @@ pub fn router(ingest: IngestTarget, settings: &GatewaySettings) -> Router {
             settings.request_timeout,
         ))
         .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(observe_webhook))
+}
+
+/// Counts every webhook's answer by status, and makes it the root span of
+/// its run's trace (or a child of the sender's, given a `traceparent`).
+async fn observe_webhook(request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with("/hooks/") {
+        return next.run(request).await;
+    }
+    let span = tracing::info_span!(
+        "webhook",
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    trace::continue_trace(&span, trace::from_headers(request.headers()));
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    metrics::counter!(telemetry::WEBHOOKS, "status" => status.as_str().to_owned()).increment(1);
+    response
 }
 
 /// Serves `router` on `listener` until `shutdown`, then finishes requests
@@ -250,15 +291,18 @@ async fn rate_limit(
         .per_ip
         .as_ref()
         .map_or(Ok(()), |limiter| limiter.check(&peer.ip()))
+        .map_err(|retry_after| ("ip", retry_after))
         .and_then(|()| {
             limits
                 .per_zap
                 .as_ref()
                 .map_or(Ok(()), |limiter| limiter.check(&zap_id))
+                .map_err(|retry_after| ("zap", retry_after))
         });
     match verdict {
         Ok(()) => next.run(request).await,
-        Err(retry_after) => {
+        Err((limit, retry_after)) => {
+            metrics::counter!(telemetry::RATE_LIMIT_REFUSALS, "limit" => limit).increment(1);
             let mut response = error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests; retry later",

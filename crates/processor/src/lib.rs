@@ -5,12 +5,16 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use zapflow_bus::{BusSettings, Event, KafkaError, encode};
 use zapflow_store::{OUTBOX_CHANNEL, Store, StoreError};
+use zapflow_telemetry::metrics::{OUTBOX_RELAY_FAILURES, OUTBOX_RELAYED};
+use zapflow_telemetry::trace;
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -48,6 +52,9 @@ struct Outgoing<'a> {
     /// The run id: a run's events stay in order on one partition.
     key: String,
     payload: Vec<u8>,
+    /// The relay's span, and its context for the message's header.
+    span: tracing::Span,
+    traceparent: Option<String>,
 }
 
 /// One relay; run several against one database to share the work.
@@ -103,11 +110,23 @@ impl Relay {
             .iter()
             .map(|row| {
                 let event = Event::from(row);
+                // Each row's relay continues its run's trace, and the
+                // message carries the relay's context on.
+                let span = tracing::info_span!(
+                    "relay",
+                    otel.kind = "producer",
+                    run_id = %row.run_id,
+                    step = row.stage,
+                    trace_id = tracing::field::Empty,
+                );
+                trace::continue_trace(&span, row.trace_parent.as_deref());
                 Outgoing {
                     outbox_id: row.id,
                     topic: self.bus.topic_for(&event.kind),
                     key: row.run_id.to_string(),
                     payload: encode(&event),
+                    traceparent: trace::traceparent(&span),
+                    span,
                 }
             })
             .collect();
@@ -115,10 +134,20 @@ impl Relay {
         let reports = join_all(messages.iter().map(|message| {
             let producer = &producer;
             async move {
-                let record = FutureRecord::to(message.topic)
+                let mut record = FutureRecord::to(message.topic)
                     .key(&message.key)
                     .payload(&message.payload);
-                match producer.send(record, Timeout::Never).await {
+                if let Some(traceparent) = &message.traceparent {
+                    record = record.headers(OwnedHeaders::new().insert(Header {
+                        key: trace::TRACEPARENT,
+                        value: Some(traceparent),
+                    }));
+                }
+                let sent = producer
+                    .send(record, Timeout::Never)
+                    .instrument(message.span.clone())
+                    .await;
+                match sent {
                     Ok(_) => Some(message.outbox_id),
                     Err((error, _)) => {
                         tracing::warn!(outbox_id = message.outbox_id, %error, "delivery failed; row kept");
@@ -133,6 +162,8 @@ impl Relay {
             claimed: claim.rows.len(),
             delivered: delivered.len(),
         };
+        metrics::counter!(OUTBOX_RELAYED).increment(pass.delivered as u64);
+        metrics::counter!(OUTBOX_RELAY_FAILURES).increment((pass.claimed - pass.delivered) as u64);
         if pass.failed() {
             self.renew_producer();
         }

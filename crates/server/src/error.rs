@@ -31,6 +31,8 @@ pub enum ServerError {
     Api(#[source] tonic::transport::Error),
     #[error("gateway")]
     Gateway(#[source] std::io::Error),
+    #[error("admin listener")]
+    Admin(#[source] std::io::Error),
 }
 
 /// `error: cause: cause ...`, for logs.

@@ -16,6 +16,8 @@ use zapflow_api::Api;
 use zapflow_gateway::IngestTarget;
 use zapflow_processor::Relay;
 use zapflow_store::Store;
+use zapflow_telemetry::metrics::{OUTBOX_DUE_ROWS, OUTBOX_OLDEST_DUE_AGE};
+use zapflow_telemetry::{Admin, Check};
 use zapflow_worker::{DeadLetters, Worker};
 
 pub use error::ServerError;
@@ -103,16 +105,22 @@ impl Server {
             }
             false => None,
         };
+        let mut remote_api = None;
         for role in roles {
             match role {
                 Role::Api => {}
                 Role::Gateway => {
                     let http = listener(&mut listeners.http, Role::Gateway)?;
-                    starting.gateway(http, in_process_ingest.clone())?;
+                    let in_process = in_process_ingest.clone();
+                    let ingest = starting.gateway(http, in_process)?;
+                    remote_api = (!roles.contains(&Role::Api)).then_some(ingest);
                 }
                 Role::Processor => starting.processors(roles.len() > 1)?,
                 Role::Worker => starting.workers()?,
             }
+        }
+        if let Some(admin) = listeners.admin.take() {
+            starting.admin(admin, roles, remote_api);
         }
         Ok(starting.server)
     }
@@ -147,6 +155,15 @@ impl Drop for Server {
     }
 }
 
+/// `check` as the admin listener takes it.
+fn check<F, Fut>(check: F) -> Check
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    std::sync::Arc::new(move || Box::pin(check()))
+}
+
 /// `slot`'s listener, which `role` cannot do without.
 fn listener(slot: &mut Option<TcpListener>, role: Role) -> Result<TcpListener> {
     slot.take().ok_or(ServerError::NoListener(role))
@@ -177,7 +194,7 @@ impl Starting {
         grpc: TcpListener,
         ingest: Option<TcpListener>,
         with_broker: bool,
-    ) -> tonic::service::Routes {
+    ) -> zapflow_api::InProcessIngest {
         let mut settings = self.settings.api.clone();
         settings.broker = self.settings.bus.clone().filter(|_| with_broker);
         let api = Api::new(self.store.clone(), settings).await;
@@ -195,8 +212,8 @@ impl Starting {
     fn gateway(
         &mut self,
         http: TcpListener,
-        in_process_ingest: Option<tonic::service::Routes>,
-    ) -> Result<()> {
+        in_process_ingest: Option<zapflow_api::InProcessIngest>,
+    ) -> Result<IngestTarget> {
         let api = &self.settings.api;
         let ingest = match in_process_ingest {
             Some(service) => IngestTarget::in_process(service, api.max_message_bytes),
@@ -206,13 +223,80 @@ impl Starting {
                 api.ingest_token.as_deref(),
             )?,
         };
-        let router = zapflow_gateway::router(ingest, &self.settings.gateway);
+        let router = zapflow_gateway::router(ingest.clone(), &self.settings.gateway);
         self.spawn(|shutdown| async move {
             zapflow_gateway::serve(http, router, shutdown)
                 .await
                 .map_err(ServerError::Gateway)
         });
-        Ok(())
+        Ok(ingest)
+    }
+
+    /// Serves `/metrics`, `/livez` and `/readyz`. The process is ready
+    /// while what its roles need answers: the database (API, relay,
+    /// workers), the broker (relay and workers, with Kafka), and the API
+    /// for a gateway that reaches it over the network (`remote_api`).
+    fn admin(&mut self, listener: TcpListener, roles: &[Role], remote_api: Option<IngestTarget>) {
+        let uses = |wanted: &[Role]| roles.iter().any(|role| wanted.contains(role));
+        let mut admin = Admin::default();
+        if uses(&[Role::Api, Role::Processor, Role::Worker]) {
+            let store = self.store.clone();
+            admin = admin.ready_when(
+                "database",
+                check(move || {
+                    let store = store.clone();
+                    async move { store.ping().await.map_err(|error| error.to_string()) }
+                }),
+            );
+        }
+        if let Some(bus) = self.settings.bus.clone()
+            && uses(&[Role::Processor, Role::Worker])
+        {
+            admin = admin.ready_when(
+                "broker",
+                check(move || {
+                    let bus = bus.clone();
+                    async move { bus.ping().await.map_err(|error| error.to_string()) }
+                }),
+            );
+        }
+        if let Some(api) = remote_api {
+            admin = admin.ready_when(
+                "api",
+                check(move || {
+                    let api = api.clone();
+                    async move {
+                        match api.ready().await {
+                            true => Ok(()),
+                            false => Err("IngestService does not answer SERVING".to_owned()),
+                        }
+                    }
+                }),
+            );
+        }
+        // The processes that take work from the outbox report its backlog.
+        if uses(&[Role::Processor, Role::Worker]) {
+            let store = self.store.clone();
+            let steps_only = self.settings.bus.is_none();
+            admin = admin.sample_with(check(move || {
+                let store = store.clone();
+                async move {
+                    let (due, age) = store
+                        .outbox_backlog(steps_only)
+                        .await
+                        .map_err(|error| error.to_string())?;
+                    metrics::gauge!(OUTBOX_DUE_ROWS).set(due as f64);
+                    metrics::gauge!(OUTBOX_OLDEST_DUE_AGE).set(age.as_secs_f64());
+                    Ok(())
+                }
+            }));
+        }
+        self.spawn(|shutdown| async move {
+            admin
+                .serve(listener, shutdown)
+                .await
+                .map_err(ServerError::Admin)
+        });
     }
 
     /// Relays the outbox to Kafka. Without Kafka there is nothing to relay:

@@ -131,4 +131,7 @@ pub struct Listeners {
     pub ingest: Option<TcpListener>,
     /// The webhook gateway; the gateway role needs it.
     pub http: Option<TcpListener>,
+    /// `/metrics`, `/livez` and `/readyz`, whatever the roles; none
+    /// without it.
+    pub admin: Option<TcpListener>,
 }

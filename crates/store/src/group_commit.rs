@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use zapflow_telemetry::metrics::GROUP_COMMIT_BATCH_SIZE as BATCH_SIZE;
+
 use crate::Result;
 
 type Queued<T, R> = (T, oneshot::Sender<R>);
@@ -38,7 +40,8 @@ impl<T, R> std::fmt::Debug for GroupCommit<T, R> {
 impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
     /// Starts `committers` tasks that call `commit` with up to `max_batch`
     /// operations at a time. `commit` answers each operation, in order.
-    pub fn spawn<F, Fut>(committers: usize, max_batch: usize, commit: F) -> Self
+    /// Batch sizes are exported under the queue label `name`.
+    pub fn spawn<F, Fut>(name: &'static str, committers: usize, max_batch: usize, commit: F) -> Self
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
@@ -47,7 +50,12 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
         let receiver = Arc::new(Mutex::new(receiver));
         let commit = Arc::new(commit);
         for _ in 0..committers.max(1) {
-            tokio::spawn(commit_batches(receiver.clone(), commit.clone(), max_batch));
+            tokio::spawn(commit_batches(
+                name,
+                receiver.clone(),
+                commit.clone(),
+                max_batch,
+            ));
         }
         Self { queue }
     }
@@ -62,6 +70,7 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
 }
 
 async fn commit_batches<T, R, F, Fut>(
+    name: &'static str,
     receiver: Arc<Mutex<mpsc::Receiver<Queued<T, R>>>>,
     commit: Arc<F>,
     max_batch: usize,
@@ -87,6 +96,7 @@ async fn commit_batches<T, R, F, Fut>(
         if operations.is_empty() {
             continue;
         }
+        metrics::histogram!(BATCH_SIZE, "queue" => name).record(operations.len() as f64);
         let answers = commit(operations).await;
         debug_assert_eq!(answers.len(), replies.len(), "one answer per operation");
         for (reply, answer) in replies.into_iter().zip(answers) {
@@ -142,7 +152,7 @@ mod tests {
     async fn operations_that_arrive_together_share_a_commit() {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();
-        let doubling = GroupCommit::spawn(1, 8, move |operations: Vec<u32>| {
+        let doubling = GroupCommit::spawn("test", 1, 8, move |operations: Vec<u32>| {
             seen.lock().unwrap().push(operations.len());
             async move { operations.into_iter().map(|n| n * 2).collect() }
         });

@@ -54,6 +54,8 @@ pub struct OutboxRow {
     pub kind: OutboxKind,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The W3C trace context of the work that wrote the row, if traced.
+    pub trace_parent: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -66,12 +68,13 @@ struct OutboxRecord {
     kind: String,
     reason: Option<String>,
     created_at: DateTime<Utc>,
+    trace_parent: Option<String>,
 }
 
 /// The columns an [`OutboxRecord`] reads.
 macro_rules! outbox_columns {
     () => {
-        "id, event_id, run_id, zap_id, stage, kind, reason, created_at"
+        "id, event_id, run_id, zap_id, stage, kind, reason, created_at, trace_parent"
     };
 }
 
@@ -88,6 +91,7 @@ impl TryFrom<OutboxRecord> for OutboxRow {
             kind: OutboxKind::parse(&record.kind)?,
             reason: record.reason,
             created_at: record.created_at,
+            trace_parent: record.trace_parent,
         })
     }
 }
@@ -208,16 +212,7 @@ impl Store {
         delay: Duration,
     ) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        enqueue(
-            &mut tx,
-            run_id,
-            zap_id,
-            stage,
-            OutboxKind::Step,
-            None,
-            delay,
-        )
-        .await?;
+        enqueue(&mut tx, run_id, zap_id, Announcement::step(stage, delay)).await?;
         tx.commit().await
     }
 
@@ -230,15 +225,11 @@ impl Store {
         reason: &str,
     ) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        let kind = OutboxKind::DeadLetter;
         enqueue(
             &mut tx,
             run_id,
             zap_id,
-            stage,
-            kind,
-            Some(reason),
-            Duration::ZERO,
+            Announcement::dead_letter(stage, reason),
         )
         .await?;
         tx.commit().await
@@ -250,6 +241,32 @@ impl Store {
         self.db
             .execute("DELETE FROM zap_run_outbox WHERE kind = 'dead_letter'", &[])
             .await
+    }
+
+    /// How many rows are due now (not leased, not waiting for a retry),
+    /// and how long the oldest of them has been due: all rows when a relay
+    /// takes them, step rows alone when workers do (without a broker,
+    /// dead-letter announcements are dropped, not taken).
+    pub async fn outbox_backlog(&self, steps_only: bool) -> Result<(i64, Duration)> {
+        let now = Utc::now();
+        let query = match steps_only {
+            true => {
+                "SELECT count(*), min(available_at) FROM zap_run_outbox
+                 WHERE available_at <= $1 AND kind = 'step'"
+            }
+            false => {
+                "SELECT count(*), min(available_at) FROM zap_run_outbox WHERE available_at <= $1"
+            }
+        };
+        let (due, oldest): (i64, Option<Stamp>) = self
+            .db
+            .reader()
+            .fetch_one(query, &[Arg::Instant(Some(now))])
+            .await?;
+        let age = oldest.map_or(Duration::ZERO, |Stamp(oldest)| {
+            (now - oldest).to_std().unwrap_or(Duration::ZERO)
+        });
+        Ok((due, age))
     }
 
     /// Counts outbox rows (due or not).
@@ -269,23 +286,61 @@ pub(crate) async fn delete_outbox_rows(tx: &mut Tx, ids: &[i64]) -> Result<()> {
     Ok(())
 }
 
+/// An outbox row to add to a run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Announcement<'a> {
+    pub stage: u32,
+    pub kind: OutboxKind,
+    pub reason: Option<&'a str>,
+    pub delay: Duration,
+    pub trace_parent: Option<&'a str>,
+}
+
+impl<'a> Announcement<'a> {
+    /// Step `stage`, due after `delay`.
+    pub fn step(stage: u32, delay: Duration) -> Self {
+        Self {
+            stage,
+            kind: OutboxKind::Step,
+            reason: None,
+            delay,
+            trace_parent: None,
+        }
+    }
+
+    /// The run failed for good at `stage`, for `reason`.
+    pub fn dead_letter(stage: u32, reason: &'a str) -> Self {
+        Self {
+            stage,
+            kind: OutboxKind::DeadLetter,
+            reason: Some(reason),
+            delay: Duration::ZERO,
+            trace_parent: None,
+        }
+    }
+}
+
 /// Adds an outbox row inside the caller's transaction; a dead letter is
 /// also recorded for users to list, under the announcing event's id.
 pub(crate) async fn enqueue(
     tx: &mut Tx,
     run_id: Uuid,
     zap_id: Uuid,
-    stage: u32,
-    kind: OutboxKind,
-    reason: Option<&str>,
-    delay: Duration,
+    announcement: Announcement<'_>,
 ) -> Result<()> {
+    let Announcement {
+        stage,
+        kind,
+        reason,
+        delay,
+        trace_parent,
+    } = announcement;
     let event_id = Uuid::now_v7();
     let now = Utc::now();
     tx.execute(
         "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at,
-                                     created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                                     created_at, trace_parent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         &[
             event_id.into(),
             run_id.into(),
@@ -295,6 +350,7 @@ pub(crate) async fn enqueue(
             reason.into(),
             Arg::after(delay),
             now.into(),
+            trace_parent.into(),
         ],
     )
     .await?;

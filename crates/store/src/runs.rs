@@ -11,7 +11,7 @@ use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
 
 use crate::db::{Arg, Dialect, Tx};
 use crate::group_commit::each_alone_on_refusal;
-use crate::outbox::OutboxKind;
+use crate::outbox::Announcement;
 use crate::parse_status;
 use crate::{Result, Store, StoreError};
 
@@ -26,6 +26,8 @@ pub struct NewRun {
     pub query: serde_json::Value,
     pub actions: Vec<ActionSpec>,
     pub idempotency_key: Option<String>,
+    /// The trace context of the delivery, kept with its first outbox row.
+    pub trace_parent: Option<String>,
 }
 
 /// A run with its steps (every action of the run, started or not).
@@ -293,10 +295,7 @@ impl Store {
             &mut tx,
             id,
             original.zap_id,
-            start_stage,
-            OutboxKind::Step,
-            None,
-            Duration::ZERO,
+            Announcement::step(start_stage, Duration::ZERO),
         )
         .await?;
         tx.commit().await?;
@@ -419,7 +418,7 @@ async fn insert_runs_at_once(
             "WITH input AS (
                  SELECT * FROM jsonb_to_recordset($1) AS r(
                      id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
-                     query jsonb, actions jsonb, idempotency_key text)
+                     query jsonb, actions jsonb, idempotency_key text, trace_parent text)
              ), inserted AS (
                  INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
                                        actions, idempotency_key, created_at, updated_at)
@@ -430,8 +429,10 @@ async fn insert_runs_at_once(
                  RETURNING id, zap_id
              ), outbox AS (
                  INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, available_at,
-                                             created_at)
-                 SELECT gen_random_uuid(), id, zap_id, 0, 'step', $2, $2 FROM inserted
+                                             created_at, trace_parent)
+                 SELECT gen_random_uuid(), inserted.id, inserted.zap_id, 0, 'step', $2, $2,
+                        input.trace_parent
+                 FROM inserted JOIN input ON input.id = inserted.id
              )
              SELECT id FROM inserted",
             &[Arg::json(&runs)?, now.into()],
@@ -470,9 +471,11 @@ async fn insert_runs_one_by_one(
             )
             .await?;
         if added == 1 {
-            let first = Duration::ZERO;
-            crate::outbox::enqueue(tx, run.id, run.zap_id, 0, OutboxKind::Step, None, first)
-                .await?;
+            let first = Announcement {
+                trace_parent: run.trace_parent.as_deref(),
+                ..Announcement::step(0, Duration::ZERO)
+            };
+            crate::outbox::enqueue(tx, run.id, run.zap_id, first).await?;
             inserted.insert(run.id);
         }
     }

@@ -12,7 +12,7 @@ use zapflow_core::{Attempt, AttemptOutcome, RunStatus, StepStatus};
 use crate::claim::{Decision, StepState, decide, max_attempts};
 use crate::db::{Arg, Stamp, Tx, sql};
 use crate::group_commit::each_alone_on_refusal;
-use crate::outbox::{OutboxKind, delete_outbox_rows, enqueue};
+use crate::outbox::{Announcement, delete_outbox_rows, enqueue};
 use crate::runs::run_before;
 use crate::{Result, Run, Store, parse_status};
 
@@ -33,7 +33,11 @@ pub enum StepClaim {
     /// step came back by an expired lease, a duplicate event, a failed
     /// recording): the claim failed the step and the run, with `error`, and
     /// dead-lettered it as an exhausted retry does.
-    Exhausted { error: String },
+    Exhausted {
+        error: String,
+        /// The step's action type.
+        action: String,
+    },
     /// The run is over (succeeded or failed).
     RunFinished,
     /// No such run, or no such step in it.
@@ -73,6 +77,8 @@ pub struct Finish<'a> {
     /// The outbox row that announced the step, when a worker leased it
     /// from the outbox: deleted in the same transaction.
     pub outbox_row: Option<i64>,
+    /// The attempt's trace context, kept with the outbox row that follows.
+    pub trace_parent: Option<String>,
 }
 
 impl Store {
@@ -131,6 +137,7 @@ impl Store {
             step,
             outcome,
             outbox_row: None,
+            trace_parent: None,
         };
         let mut finished = self.finish_steps(&[finish]).await?;
         Ok(finished.remove(0))
@@ -206,13 +213,14 @@ async fn claim(
     let attempt = match decide(&state, now, max_attempts(&run, stage, retry)) {
         Decision::Leave(answer) => return Ok(answer),
         Decision::GiveUp { error, abandoned } => {
+            let action = action.action_type.clone();
             let step = ClaimedStep {
                 run,
                 stage,
                 attempt: state.attempts,
             };
             give_up(tx, &step, &error, abandoned, now).await?;
-            return Ok(StepClaim::Exhausted { error });
+            return Ok(StepClaim::Exhausted { error, action });
         }
         Decision::Claim => state.attempts + 1,
     };
@@ -279,7 +287,7 @@ async fn record(tx: &mut Tx, finish: &Finish<'_>, now: DateTime<Utc>) -> Result<
     if updated == 0 {
         return Ok(false);
     }
-    follow_up(tx, step, &outcome, now).await?;
+    follow_up(tx, step, &outcome, finish.trace_parent.as_deref(), now).await?;
     if let Some(row) = finish.outbox_row {
         delete_outbox_rows(tx, &[row]).await?;
     }
@@ -313,7 +321,7 @@ async fn give_up(
         ],
     )
     .await?;
-    follow_up(tx, step, &StepOutcome::Failed(error.to_owned()), now).await
+    follow_up(tx, step, &StepOutcome::Failed(error.to_owned()), None, now).await
 }
 
 /// What follows a recorded outcome: its outbox row and the run's status.
@@ -321,18 +329,17 @@ async fn follow_up(
     tx: &mut Tx,
     step: &ClaimedStep,
     outcome: &StepOutcome,
+    trace_parent: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<()> {
     let run = &step.run;
     let next = step.next(outcome);
-    if let Some(Announcement {
-        stage,
-        kind,
-        reason,
-        delay,
-    }) = next.announce
-    {
-        enqueue(tx, run.id, run.zap_id, stage, kind, reason, delay).await?;
+    if let Some(announcement) = next.announce {
+        let announcement = Announcement {
+            trace_parent,
+            ..announcement
+        };
+        enqueue(tx, run.id, run.zap_id, announcement).await?;
     }
     tx.execute(
         "UPDATE zap_runs SET status = $2, updated_at = $3,
@@ -358,14 +365,6 @@ struct Recorded<'a> {
 struct Next<'a> {
     announce: Option<Announcement<'a>>,
     run_status: RunStatus,
-}
-
-/// An outbox row to add.
-struct Announcement<'a> {
-    stage: u32,
-    kind: OutboxKind,
-    reason: Option<&'a str>,
-    delay: Duration,
 }
 
 impl StepOutcome {
@@ -421,12 +420,7 @@ impl ClaimedStep {
     /// again after the retry delay, or a dead letter; nothing once the run
     /// succeeded.
     fn next<'a>(&self, outcome: &'a StepOutcome) -> Next<'a> {
-        let step = |stage, delay| Announcement {
-            stage,
-            kind: OutboxKind::Step,
-            reason: None,
-            delay,
-        };
+        let step = |stage, delay| Announcement::step(stage, delay);
         let next_stage = self.stage + 1;
         match outcome {
             StepOutcome::Succeeded(_) if (next_stage as usize) < self.run.actions.len() => Next {
@@ -442,12 +436,7 @@ impl ClaimedStep {
                 run_status: RunStatus::Running,
             },
             StepOutcome::Failed(reason) => Next {
-                announce: Some(Announcement {
-                    stage: self.stage,
-                    kind: OutboxKind::DeadLetter,
-                    reason: Some(reason),
-                    delay: Duration::ZERO,
-                }),
+                announce: Some(Announcement::dead_letter(self.stage, reason)),
                 run_status: RunStatus::Failed,
             },
         }

@@ -124,18 +124,26 @@ pub struct Stack {
     /// IngestService's own listener, for gateways in other processes.
     pub ingest_address: SocketAddr,
     pub http_address: SocketAddr,
+    /// `/metrics`, `/livez` and `/readyz`.
+    pub admin_address: SocketAddr,
     server: Server,
 }
 
 impl Stack {
     pub async fn start(store: Store, bus: Option<BusSettings>, options: StackOptions) -> Self {
-        let (grpc, ingest, http) = (loopback().await, loopback().await, loopback().await);
-        let [grpc_address, ingest_address, http_address] =
-            [&grpc, &ingest, &http].map(|listener| listener.local_addr().unwrap());
+        let (grpc, ingest, http, admin) = (
+            loopback().await,
+            loopback().await,
+            loopback().await,
+            loopback().await,
+        );
+        let [grpc_address, ingest_address, http_address, admin_address] =
+            [&grpc, &ingest, &http, &admin].map(|listener| listener.local_addr().unwrap());
         let listeners = Listeners {
             grpc: Some(grpc),
             ingest: Some(ingest),
             http: Some(http),
+            admin: Some(admin),
         };
         let settings = options.settings(bus.clone(), http_address);
         let server = Server::start(
@@ -153,6 +161,7 @@ impl Stack {
             grpc_address,
             ingest_address,
             http_address,
+            admin_address,
             server,
         }
     }

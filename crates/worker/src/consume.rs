@@ -6,14 +6,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use zapflow_bus::{COMMIT_INTERVAL, EventConsumer, KafkaError, SESSION_TIMEOUT};
+use zapflow_bus::{
+    COMMIT_INTERVAL, Event, EventConsumer, KafkaError, PartitionProgress, SESSION_TIMEOUT,
+};
+use zapflow_telemetry::metrics::CONSUMER_LAG;
+use zapflow_telemetry::trace;
 
 use self::progress::{ProgressWatch, Stall};
 use crate::offsets::OffsetTracker;
@@ -60,12 +64,12 @@ pub async fn consume(
                 permit = Some(acquired.expect("semaphore never closed"));
             }
             received = receive(&consumer), if permit.is_some() => match received {
-                Ok(Received { position, payload }) => {
+                Ok(received) => {
                     let (permit, worker, dead_letters, shutdown) =
                         (permit.take(), worker.clone(), dead_letters.clone(), shutdown.clone());
-                    in_flight.start(position, async move {
+                    in_flight.start(received.position, async move {
                         let _permit = permit;
-                        handle(&worker, &payload, &dead_letters, &shutdown).await
+                        handle(&worker, &received, &dead_letters, &shutdown).await
                     });
                 }
                 Err(error) => {
@@ -102,6 +106,8 @@ struct Position {
 struct Received {
     position: Position,
     payload: Vec<u8>,
+    /// The trace context of the relay that published it.
+    trace_parent: Option<String>,
 }
 
 /// The next event, owned: it outlives the consumer's borrow.
@@ -113,6 +119,13 @@ async fn receive(consumer: &EventConsumer) -> Result<Received, KafkaError> {
             offset: message.offset(),
         },
         payload: message.payload().unwrap_or_default().to_vec(),
+        trace_parent: message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|header| header.key == trace::TRACEPARENT)
+                .and_then(|header| std::str::from_utf8(header.value?).ok())
+                .map(str::to_owned)
+        }),
     })
 }
 
@@ -171,6 +184,7 @@ async fn look_at_progress(
         }
         Err(_) => return,
     };
+    export_lag(consumer.topic(), &report);
     let mut rejoin = false;
     for Stall { progress, idle } in watch.observe(Instant::now(), consumer.assignments(), &report) {
         let in_flight_here = in_flight.offsets.in_flight(progress.partition);
@@ -216,16 +230,41 @@ async fn look_at_progress(
 /// stored), false when abandoned at shutdown.
 async fn handle(
     worker: &Worker,
-    payload: &[u8],
+    received: &Received,
     dead_letters: &DeadLetters,
     shutdown: &CancellationToken,
 ) -> bool {
+    let payload = &received.payload;
     match zapflow_bus::decode(payload) {
-        Ok(event) => worker
-            .execute_until_recorded(&event, None, shutdown)
-            .await
-            .is_some(),
+        Ok(event) => {
+            let event = Event {
+                trace_parent: received.trace_parent.clone(),
+                ..event
+            };
+            worker
+                .execute_until_recorded(&event, None, shutdown)
+                .await
+                .is_some()
+        }
         Err(error) => publish_poison(dead_letters, payload, &error.to_string(), shutdown).await,
+    }
+}
+
+/// Exports how far behind each partition's end the group is: the
+/// partitions this worker holds with their lag, the others as 0 (their
+/// owner reports them), so sums over workers count each partition once.
+fn export_lag(topic: &str, report: &[PartitionProgress]) {
+    for progress in report {
+        let lag = match progress.assigned_here {
+            true => progress.backlog(),
+            false => 0,
+        };
+        metrics::gauge!(
+            CONSUMER_LAG,
+            "topic" => topic.to_owned(),
+            "partition" => progress.partition.to_string()
+        )
+        .set(lag as f64);
     }
 }
 

@@ -7,11 +7,12 @@ mod offsets;
 mod retention;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 use zapflow_actions::{ActionError, Executor, StepRef};
 use zapflow_bus::{Event, EventKind};
@@ -19,6 +20,11 @@ use zapflow_core::retry::RetryPolicy;
 use zapflow_store::{
     ClaimedStep, Finish, GroupCommit, StepClaim, StepOutcome, Store, StoreError, answers,
 };
+
+use zapflow_telemetry::metrics::{
+    DEAD_LETTERS, STEP_DURATION, STEP_RETRIES_SCHEDULED, STEPS_FINISHED,
+};
+use zapflow_telemetry::trace;
 
 pub use consume::{DeadLetters, consume};
 pub use local::run_local;
@@ -78,6 +84,8 @@ struct Recording {
     step: Arc<ClaimedStep>,
     outcome: Arc<StepOutcome>,
     outbox_row: Option<i64>,
+    /// The attempt's trace context, for the outbox row that follows.
+    trace_parent: Option<String>,
 }
 
 #[derive(Clone)]
@@ -95,31 +103,42 @@ impl Worker {
     pub fn new(store: Store, executor: Executor, settings: WorkerSettings) -> Self {
         let claims = {
             let (store, lease, retry) = (store.clone(), settings.lease, settings.retry);
-            GroupCommit::spawn(COMMITTERS, MAX_BATCH, move |steps: Vec<(Uuid, u32)>| {
-                let store = store.clone();
-                async move {
-                    let claimed = store.claim_steps_isolated(&steps, lease, &retry).await;
-                    answers(claimed, steps.len())
-                }
-            })
+            GroupCommit::spawn(
+                "step_claims",
+                COMMITTERS,
+                MAX_BATCH,
+                move |steps: Vec<(Uuid, u32)>| {
+                    let store = store.clone();
+                    async move {
+                        let claimed = store.claim_steps_isolated(&steps, lease, &retry).await;
+                        answers(claimed, steps.len())
+                    }
+                },
+            )
         };
         let recordings = {
             let store = store.clone();
-            GroupCommit::spawn(COMMITTERS, MAX_BATCH, move |recordings: Vec<Recording>| {
-                let store = store.clone();
-                async move {
-                    let finishes: Vec<Finish<'_>> = recordings
-                        .iter()
-                        .map(|recording| Finish {
-                            step: &recording.step,
-                            outcome: &recording.outcome,
-                            outbox_row: recording.outbox_row,
-                        })
-                        .collect();
-                    let recorded = store.finish_steps_isolated(&finishes).await;
-                    answers(recorded, finishes.len())
-                }
-            })
+            GroupCommit::spawn(
+                "step_outcomes",
+                COMMITTERS,
+                MAX_BATCH,
+                move |recordings: Vec<Recording>| {
+                    let store = store.clone();
+                    async move {
+                        let finishes: Vec<Finish<'_>> = recordings
+                            .iter()
+                            .map(|recording| Finish {
+                                step: &recording.step,
+                                outcome: &recording.outcome,
+                                outbox_row: recording.outbox_row,
+                                trace_parent: recording.trace_parent.clone(),
+                            })
+                            .collect();
+                        let recorded = store.finish_steps_isolated(&finishes).await;
+                        answers(recorded, finishes.len())
+                    }
+                },
+            )
         };
         Self {
             store,
@@ -161,6 +180,28 @@ impl Worker {
         outbox_row: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Result<Handled, StoreError> {
+        let span = tracing::info_span!(
+            "step",
+            otel.kind = "consumer",
+            run_id = %event.run_id,
+            zap_id = %event.zap_id,
+            step = event.stage,
+            action = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        trace::continue_trace(&span, event.trace_parent.as_deref());
+        self.handle_in(event, outbox_row, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_in(
+        &self,
+        event: &Event,
+        outbox_row: Option<i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<Handled, StoreError> {
         let (run_id, zap_id) = (event.run_id, event.zap_id);
         if let EventKind::DeadLetter { .. } = event.kind {
             // Dead letters have a topic of their own and are never leased:
@@ -188,8 +229,9 @@ impl Worker {
                     .await?;
                 return Ok(Handled::Rescheduled);
             }
-            StepClaim::Exhausted { error } => {
+            StepClaim::Exhausted { error, action } => {
                 tracing::warn!(%run_id, stage = event.stage, error, "step out of attempts");
+                metrics::counter!(DEAD_LETTERS, "action" => action).increment(1);
                 return Ok(Handled::DeadLettered(error));
             }
             StepClaim::Unknown => {
@@ -201,7 +243,13 @@ impl Worker {
             }
         };
 
+        let action = step.run.actions[step.stage as usize].action_type.clone();
+        let span = tracing::Span::current();
+        span.record("action", action.as_str());
+        span.record("attempt", step.attempt);
+        let started = Instant::now();
         let outcome = self.run_action(&step).await;
+        observe_attempt(action, &outcome, started.elapsed());
         match &outcome {
             StepOutcome::Succeeded(_) => {
                 tracing::debug!(%run_id, stage = step.stage, "step succeeded")
@@ -235,6 +283,7 @@ impl Worker {
                 step: step.clone(),
                 outcome: outcome.clone(),
                 outbox_row,
+                trace_parent: trace::current_traceparent(),
             };
             let recorded = self
                 .recordings
@@ -319,6 +368,23 @@ impl Worker {
             }
         }
     }
+}
+
+/// Counts an attempt of an `action` step that ended with `outcome`.
+fn observe_attempt(action: String, outcome: &StepOutcome, took: Duration) {
+    let ended = match outcome {
+        StepOutcome::Succeeded(_) => "succeeded",
+        StepOutcome::Retry { .. } => {
+            metrics::counter!(STEP_RETRIES_SCHEDULED, "action" => action.clone()).increment(1);
+            "retrying"
+        }
+        StepOutcome::Failed(_) => {
+            metrics::counter!(DEAD_LETTERS, "action" => action.clone()).increment(1);
+            "failed"
+        }
+    };
+    metrics::histogram!(STEP_DURATION, "action" => action.clone()).record(took.as_secs_f64());
+    metrics::counter!(STEPS_FINISHED, "action" => action, "outcome" => ended).increment(1);
 }
 
 /// The outcome back from a recording that no longer holds it.

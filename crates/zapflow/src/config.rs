@@ -16,6 +16,7 @@ use zapflow_gateway::{GatewaySettings, RateLimit};
 use zapflow_processor::RelaySettings;
 use zapflow_server::{Listeners, Role, Settings};
 use zapflow_store::{Durability, Store};
+use zapflow_telemetry::TelemetrySettings;
 use zapflow_worker::WorkerSettings;
 
 #[derive(Debug, Clone, Args)]
@@ -69,6 +70,20 @@ pub struct Config {
     /// Where the webhook gateway listens.
     #[arg(long, env = "ZAPFLOW_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
+    /// Where this process serves /metrics (Prometheus), /livez and /readyz,
+    /// whatever its roles. Several processes on one machine each need
+    /// their own; port 0 picks a free one.
+    #[arg(long, env = "ZAPFLOW_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    pub admin_listen: SocketAddr,
+    /// `text` for people, `json` for one JSON object per line (with
+    /// run_id, zap_id, step and trace_id where they apply).
+    #[arg(long, env = "ZAPFLOW_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// An OpenTelemetry collector's OTLP/gRPC endpoint (e.g.
+    /// http://127.0.0.1:4317): one trace per run goes there. Unset: no
+    /// tracing.
+    #[arg(long, env = "ZAPFLOW_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Where the API serves IngestService for gateways in other processes.
     /// Unset: 127.0.0.1:50052 when this process runs the API without the
     /// gateway; with the gateway in this process it calls the API directly
@@ -232,6 +247,17 @@ impl Config {
             grpc: bind(api.then_some(self.grpc_listen)).await?,
             ingest: bind(ingest_listen.filter(|_| api)).await?,
             http: bind(gateway.then_some(self.http_listen)).await?,
+            admin: Some(
+                TcpListener::bind(self.admin_listen)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot serve /metrics on {}: give each process its own \
+                     --admin-listen / ZAPFLOW_ADMIN_LISTEN (port 0 picks a free one)",
+                            self.admin_listen
+                        )
+                    })?,
+            ),
         })
     }
 
@@ -291,6 +317,27 @@ fn rate_limit(per_second: f64) -> Option<RateLimit> {
         per_second,
         burst: (per_second * 2.0).ceil().min(f64::from(u32::MAX)) as u32,
     })
+}
+
+/// [`zapflow_telemetry::LogFormat`] as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// How this process reports.
+    pub fn telemetry(&self) -> TelemetrySettings {
+        TelemetrySettings {
+            log_format: match self.log_format {
+                LogFormat::Text => zapflow_telemetry::LogFormat::Text,
+                LogFormat::Json => zapflow_telemetry::LogFormat::Json,
+            },
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            default_filter: "info,sqlx=warn,tower_http=warn".into(),
+        }
+    }
 }
 
 /// [`Durability`] as a flag value.

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use zapflow_server::{ALL_ROLES, Role, Server};
+use zapflow_telemetry::Telemetry;
 
 use crate::config::Config;
 
@@ -76,13 +77,15 @@ async fn main() -> Result<ExitCode> {
         Some(Command::Server(command)) => command,
         None => ServerCommand::All,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn,tower_http=warn".into()),
-        )
-        .init();
     let config = cli.config;
+    let telemetry = Telemetry::init(&config.telemetry())?;
+    let served = serve(command, &config).await;
+    telemetry.shutdown().await;
+    served
+}
+
+/// Runs `command` until it is done, or until a signal for a server.
+async fn serve(command: ServerCommand, config: &Config) -> Result<ExitCode> {
     let store = config.store().await?;
     let migrate = || async { store.migrate().await.context("migrating the database") };
 
@@ -114,6 +117,9 @@ async fn main() -> Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     let listeners = config.listeners(roles).await?;
+    if let Some(admin) = &listeners.admin {
+        tracing::info!(address = %admin.local_addr()?, "serving /metrics, /livez and /readyz");
+    }
     let server = Server::start(
         roles,
         config.settings(),
@@ -123,7 +129,7 @@ async fn main() -> Result<ExitCode> {
     )
     .await?;
     if roles.contains(&Role::Api) {
-        first_run::greet(&config, &store, roles).await?;
+        first_run::greet(config, &store, roles).await?;
     }
     tokio::spawn(watch_signals(shutdown));
     server.wait().await?;

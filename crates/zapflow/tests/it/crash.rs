@@ -39,6 +39,7 @@ impl Zapflow {
             .env_remove("ZAPFLOW_KAFKA_BROKERS")
             .env("ZAPFLOW_DATA_DIR", data_dir)
             .env("ZAPFLOW_GRPC_LISTEN", grpc.to_string())
+            .env("ZAPFLOW_ADMIN_LISTEN", "127.0.0.1:0")
             .env("ZAPFLOW_HTTP_LISTEN", http.to_string())
             .env("ZAPFLOW_PUBLIC_URL", format!("http://{http}"))
             .env("ZAPFLOW_SMTP_URL", smtp_url)

@@ -153,6 +153,7 @@ async fn a_row_the_database_refuses_fails_alone_in_its_batch() {
         query: json!({}),
         actions: zap.actions.clone(),
         idempotency_key: None,
+        trace_parent: None,
     };
     let batch = [
         run(json!({"n": 1})),

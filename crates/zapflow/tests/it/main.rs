@@ -36,6 +36,7 @@ mod isolation;
 mod limits;
 mod membership;
 mod names;
+mod observability;
 mod processor;
 mod recording;
 mod replay;

@@ -157,6 +157,7 @@ impl Deployment {
                 command.env_remove(name);
             }
         }
+        command.env("ZAPFLOW_ADMIN_LISTEN", "127.0.0.1:0");
         let log = || {
             std::fs::File::options()
                 .create(true)

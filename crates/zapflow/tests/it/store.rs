@@ -71,6 +71,7 @@ fn new_run(zap_id: Uuid, owner_id: Uuid, actions: usize, key: Option<&str>) -> N
             .map(|i| email(&format!("to{i}@example.com")))
             .collect(),
         idempotency_key: key.map(str::to_owned),
+        trace_parent: None,
     }
 }
 
@@ -488,7 +489,8 @@ async fn a_step_is_never_claimed_past_its_attempt_cap(store: Store) {
 
     // The step comes back once more (a duplicate event, the outbox row's
     // lease): the action's two attempts are used up.
-    let StepClaim::Exhausted { error } = store.claim_step(run.id, 0, short, &RETRY).await.unwrap()
+    let StepClaim::Exhausted { error, .. } =
+        store.claim_step(run.id, 0, short, &RETRY).await.unwrap()
     else {
         panic!("a third attempt must not start");
     };

@@ -137,6 +137,7 @@ fn spawn_server(data_dir: &Path, grpc: &str, http: &str) -> Child {
         .env_clear()
         .env("ZAPFLOW_DATA_DIR", data_dir)
         .env("ZAPFLOW_GRPC_LISTEN", grpc)
+        .env("ZAPFLOW_ADMIN_LISTEN", "127.0.0.1:0")
         .env("ZAPFLOW_HTTP_LISTEN", http)
         .env("ZAPFLOW_PUBLIC_URL", format!("http://{http}"))
         .env("ZAPFLOW_POLL_INTERVAL_MS", "200")

@@ -56,6 +56,7 @@ async fn accepted_run(store: &Store) -> Event {
         query: json!({}),
         actions: vec![action],
         idempotency_key: None,
+        trace_parent: None,
     };
     store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
     step_event(run.id, zap.id)
@@ -70,6 +71,7 @@ fn step_event(run_id: Uuid, zap_id: Uuid) -> Event {
         stage: 0,
         kind: EventKind::Step,
         created_at: Default::default(),
+        trace_parent: None,
     }
 }
 
