@@ -74,6 +74,7 @@ fn step_status_to_proto(status: StepStatus) -> pb::StepStatus {
         StepStatus::Retrying => pb::StepStatus::Retrying,
         StepStatus::Succeeded => pb::StepStatus::Succeeded,
         StepStatus::Failed => pb::StepStatus::Failed,
+        StepStatus::Skipped => pb::StepStatus::Skipped,
     }
 }
 
@@ -89,6 +90,8 @@ pub fn zap_to_proto(zap: &zapflow_store::Zap) -> pb::Zap {
         create_time: Some(timestamp(zap.created_at)),
         update_time: Some(timestamp(zap.updated_at)),
         signature_required: zap.signature_required,
+        trigger: None,
+        next_tick_time: None,
     }
 }
 
@@ -137,6 +140,9 @@ pub fn run_to_proto(run: &zapflow_store::Run) -> pb::Run {
         update_time: Some(timestamp(run.updated_at)),
         finish_time: run.finished_at.map(timestamp),
         replay_of: run.replay_of.map(|id| id.to_string()).unwrap_or_default(),
+        scheduled_time: run.scheduled_time.map(timestamp),
+        stop_reason: run.stop_reason.clone().unwrap_or_default(),
+        resume_time: run.resume_at.map(timestamp),
     }
 }
 
@@ -199,6 +205,7 @@ pub fn action_type_to_proto(kind: &zapflow_actions::ActionType) -> pb::ActionTyp
                 templated: field.templated,
             })
             .collect(),
+        flow: false,
     }
 }
 

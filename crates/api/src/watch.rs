@@ -271,6 +271,9 @@ mod tests {
             created_at: at,
             updated_at: at,
             finished_at: status.is_final().then_some(at),
+            scheduled_time: None,
+            stop_reason: None,
+            resume_at: None,
         }
     }
 

@@ -331,6 +331,14 @@ impl ZapService for ZapApi {
         }))
     }
 
+    async fn dry_run_zap(
+        &self,
+        request: Request<pb::DryRunZapRequest>,
+    ) -> Reply<pb::DryRunZapResponse> {
+        self.authenticate(&request).await?;
+        Err(Status::unimplemented("DryRunZap"))
+    }
+
     async fn list_action_types(
         &self,
         request: Request<pb::ListActionTypesRequest>,

@@ -108,6 +108,7 @@ string_enum!(
         Retrying => "retrying",
         Succeeded => "succeeded",
         Failed => "failed",
+        Skipped => "skipped",
     }
 );
 

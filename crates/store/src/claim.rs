@@ -48,7 +48,7 @@ pub(crate) fn max_attempts(run: &Run, stage: u32, retry: &RetryPolicy) -> u32 {
 /// duplicate event, a failed recording).
 pub(crate) fn decide(state: &StepState, now: DateTime<Utc>, max_attempts: u32) -> Decision {
     match state.status {
-        StepStatus::Succeeded | StepStatus::Failed => {
+        StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped => {
             return Decision::Leave(StepClaim::AlreadyDone);
         }
         StepStatus::Running => {

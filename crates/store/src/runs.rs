@@ -47,6 +47,12 @@ pub struct Run {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// For a run of a scheduled zap: the tick it runs for.
+    pub scheduled_time: Option<DateTime<Utc>>,
+    /// Why a filter ended the run early.
+    pub stop_reason: Option<String>,
+    /// While a delay holds the run: when its next step runs.
+    pub resume_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +128,9 @@ pub(crate) struct RunRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    scheduled_time: Option<DateTime<Utc>>,
+    stop_reason: Option<String>,
+    resume_at: Option<DateTime<Utc>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -141,7 +150,7 @@ pub(crate) struct StepRow {
 macro_rules! run_columns {
     () => {
         "id, zap_id, owner_id, status, trigger, headers, query, actions, \
-         replay_of, created_at, updated_at, finished_at"
+         replay_of, created_at, updated_at, finished_at, scheduled_time, stop_reason, resume_at"
     };
 }
 
@@ -149,7 +158,7 @@ macro_rules! run_columns {
 macro_rules! run_columns_without_payload {
     () => {
         "id, zap_id, owner_id, status, NULL AS trigger, NULL AS headers, NULL AS query, actions, \
-         replay_of, created_at, updated_at, finished_at"
+         replay_of, created_at, updated_at, finished_at, scheduled_time, stop_reason, resume_at"
     };
 }
 
@@ -170,10 +179,14 @@ impl RunRow {
                     finished_at: row.finished_at,
                     history: row.history.0,
                 }),
+                // A step a filter stopped the run before never runs.
                 None => Ok(Step {
                     index: index as u32,
                     action_type: self.actions.0[index].action_type.clone(),
-                    status: StepStatus::Pending,
+                    status: match self.stop_reason {
+                        Some(_) => StepStatus::Skipped,
+                        None => StepStatus::Pending,
+                    },
                     attempts: 0,
                     output: None,
                     error: None,
@@ -197,6 +210,9 @@ impl RunRow {
             created_at: self.created_at,
             updated_at: self.updated_at,
             finished_at: self.finished_at,
+            scheduled_time: self.scheduled_time,
+            stop_reason: self.stop_reason,
+            resume_at: self.resume_at,
         })
     }
 }

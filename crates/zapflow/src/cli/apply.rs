@@ -102,6 +102,7 @@ impl Apply {
                 name: file.name.clone(),
                 actions: file.actions_proto(),
                 require_signature: file.trigger.require_signature,
+                trigger: None,
             });
             let created = client
                 .answer(client.zaps.clone().create_zap(request))
@@ -123,6 +124,7 @@ impl Apply {
             name: file.name.clone(),
             actions: file.actions_proto(),
             require_signature: Some(file.trigger.require_signature),
+            trigger: None,
         });
         let updated = client
             .answer(client.zaps.clone().update_zap(request))

@@ -233,6 +233,7 @@ impl ListRuns {
             statuses: self.status.iter().map(|status| status.proto()).collect(),
             start_time: self.since.as_deref().map(parse_time).transpose()?,
             end_time: self.until.as_deref().map(parse_time).transpose()?,
+            stopped: None,
         };
         let page = client
             .answer(client.zaps.clone().list_runs(client.request(request)))

@@ -266,6 +266,7 @@ mod signatures {
                     name: "signed".into(),
                     actions: vec![crate::support::email_action("a@example.com", "s", "b")],
                     require_signature: true,
+                    ..Default::default()
                 },
             ))
             .await

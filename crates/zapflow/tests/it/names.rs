@@ -85,6 +85,7 @@ async fn a_name_stands_for_one_live_zap_of_its_owner(deployment: Deployment) {
                 name: "Orders".into(),
                 actions: vec![email_action("to@example.com", "s", "b")],
                 require_signature: None,
+                ..Default::default()
             },
         ))
         .await
@@ -100,6 +101,7 @@ async fn a_name_stands_for_one_live_zap_of_its_owner(deployment: Deployment) {
                 name: "Invoices".into(),
                 actions: vec![email_action("to@example.com", "s", "b")],
                 require_signature,
+                ..Default::default()
             },
         )
     };
