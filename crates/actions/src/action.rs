@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::field::{ActionType, FieldError, Fields};
@@ -25,18 +26,56 @@ pub(crate) trait Action: Sized + Send {
     fn parse(fields: &Fields<'_>) -> Result<Self, FieldError>;
 
     /// Renders the templated fields against the run's `context` and
-    /// performs the action; the result is the step's output.
+    /// performs the action: the step's output, and what the run does next.
     fn execute(
         self,
         runner: &Self::Runner,
         context: &Value,
         step: StepRef,
-    ) -> impl Future<Output = Result<Value, ActionError>> + Send;
+    ) -> impl Future<Output = Result<Completed, ActionError>> + Send;
+
+    /// Renders the templated fields and checks them as [`Self::execute`]
+    /// would, with no effect: the fields as the step would use them (its
+    /// "output" here), and what the run would do next.
+    fn preview(
+        self,
+        runner: &Self::Runner,
+        context: &Value,
+        step: StepRef,
+    ) -> impl Future<Output = Result<Completed, ActionError>> + Send;
 
     /// Reads `config`, which may hold only the type's fields.
     fn from_config(config: &Map<String, Value>) -> Result<Self, FieldError> {
         Self::parse(&Fields::of(&Self::TYPE, config)?)
     }
+}
+
+/// A step that completed: its output, and what its run does next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completed {
+    pub output: Value,
+    pub next: Next,
+}
+
+impl Completed {
+    /// An action's `output`; the run goes on.
+    pub fn with(output: Value) -> Self {
+        Self {
+            output,
+            next: Next::Continue,
+        }
+    }
+}
+
+/// What a run does after a step that completed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Goes on with the next step, or succeeds after the last.
+    Continue,
+    /// Ends here, succeeded, for this reason (a filter said no).
+    Stop(String),
+    /// Goes on with the next step at this time (a delay).
+    ResumeAt(DateTime<Utc>),
 }
 
 /// Why an action did not complete.

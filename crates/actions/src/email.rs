@@ -11,7 +11,7 @@ use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, To
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::action::{Action, ActionError, StepRef};
+use crate::action::{Action, ActionError, Completed, StepRef};
 use crate::field::{ActionField, ActionType, FieldError, Fields, Template, any_text, template};
 use crate::smtp_pool::{PlainSmtp, classify_smtp_error};
 
@@ -68,6 +68,7 @@ impl Action for Email {
         description: "Sends an email. Every field is a minijinja template over trigger, headers, \
                       query, steps and run.",
         fields: &[TO, CC, REPLY_TO, SUBJECT, BODY, HTML_BODY],
+        flow: false,
     };
 
     type Runner = Mailer;
@@ -88,7 +89,53 @@ impl Action for Email {
         mailer: &Mailer,
         context: &Value,
         step: StepRef,
-    ) -> Result<Value, ActionError> {
+    ) -> Result<Completed, ActionError> {
+        let (message, rendered) = self.compose(mailer, context, step)?;
+        mailer.deliver(message).await?;
+        let output = json!({
+            "message_id": rendered.message_id,
+            "to": rendered.to,
+            "subject": rendered.subject,
+        });
+        Ok(Completed::with(output))
+    }
+
+    async fn preview(
+        self,
+        mailer: &Mailer,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<Completed, ActionError> {
+        let (_, rendered) = self.compose(mailer, context, step)?;
+        let output = serde_json::to_value(rendered).expect("rendered fields are JSON");
+        Ok(Completed::with(output))
+    }
+}
+
+/// An email's fields as rendered, for a preview and the step's output.
+#[derive(Debug, serde::Serialize)]
+struct Rendered {
+    to: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cc: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_to: Option<String>,
+    subject: String,
+    body: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    html_body: Option<String>,
+    message_id: String,
+}
+
+impl Email {
+    /// The message this action sends for `step` in `context`, checked as
+    /// the SMTP server would not: valid addresses, not too many of them.
+    fn compose(
+        &self,
+        mailer: &Mailer,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<(Message, Rendered), ActionError> {
         let to = self.to.render_as(context, parse_mailboxes)?;
         let cc = match &self.cc {
             Some(cc) => Some(cc.render_as(context, parse_mailboxes)?),
@@ -120,29 +167,46 @@ impl Action for Email {
         for mailbox in cc.iter().flat_map(Mailboxes::iter) {
             builder = builder.cc(mailbox.clone());
         }
+        let mut reply_to_text = None;
         if let Some(reply_to) = &self.reply_to {
             let mailbox = reply_to.render_as(context, |text| {
                 text.parse::<Mailbox>()
                     .map_err(|error| format!("{error}: {text:?}"))
             })?;
+            reply_to_text = Some(mailbox.to_string());
             builder = builder.reply_to(mailbox);
         }
-        let message = match &self.html_body {
+        let html_body = self
+            .html_body
+            .as_ref()
+            .map(|html| html.render(context))
+            .transpose()?;
+        let message = match &html_body {
             Some(html) => builder.multipart(MultiPart::alternative_plain_html(
-                body,
-                html.render(context)?,
+                body.clone(),
+                html.clone(),
             )),
             None => builder.singlepart(
                 SinglePart::builder()
                     .header(ContentType::TEXT_PLAIN)
-                    .body(body),
+                    .body(body.clone()),
             ),
         }
         .map_err(|error| ActionError::Permanent(format!("cannot build the message: {error}")))?;
-
-        mailer.deliver(message).await?;
-        let recipients: Vec<String> = to.iter().map(ToString::to_string).collect();
-        Ok(json!({ "message_id": message_id, "to": recipients, "subject": subject }))
+        let rendered = Rendered {
+            to: to.iter().map(ToString::to_string).collect(),
+            cc: cc
+                .iter()
+                .flat_map(Mailboxes::iter)
+                .map(ToString::to_string)
+                .collect(),
+            reply_to: reply_to_text,
+            subject,
+            body,
+            html_body,
+            message_id,
+        };
+        Ok((message, rendered))
     }
 }
 

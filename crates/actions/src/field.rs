@@ -14,6 +14,8 @@ pub struct ActionType {
     pub name: &'static str,
     pub description: &'static str,
     pub fields: &'static [ActionField],
+    /// A flow step (filter, delay): no effect outside zapflow.
+    pub flow: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

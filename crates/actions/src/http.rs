@@ -14,7 +14,7 @@ use zapflow_telemetry::trace;
 
 use self::client::error_chain;
 pub use self::client::{HttpClient, HttpSettings};
-use crate::action::{Action, ActionError, StepRef};
+use crate::action::{Action, ActionError, Completed, StepRef};
 use crate::field::{
     ActionField, ActionType, FieldError, Fields, Template, any_text, template, text, value,
 };
@@ -114,6 +114,7 @@ impl Action for Http {
             SIGNING_SECRET,
             TIMEOUT,
         ],
+        flow: false,
     };
 
     type Runner = HttpClient;
@@ -139,7 +140,7 @@ impl Action for Http {
         client: &HttpClient,
         context: &Value,
         step: StepRef,
-    ) -> Result<Value, ActionError> {
+    ) -> Result<Completed, ActionError> {
         let mut request = self.render(client, context, step)?;
         let span = tracing::info_span!(
             "http",
@@ -157,7 +158,36 @@ impl Action for Http {
                 .entry(trace::TRACEPARENT)
                 .or_insert(value);
         }
-        client.send(request).instrument(span).await
+        let output = client.send(request).instrument(span).await?;
+        Ok(Completed::with(output))
+    }
+
+    async fn preview(
+        self,
+        client: &HttpClient,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<Completed, ActionError> {
+        let request = self.render(client, context, step)?;
+        client.check_host(request.url()).await?;
+        let headers: serde_json::Map<String, Value> = request
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_owned(), Value::String(value))
+            })
+            .collect();
+        let body = request
+            .body()
+            .and_then(|body| body.as_bytes())
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+        Ok(Completed::with(serde_json::json!({
+            "method": request.method().as_str(),
+            "url": request.url().as_str(),
+            "headers": headers,
+            "body": body,
+        })))
     }
 }
 

@@ -10,14 +10,16 @@
 mod action;
 mod email;
 mod field;
+mod flow;
 mod http;
 mod registry;
 mod smtp_pool;
 pub mod ssrf;
 
-pub use action::{ActionError, StepRef};
+pub use action::{ActionError, Completed, Next, StepRef};
 pub use email::{DEFAULT_MAX_RECIPIENTS, EmailSettings, Mailer};
 pub use field::{ActionField, ActionType, FieldError};
+pub use flow::MAX_DELAY;
 pub use http::{HttpClient, HttpSettings};
 pub use registry::{Executor, catalog, validate_actions};
 pub use ssrf::IpNet;

@@ -8,24 +8,34 @@ use std::sync::LazyLock;
 use serde_json::{Map, Value};
 use zapflow_core::ActionSpec;
 
-use crate::action::{Action, ActionError, StepRef};
+use crate::action::{Action, ActionError, Completed, StepRef};
 use crate::email::{Email, Mailer};
 use crate::field::{ActionType, FieldError};
+use crate::flow::{Delay, Filter};
 use crate::http::{Http, HttpClient, HttpSettings};
 
 /// Every action type, in catalog order. Adding a type is a module that
 /// implements [`Action`] and a line here (and, when it needs a runner of a
 /// new kind, a field of [`Executor`] that [`Provides`] it).
-static ACTIONS: [Registered; 2] = [Registered::of::<Email>(), Registered::of::<Http>()];
+static ACTIONS: [Registered; 4] = [
+    Registered::of::<Email>(),
+    Registered::of::<Http>(),
+    Registered::of::<Filter>(),
+    Registered::of::<Delay>(),
+];
 
-type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, ActionError>> + Send + 'a>>;
+type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<Completed, ActionError>> + Send + 'a>>;
+
+/// Runs a step for real, or previews it.
+type Run = for<'a> fn(&'a Executor, &'a Map<String, Value>, &'a Value, StepRef) -> StepFuture<'a>;
 
 /// An action type with its configuration type erased, so that actions can be
 /// found by the name a zap stores.
 struct Registered {
     kind: ActionType,
     check: fn(&Map<String, Value>) -> Result<(), FieldError>,
-    execute: for<'a> fn(&'a Executor, &'a Map<String, Value>, &'a Value, StepRef) -> StepFuture<'a>,
+    execute: Run,
+    preview: Run,
 }
 
 impl Registered {
@@ -37,8 +47,24 @@ impl Registered {
             kind: A::TYPE,
             check: |config| A::from_config(config).map(drop),
             execute: execute::<A>,
+            preview: preview::<A>,
         }
     }
+}
+
+fn preview<'a, A: Action>(
+    executor: &'a Executor,
+    config: &'a Map<String, Value>,
+    context: &'a Value,
+    step: StepRef,
+) -> StepFuture<'a>
+where
+    Executor: Provides<A::Runner>,
+{
+    Box::pin(async move {
+        let runner = executor.runner()?;
+        A::from_config(config)?.preview(runner, context, step).await
+    })
 }
 
 fn execute<'a, A: Action>(
@@ -98,6 +124,14 @@ pub fn validate_actions(actions: &[ActionSpec]) -> Result<(), FieldError> {
         (registered.check)(&action.config)
             .map_err(|error| error.within(&format!("{prefix}.config")))?;
     }
+    if let Some(last) = actions.last()
+        && last.action_type == Delay::TYPE.name
+    {
+        return Err(FieldError::new(
+            format!("actions[{}].type", actions.len() - 1),
+            "a delay cannot be the last step: nothing would follow it",
+        ));
+    }
     Ok(())
 }
 
@@ -131,26 +165,44 @@ impl Executor {
         })
     }
 
-    /// Runs one action; the result is the step's output.
+    /// Runs one step: its output, and what the run does next.
     pub async fn execute(
         &self,
         action: &ActionSpec,
         context: &Value,
         step: StepRef,
-    ) -> Result<Value, ActionError> {
-        let Some(registered) = find(&action.action_type) else {
-            return Err(ActionError::Permanent(format!(
-                "unknown action type {:?}",
-                action.action_type
-            )));
-        };
-        (registered.execute)(self, &action.config, context, step).await
+    ) -> Result<Completed, ActionError> {
+        (registered(action)?.execute)(self, &action.config, context, step).await
     }
+
+    /// Renders and checks one step as [`Self::execute`] would, with no
+    /// effect: its fields as rendered, and what the run would do next.
+    pub async fn preview(
+        &self,
+        action: &ActionSpec,
+        context: &Value,
+        step: StepRef,
+    ) -> Result<Completed, ActionError> {
+        (registered(action)?.preview)(self, &action.config, context, step).await
+    }
+}
+
+fn registered(action: &ActionSpec) -> Result<&'static Registered, ActionError> {
+    find(&action.action_type).ok_or_else(|| {
+        ActionError::Permanent(format!("unknown action type {:?}", action.action_type))
+    })
 }
 
 /// Hands an action type the runner that performs it.
 trait Provides<R> {
     fn runner(&self) -> Result<&R, ActionError>;
+}
+
+/// Flow steps need nothing to run.
+impl Provides<()> for Executor {
+    fn runner(&self) -> Result<&(), ActionError> {
+        Ok(&())
+    }
 }
 
 impl Provides<Mailer> for Executor {

@@ -145,7 +145,10 @@ async fn run(executor: &Executor, config: Value) -> Result<Value, ActionError> {
         run_id: RUN_ID,
         stage: 1,
     };
-    executor.execute(&action, &context, step).await
+    executor
+        .execute(&action, &context, step)
+        .await
+        .map(|completed| completed.output)
 }
 
 fn permanent(result: Result<Value, ActionError>) -> String {

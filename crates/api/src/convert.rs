@@ -205,7 +205,7 @@ pub fn action_type_to_proto(kind: &zapflow_actions::ActionType) -> pb::ActionTyp
                 templated: field.templated,
             })
             .collect(),
-        flow: false,
+        flow: kind.flow,
     }
 }
 

@@ -3,6 +3,7 @@
 //! reflection beside them.
 
 mod convert;
+mod dry_run;
 mod error;
 mod ingest;
 mod observe;
@@ -20,6 +21,7 @@ use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
+use zapflow_actions::Executor;
 use zapflow_core::delivery::DeliveryLimits;
 use zapflow_core::secret;
 use zapflow_proto::v1::ingest_service_server::IngestServiceServer;
@@ -63,6 +65,7 @@ const INGEST_SERVICES: [&str; 2] = ["", "zapflow.v1.IngestService"];
 /// process, with no socket at all), each with health.
 pub struct Api {
     store: Store,
+    previews: Executor,
     settings: ApiSettings,
     ingest: IngestApi,
     public_health: HealthReporter,
@@ -72,7 +75,9 @@ pub struct Api {
 impl Api {
     /// Health answers NOT_SERVING until the database (and the broker, if
     /// any) does.
-    pub async fn new(store: Store, settings: ApiSettings) -> Self {
+    /// `previews` renders steps for DryRunZap: give it the settings the
+    /// workers run with, so that a dry run refuses what they would.
+    pub async fn new(store: Store, settings: ApiSettings, previews: Executor) -> Self {
         let public_health = HealthReporter::new();
         let ingest_health = HealthReporter::new();
         for (reporter, services) in [
@@ -88,6 +93,7 @@ impl Api {
         let ingest = IngestApi::new(store.clone(), settings.delivery);
         Self {
             store,
+            previews,
             settings,
             ingest,
             public_health,
@@ -156,8 +162,12 @@ impl Api {
         let reflection_alpha = reflection()
             .build_v1alpha()
             .expect("the embedded descriptor sets are valid");
-        let zap_api = ZapApi::new(self.store.clone(), &self.settings.public_url)
-            .with_shutdown(shutdown.clone());
+        let zap_api = ZapApi::new(
+            self.store.clone(),
+            &self.settings.public_url,
+            self.previews.clone(),
+        )
+        .with_shutdown(shutdown.clone());
         let zaps = ZapServiceServer::new(zap_api)
             .max_decoding_message_size(self.settings.max_message_bytes);
         let health = HealthServer::new(HealthService::from_health_reporter(
@@ -211,9 +221,10 @@ pub async fn serve(
     listener: TcpListener,
     store: Store,
     settings: ApiSettings,
+    previews: Executor,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    Api::new(store, settings)
+    Api::new(store, settings, previews)
         .await
         .serve(listener, None, shutdown)
         .await

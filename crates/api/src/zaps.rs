@@ -4,7 +4,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
+use zapflow_actions::Executor;
 use zapflow_core::{RunStatus, StepStatus, ZapStatus, secret, webhook_signature};
+use zapflow_proto::json::value_to_json;
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_server::ZapService;
 use zapflow_store::{Replay, RunFilter, Store, StoreError, TimeWindow};
@@ -13,12 +15,15 @@ use crate::convert::{
     action_type_to_proto, actions_from_proto, dead_letter_to_proto, page_size, parse_id,
     parse_page_token, run_statuses_from_proto, run_to_proto, time_from_proto, zap_to_proto,
 };
+use crate::dry_run::{Sample, dry_run};
 use crate::error::{ApiError, Result};
 use crate::watch::RunWatch;
 
 #[derive(Clone)]
 pub struct ZapApi {
     store: Store,
+    /// Renders and checks steps for DryRunZap, as workers would.
+    previews: Executor,
     /// Where webhooks are reached from outside, without a trailing slash.
     public_url: String,
     /// Ends the streams of WatchRuns (they would hold a draining server).
@@ -26,9 +31,10 @@ pub struct ZapApi {
 }
 
 impl ZapApi {
-    pub fn new(store: Store, public_url: &str) -> Self {
+    pub fn new(store: Store, public_url: &str, previews: Executor) -> Self {
         Self {
             store,
+            previews,
             public_url: public_url.trim_end_matches('/').to_owned(),
             shutdown: CancellationToken::new(),
         }
@@ -77,6 +83,10 @@ impl ZapApi {
         if name.len() > 200 {
             return Err(ApiError::invalid("name", "at most 200 bytes"));
         }
+        Self::valid_actions(actions)
+    }
+
+    fn valid_actions(actions: &[pb::Action]) -> Result<Vec<zapflow_core::ActionSpec>> {
         let actions = actions_from_proto(actions);
         zapflow_actions::validate_actions(&actions)
             .map_err(|error| ApiError::invalid(error.field, error.message))?;
@@ -335,8 +345,30 @@ impl ZapService for ZapApi {
         &self,
         request: Request<pb::DryRunZapRequest>,
     ) -> Reply<pb::DryRunZapResponse> {
-        self.authenticate(&request).await?;
-        Err(Status::unimplemented("DryRunZap"))
+        let owner = self.authenticate(&request).await?;
+        let body = request.get_ref();
+        let (zap_id, actions) = match body.zap_id.as_str() {
+            "" => (Uuid::nil(), Self::valid_actions(&body.actions)?),
+            id => {
+                let zap = self
+                    .store
+                    .get_zap(owner, parse_id(id, "zap_id")?)
+                    .await
+                    .map_err(zap_error)?;
+                (zap.id, zap.actions)
+            }
+        };
+        let sample = Sample {
+            zap_id,
+            payload: body
+                .payload
+                .as_ref()
+                .map_or_else(|| serde_json::json!({}), value_to_json),
+            headers: &body.headers,
+            query: &body.query,
+        };
+        let steps = dry_run(&self.previews, &actions, &sample).await;
+        Ok(Response::new(pb::DryRunZapResponse { steps }))
     }
 
     async fn list_action_types(
@@ -365,6 +397,7 @@ impl ZapService for ZapApi {
                 start: time_from_proto(body.start_time.as_ref(), "start_time")?,
                 end: time_from_proto(body.end_time.as_ref(), "end_time")?,
             },
+            stopped: body.stopped,
         };
         let limit = page_size(body.page_size)?;
         let before = parse_page_token(&body.page_token)?;

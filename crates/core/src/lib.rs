@@ -2,6 +2,7 @@
 //! storage and transport.
 
 pub mod delivery;
+pub mod duration;
 pub mod model;
 pub mod retry;
 pub mod secret;

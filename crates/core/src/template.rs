@@ -38,6 +38,23 @@ pub fn check(source: &str) -> Result<(), TemplateError> {
     Ok(())
 }
 
+/// Checks that `source` parses as an expression (a filter's condition),
+/// without evaluating it.
+pub fn check_expression(source: &str) -> Result<(), TemplateError> {
+    environment().compile_expression(source)?;
+    Ok(())
+}
+
+/// Evaluates the expression `source` against `context` and tells whether
+/// the result is true (as `{% if %}` would). Naming a field the payload
+/// does not have is an error, as in templates; `is defined` and
+/// `| default(...)` make a field optional.
+pub fn evaluate(source: &str, context: &serde_json::Value) -> Result<bool, TemplateError> {
+    let environment = environment();
+    let expression = environment.compile_expression(source)?;
+    Ok(expression.eval(minijinja::value::Serde(context))?.is_true())
+}
+
 /// Renders `source` with `context` (a JSON object whose keys become the
 /// template's variables).
 pub fn render(source: &str, context: &serde_json::Value) -> Result<String, TemplateError> {
@@ -56,6 +73,17 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn evaluates_conditions_over_the_payload() {
+        let context = json!({"trigger": {"amount": 150, "country": "DE"}});
+        let condition = r#"trigger.amount > 100 and trigger.country in ["DE", "FR"]"#;
+        assert_eq!(evaluate(condition, &context), Ok(true));
+        assert_eq!(evaluate("trigger.amount > 200", &context), Ok(false));
+        assert_eq!(evaluate("trigger.missing is defined", &context), Ok(false));
+        assert!(evaluate("trigger.missing > 1", &context).is_err());
+        assert!(check_expression("trigger.amount >").is_err());
+    }
 
     #[test]
     fn renders_nested_payload_fields() {

@@ -100,7 +100,7 @@ impl Server {
                 Some(
                     starting
                         .api(grpc, listeners.ingest.take(), relays_or_consumes)
-                        .await,
+                        .await?,
                 )
             }
             false => None,
@@ -194,17 +194,24 @@ impl Starting {
         grpc: TcpListener,
         ingest: Option<TcpListener>,
         with_broker: bool,
-    ) -> zapflow_api::InProcessIngest {
+    ) -> Result<zapflow_api::InProcessIngest> {
         let mut settings = self.settings.api.clone();
         settings.broker = self.settings.bus.clone().filter(|_| with_broker);
-        let api = Api::new(self.store.clone(), settings).await;
+        let api = Api::new(self.store.clone(), settings, self.executor()?).await;
         let in_process_ingest = api.in_process_ingest();
         self.spawn(|shutdown| async move {
             api.serve(grpc, ingest, shutdown)
                 .await
                 .map_err(ServerError::Api)
         });
-        in_process_ingest
+        Ok(in_process_ingest)
+    }
+
+    /// Steps as this process's settings run them: what a worker executes
+    /// and what DryRunZap previews.
+    fn executor(&self) -> Result<Executor> {
+        let mailer = Mailer::new(&self.settings.email).map_err(ServerError::Actions)?;
+        Executor::with_http(mailer, &self.settings.http).map_err(ServerError::Actions)
     }
 
     /// Serves webhooks; they go to `in_process_ingest` when the API runs
@@ -331,10 +338,11 @@ impl Starting {
             });
         }
         for _ in 0..self.settings.workers {
-            let mailer = Mailer::new(&self.settings.email).map_err(ServerError::Actions)?;
-            let executor =
-                Executor::with_http(mailer, &self.settings.http).map_err(ServerError::Actions)?;
-            let worker = Worker::new(self.store.clone(), executor, self.settings.worker.clone());
+            let worker = Worker::new(
+                self.store.clone(),
+                self.executor()?,
+                self.settings.worker.clone(),
+            );
             match &self.settings.bus {
                 Some(bus) => {
                     let consumer =

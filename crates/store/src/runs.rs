@@ -526,6 +526,8 @@ pub struct RunFilter {
     pub statuses: Vec<RunStatus>,
     /// Only runs created in this window.
     pub created: TimeWindow,
+    /// Only runs a filter stopped (`Some(true)`) or only the others.
+    pub stopped: Option<bool>,
 }
 
 /// When a run last changed, as [`Store::runs_changed_since`] reads it.
@@ -556,6 +558,7 @@ impl Store {
                      WHERE owner_id = $1 AND ($2 IS NULL OR zap_id = $2) AND ($3 IS NULL OR id < $3)
                        AND ($5 IS NULL OR status IN ($5, $6, $7, $8))
                        AND ($9 IS NULL OR created_at >= $9) AND ($10 IS NULL OR created_at < $10)
+                       AND ($11 IS NULL OR ($11 = 'stopped') = (stop_reason IS NOT NULL))
                      ORDER BY id DESC LIMIT $4"
                 )
             };
@@ -588,6 +591,10 @@ impl Store {
                     status(3).into(),
                     filter.created.start.into(),
                     filter.created.end.into(),
+                    filter
+                        .stopped
+                        .map(|stopped| if stopped { "stopped" } else { "not stopped" })
+                        .into(),
                 ],
             )
             .await?;

@@ -60,6 +60,17 @@ pub struct ClaimedStep {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutcome {
     Succeeded(serde_json::Value),
+    /// Succeeded, and ends the run here, succeeded (a filter said no):
+    /// later steps are skipped.
+    Stopped {
+        output: serde_json::Value,
+        reason: String,
+    },
+    /// Succeeded, and the next step runs at `until` (a delay).
+    Waiting {
+        output: serde_json::Value,
+        until: DateTime<Utc>,
+    },
     /// A transient failure: try again after `delay`.
     Retry {
         error: String,
@@ -238,10 +249,11 @@ async fn claim(
         ],
     )
     .await?;
-    if run.status == RunStatus::Pending {
+    // A run starts, or goes on after a delay.
+    if run.status == RunStatus::Pending || run.resume_at.is_some() {
         tx.execute(
-            "UPDATE zap_runs SET status = 'running', updated_at = $2
-             WHERE id = $1 AND status = 'pending'",
+            "UPDATE zap_runs SET status = 'running', resume_at = NULL, updated_at = $2
+             WHERE id = $1 AND status IN ('pending', 'running')",
             &[run_id.into(), now.into()],
         )
         .await?;
@@ -341,11 +353,23 @@ async fn follow_up(
         };
         enqueue(tx, run.id, run.zap_id, announcement).await?;
     }
+    let (stop_reason, resume_at) = match outcome {
+        StepOutcome::Stopped { reason, .. } => (Some(reason.as_str()), None),
+        StepOutcome::Waiting { until, .. } => (None, Some(*until)),
+        _ => (None, None),
+    };
     tx.execute(
         "UPDATE zap_runs SET status = $2, updated_at = $3,
-             finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $3 END
+             finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $3 END,
+             stop_reason = $4, resume_at = $5
          WHERE id = $1",
-        &[run.id.into(), next.run_status.as_str().into(), now.into()],
+        &[
+            run.id.into(),
+            next.run_status.as_str().into(),
+            now.into(),
+            stop_reason.into(),
+            resume_at.into(),
+        ],
     )
     .await?;
     Ok(())
@@ -370,7 +394,9 @@ struct Next<'a> {
 impl StepOutcome {
     fn recorded(&self) -> Recorded<'_> {
         match self {
-            Self::Succeeded(output) => Recorded {
+            Self::Succeeded(output)
+            | Self::Stopped { output, .. }
+            | Self::Waiting { output, .. } => Recorded {
                 status: StepStatus::Succeeded,
                 output: Some(output),
                 error: None,
@@ -390,7 +416,9 @@ impl StepOutcome {
 
     fn attempt_outcome(&self) -> AttemptOutcome {
         match self {
-            Self::Succeeded(_) => AttemptOutcome::Succeeded,
+            Self::Succeeded(_) | Self::Stopped { .. } | Self::Waiting { .. } => {
+                AttemptOutcome::Succeeded
+            }
             Self::Retry { .. } => AttemptOutcome::Retrying,
             Self::Failed(_) => AttemptOutcome::Failed,
         }
@@ -400,7 +428,7 @@ impl StepOutcome {
     fn retry_delay(&self) -> Duration {
         match self {
             Self::Retry { delay, .. } => *delay,
-            Self::Succeeded(_) | Self::Failed(_) => Duration::ZERO,
+            _ => Duration::ZERO,
         }
     }
 }
@@ -427,7 +455,18 @@ impl ClaimedStep {
                 announce: Some(step(next_stage, Duration::ZERO)),
                 run_status: RunStatus::Running,
             },
-            StepOutcome::Succeeded(_) => Next {
+            StepOutcome::Waiting { until, .. }
+                if (next_stage as usize) < self.run.actions.len() =>
+            {
+                let wait = (*until - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                Next {
+                    announce: Some(step(next_stage, wait)),
+                    run_status: RunStatus::Running,
+                }
+            }
+            StepOutcome::Succeeded(_)
+            | StepOutcome::Stopped { .. }
+            | StepOutcome::Waiting { .. } => Next {
                 announce: None,
                 run_status: RunStatus::Succeeded,
             },

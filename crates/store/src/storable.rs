@@ -46,6 +46,14 @@ impl StepOutcome {
         let text = |text: &str| storable_text(text).into_owned();
         match self {
             Self::Succeeded(output) => Self::Succeeded(storable_json(output.clone())),
+            Self::Stopped { output, reason } => Self::Stopped {
+                output: storable_json(output.clone()),
+                reason: text(reason),
+            },
+            Self::Waiting { output, until } => Self::Waiting {
+                output: storable_json(output.clone()),
+                until: *until,
+            },
             Self::Retry { error, delay } => Self::Retry {
                 error: text(error),
                 delay: *delay,

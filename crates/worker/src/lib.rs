@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
-use zapflow_actions::{ActionError, Executor, StepRef};
+use zapflow_actions::{ActionError, Completed, Executor, Next, StepRef};
 use zapflow_bus::{Event, EventKind};
 use zapflow_core::retry::RetryPolicy;
 use zapflow_store::{
@@ -254,6 +254,12 @@ impl Worker {
             StepOutcome::Succeeded(_) => {
                 tracing::debug!(%run_id, stage = step.stage, "step succeeded")
             }
+            StepOutcome::Stopped { reason, .. } => {
+                tracing::debug!(%run_id, stage = step.stage, reason, "run stopped by a filter")
+            }
+            StepOutcome::Waiting { until, .. } => {
+                tracing::debug!(%run_id, stage = step.stage, %until, "run waits")
+            }
             StepOutcome::Retry { error, delay } => {
                 tracing::warn!(%run_id, stage = step.stage, attempt = step.attempt, ?delay, error, "step failed; retrying")
             }
@@ -350,7 +356,11 @@ impl Worker {
             )))
         });
         match result {
-            Ok(output) => StepOutcome::Succeeded(output),
+            Ok(Completed { output, next }) => match next {
+                Next::Continue => StepOutcome::Succeeded(output),
+                Next::Stop(reason) => StepOutcome::Stopped { output, reason },
+                Next::ResumeAt(until) => StepOutcome::Waiting { output, until },
+            },
             Err(ActionError::Permanent(error)) => StepOutcome::Failed(error),
             Err(ActionError::Transient(error)) => {
                 match self
@@ -373,7 +383,9 @@ impl Worker {
 /// Counts an attempt of an `action` step that ended with `outcome`.
 fn observe_attempt(action: String, outcome: &StepOutcome, took: Duration) {
     let ended = match outcome {
-        StepOutcome::Succeeded(_) => "succeeded",
+        StepOutcome::Succeeded(_) | StepOutcome::Stopped { .. } | StepOutcome::Waiting { .. } => {
+            "succeeded"
+        }
         StepOutcome::Retry { .. } => {
             metrics::counter!(STEP_RETRIES_SCHEDULED, "action" => action.clone()).increment(1);
             "retrying"
@@ -434,6 +446,7 @@ fn template_context(step: &ClaimedStep) -> Value {
             "zap_id": run.zap_id,
             "created_at": run.created_at.to_rfc3339(),
             "attempt": step.attempt,
+            "scheduled_time": run.scheduled_time.map(|time| time.to_rfc3339()),
         },
     })
 }

@@ -71,6 +71,22 @@ impl HttpClient {
         format!("{}:{}", step.run_id, step.stage)
     }
 
+    /// Whether a request to `url` would get past the guard: its host name
+    /// is resolved and checked as a real request's would be (a literal IP
+    /// is checked by [`Self::request`]).
+    pub(crate) async fn check_host(&self, url: &Url) -> Result<(), ActionError> {
+        let Some(host) = url.host_str().filter(|_| ssrf::literal_ip(url).is_none()) else {
+            return Ok(());
+        };
+        let name: reqwest::dns::Name = host
+            .parse()
+            .map_err(|_| ActionError::Permanent(format!("not a host name: {host:?}")))?;
+        reqwest::dns::Resolve::resolve(&GuardedResolver::new(self.filter.clone()), name)
+            .await
+            .map(drop)
+            .map_err(|error| ActionError::Permanent(error.to_string()))
+    }
+
     /// A request to `url`, refused at once when the URL names an address
     /// the guard blocks; names are checked when they resolve.
     pub(crate) fn request(&self, method: Method, url: Url) -> Result<RequestBuilder, ActionError> {

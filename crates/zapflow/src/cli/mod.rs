@@ -3,6 +3,7 @@
 
 mod apply;
 mod client;
+mod dry_run;
 mod output;
 mod runs;
 mod send;
@@ -49,6 +50,8 @@ pub enum ClientCommand {
     },
     /// Post a JSON webhook to a zap's URL, signed when given its secret.
     Send(send::Send),
+    /// Show what a zap would do with a sample payload; sends nothing.
+    DryRun(dry_run::DryRun),
     /// Check an API key against a server and keep both for later commands.
     #[command(after_help = "Examples:
   zapflow login --server http://zapflow.internal:50051 < key.txt
@@ -98,6 +101,11 @@ async fn dispatch(
             connection,
         } => command.run(&connection.connect(data_dir).await?).await,
         ClientCommand::Send(send) => send.run().await,
+        ClientCommand::DryRun(dry_run) => {
+            dry_run
+                .run(&dry_run.connection.connect(data_dir).await?)
+                .await
+        }
         ClientCommand::Login(login) => login.run().await,
         ClientCommand::Completion { shell } => {
             clap_complete::generate(shell, &mut app, "zapflow", &mut std::io::stdout());

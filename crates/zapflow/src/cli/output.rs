@@ -177,6 +177,7 @@ pub fn step_status(status: i32) -> &'static str {
         Ok(pb::StepStatus::Retrying) => "retrying",
         Ok(pb::StepStatus::Succeeded) => "succeeded",
         Ok(pb::StepStatus::Failed) => "failed",
+        Ok(pb::StepStatus::Skipped) => "skipped",
         _ => "unknown",
     }
 }

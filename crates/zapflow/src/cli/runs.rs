@@ -140,6 +140,12 @@ pub struct RunView {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub replay_of: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_time: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub stop_reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub trigger: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepView>,
@@ -170,6 +176,9 @@ impl RunView {
             update_time: rfc3339(run.update_time.as_ref()),
             finish_time: rfc3339(run.finish_time.as_ref()),
             replay_of: run.replay_of.clone(),
+            scheduled_time: rfc3339(run.scheduled_time.as_ref()),
+            stop_reason: run.stop_reason.clone(),
+            resume_time: rfc3339(run.resume_time.as_ref()),
             trigger: run.trigger.as_ref().map(value_to_json),
             steps: run
                 .steps
@@ -321,6 +330,15 @@ async fn get(client: &Client, id: &str, output: Format) -> anyhow::Result<()> {
     ]);
     if !run.replay_of.is_empty() {
         header.row(vec!["replay of".into(), run.replay_of.clone()]);
+    }
+    if let Some(scheduled) = rfc3339(run.scheduled_time.as_ref()) {
+        header.row(vec!["scheduled for".into(), scheduled]);
+    }
+    if !run.stop_reason.is_empty() {
+        header.row(vec!["stopped".into(), run.stop_reason.clone()]);
+    }
+    if let Some(resume) = rfc3339(run.resume_time.as_ref()) {
+        header.row(vec!["resumes".into(), resume]);
     }
     header.print();
     println!();

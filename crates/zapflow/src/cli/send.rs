@@ -24,17 +24,18 @@ pub struct Send {
     headers: Vec<String>,
 }
 
+/// A `--data` argument's text: inline, `@FILE`, or `@-` for standard input.
+pub fn read_body(data: &str) -> anyhow::Result<String> {
+    Ok(match data.strip_prefix('@') {
+        Some("-") => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        None => data.to_owned(),
+    })
+}
+
 impl Send {
     pub async fn run(&self) -> anyhow::Result<()> {
-        let body = match self.data.strip_prefix('@') {
-            Some("-") => {
-                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
-            }
-            Some(path) => {
-                std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
-            }
-            None => self.data.clone(),
-        };
+        let body = read_body(&self.data)?;
         serde_json::from_str::<serde_json::Value>(&body)
             .context("the body is not JSON (zapflow webhooks take JSON)")?;
         let mut request = reqwest::Client::new()

@@ -119,10 +119,16 @@ async fn assert_not_serving(store: Store, broker: Option<zapflow_bus::BusSetting
         ingest_token: None,
     };
     let shutdown = CancellationToken::new();
+    let email = zapflow_actions::EmailSettings {
+        mailbox_dir: std::env::temp_dir().join(zapflow_testkit::unique("zapflow-mailbox")),
+        ..zapflow_server::Settings::default().email
+    };
+    let previews = zapflow_actions::Executor::new(zapflow_actions::Mailer::new(&email).unwrap());
     let server = tokio::spawn(zapflow_api::serve(
         listener,
         store,
         settings,
+        previews,
         shutdown.clone(),
     ));
     let channel = eventually(

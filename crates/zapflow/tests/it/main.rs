@@ -31,6 +31,7 @@ mod crash;
 mod crash_points;
 mod dead_letters;
 mod end_to_end;
+mod flow;
 mod gateway;
 mod isolation;
 mod limits;

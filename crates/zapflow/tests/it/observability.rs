@@ -34,7 +34,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const RUNS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a zapflow deployment keeps its data and finds its broker.
-struct Setup {
+pub(crate) struct Setup {
     dir: PathBuf,
     env: Vec<(&'static str, String)>,
     grpc: SocketAddr,
@@ -43,12 +43,12 @@ struct Setup {
 
 impl Setup {
     /// The embedded deployment (SQLite in a directory of the test's own).
-    fn embedded() -> Self {
+    pub(crate) fn embedded() -> Self {
         Self::new(Vec::new())
     }
 
     /// PostgreSQL and the test broker, on topics of the test's own.
-    async fn distributed(brokers: Option<String>) -> Self {
+    pub(crate) async fn distributed(brokers: Option<String>) -> Self {
         let bus = test_bus(2).await;
         Self::new(vec![
             ("ZAPFLOW_DATABASE_URL", test_database_url().await),
@@ -84,7 +84,7 @@ impl Setup {
         }
     }
 
-    fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
+    pub(crate) fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
         self.env.push((name, value.into()));
         self
     }
@@ -115,7 +115,7 @@ impl Setup {
     }
 
     /// A user's API key (migrating the database first).
-    async fn create_user(&self) -> String {
+    pub(crate) async fn create_user(&self) -> String {
         let created = self
             .command(&["create-user", "operator"], "commands")
             .stdout(Stdio::piped())
@@ -127,7 +127,7 @@ impl Setup {
     }
 
     /// `zapflow <role>` with its admin listener on a port of its own.
-    fn spawn(&self, role: &str) -> Process {
+    pub(crate) fn spawn(&self, role: &str) -> Process {
         let admin = free_address();
         let child = self
             .command(&[role], role)
@@ -140,7 +140,7 @@ impl Setup {
         }
     }
 
-    async fn zaps(&self) -> ZapServiceClient<tonic::transport::Channel> {
+    pub(crate) async fn zaps(&self) -> ZapServiceClient<tonic::transport::Channel> {
         let url = format!("http://{}", self.grpc);
         eventually("the API to answer", START_TIMEOUT, || async {
             ZapServiceClient::connect(url.clone()).await.ok()
@@ -150,7 +150,7 @@ impl Setup {
 }
 
 /// A running zapflow process; killed when dropped.
-struct Process {
+pub(crate) struct Process {
     _child: Child,
     admin: SocketAddr,
 }
@@ -167,7 +167,7 @@ impl Process {
         self.get("/readyz").await
     }
 
-    async fn wait_ready(&self, what: &str) {
+    pub(crate) async fn wait_ready(&self, what: &str) {
         eventually(what, START_TIMEOUT, || async {
             let (status, _) = self.readiness().await?;
             (status == 200).then_some(())
@@ -255,7 +255,7 @@ async fn serve(app: axum::Router) -> SocketAddr {
     address
 }
 
-async fn create_zap(
+pub(crate) async fn create_zap(
     zaps: &mut ZapServiceClient<tonic::transport::Channel>,
     key: &str,
     name: &str,
@@ -275,7 +275,7 @@ async fn create_zap(
     .webhook_url
 }
 
-async fn post(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+pub(crate) async fn post(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut request = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
