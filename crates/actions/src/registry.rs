@@ -46,13 +46,14 @@ impl Registered {
         Self {
             kind: A::TYPE,
             check: |config| A::from_config(config).map(drop),
-            execute: execute::<A>,
-            preview: preview::<A>,
+            execute: run::<A, false>,
+            preview: run::<A, true>,
         }
     }
 }
 
-fn preview<'a, A: Action>(
+/// Runs (or, with `PREVIEW`, previews) a step of type `A`.
+fn run<'a, A: Action, const PREVIEW: bool>(
     executor: &'a Executor,
     config: &'a Map<String, Value>,
     context: &'a Value,
@@ -63,22 +64,11 @@ where
 {
     Box::pin(async move {
         let runner = executor.runner()?;
-        A::from_config(config)?.preview(runner, context, step).await
-    })
-}
-
-fn execute<'a, A: Action>(
-    executor: &'a Executor,
-    config: &'a Map<String, Value>,
-    context: &'a Value,
-    step: StepRef,
-) -> StepFuture<'a>
-where
-    Executor: Provides<A::Runner>,
-{
-    Box::pin(async move {
-        let runner = executor.runner()?;
-        A::from_config(config)?.execute(runner, context, step).await
+        let action = A::from_config(config)?;
+        match PREVIEW {
+            true => action.preview(runner, context, step).await,
+            false => action.execute(runner, context, step).await,
+        }
     })
 }
 
