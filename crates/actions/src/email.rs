@@ -10,6 +10,7 @@ use lettre::message::{Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::{Value, json};
 use tracing::Instrument;
+use zapflow_telemetry::trace;
 
 use crate::action::{Action, ActionError, Completed, StepRef};
 use crate::field::{ActionField, ActionType, FieldError, Fields, Template, any_text, template};
@@ -304,7 +305,7 @@ impl Mailer {
     }
 
     async fn deliver(&self, message: Message) -> Result<(), ActionError> {
-        let span = tracing::info_span!("smtp", otel.kind = "client");
+        let span = trace::span(|| tracing::info_span!("smtp", otel.kind = "client"));
         self.send(message).instrument(span).await
     }
 

@@ -142,12 +142,14 @@ impl Action for Http {
         step: StepRef,
     ) -> Result<Completed, ActionError> {
         let mut request = self.render(client, context, step)?;
-        let span = tracing::info_span!(
-            "http",
-            otel.kind = "client",
-            http.request.method = %request.method(),
-            server.address = request.url().host_str().unwrap_or_default(),
-        );
+        let span = trace::span(|| {
+            tracing::info_span!(
+                "http",
+                otel.kind = "client",
+                http.request.method = %request.method(),
+                server.address = request.url().host_str().unwrap_or_default(),
+            )
+        });
         // The target continues the run's trace, unless the zap sets the
         // header itself.
         if let Some(traceparent) = trace::traceparent(&span)

@@ -91,7 +91,9 @@ impl IngestApi {
         };
         let trigger = self.limits.parse_body(&request.body)?;
         // The run's first outbox row continues the trace from here.
-        let commit = tracing::info_span!("commit", %zap_id, trace_id = tracing::field::Empty);
+        let commit = trace::span(
+            || tracing::info_span!("commit", %zap_id, trace_id = tracing::field::Empty),
+        );
         trace::continue_trace(&commit, None);
         let run = NewRun {
             id: Uuid::now_v7(),

@@ -44,14 +44,16 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = request.uri().path().to_owned();
-        let span = tracing::info_span!(
-            "grpc",
-            otel.name = method.trim_start_matches('/'),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.grpc.status_code = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
+        let span = trace::span(|| {
+            tracing::info_span!(
+                "grpc",
+                otel.name = method.trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.grpc.status_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            )
+        });
         trace::continue_trace(&span, trace::from_headers(request.headers()));
         let started = Instant::now();
         let answer = self.inner.call(request).instrument(span.clone());

@@ -218,13 +218,15 @@ async fn observe_webhook(request: Request, next: Next) -> Response {
     if !request.uri().path().starts_with("/hooks/") {
         return next.run(request).await;
     }
-    let span = tracing::info_span!(
-        "webhook",
-        otel.kind = "server",
-        http.request.method = %request.method(),
-        http.response.status_code = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-    );
+    let span = trace::span(|| {
+        tracing::info_span!(
+            "webhook",
+            otel.kind = "server",
+            http.request.method = %request.method(),
+            http.response.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        )
+    });
     trace::continue_trace(&span, trace::from_headers(request.headers()));
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status();

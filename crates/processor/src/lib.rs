@@ -112,13 +112,15 @@ impl Relay {
                 let event = Event::from(row);
                 // Each row's relay continues its run's trace, and the
                 // message carries the relay's context on.
-                let span = tracing::info_span!(
-                    "relay",
-                    otel.kind = "producer",
-                    run_id = %row.run_id,
-                    step = row.stage,
-                    trace_id = tracing::field::Empty,
-                );
+                let span = trace::span(|| {
+                    tracing::info_span!(
+                        "relay",
+                        otel.kind = "producer",
+                        run_id = %row.run_id,
+                        step = row.stage,
+                        trace_id = tracing::field::Empty,
+                    )
+                });
                 trace::continue_trace(&span, row.trace_parent.as_deref());
                 Outgoing {
                     outbox_id: row.id,

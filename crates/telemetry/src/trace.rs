@@ -42,6 +42,16 @@ pub(crate) fn provider(endpoint: &str) -> Result<SdkTracerProvider, ExporterBuil
     Ok(provider)
 }
 
+/// The span `make` opens when spans are exported, else none: a span that
+/// only a trace needs costs nothing with tracing off. (Spans whose fields
+/// logs need, such as a step's run and zap, are opened either way.)
+pub fn span(make: impl FnOnce() -> Span) -> Span {
+    match enabled() {
+        true => make(),
+        false => Span::none(),
+    }
+}
+
 /// `span`'s context as a `traceparent` value, to send or store with the
 /// work it starts; `None` with tracing off.
 pub fn traceparent(span: &Span) -> Option<String> {
