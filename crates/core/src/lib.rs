@@ -4,6 +4,7 @@
 pub mod delivery;
 pub mod model;
 pub mod retry;
+pub mod schedule;
 pub mod secret;
 pub mod template;
 pub mod webhook_signature;
