@@ -428,7 +428,10 @@ mod tests {
         assert!(error.message.contains("Mars/Olympus"), "{error}");
         let error =
             Schedule::interval(Duration::from_millis(999), "", MissedTicks::Skip).unwrap_err();
-        assert_eq!((error.field, error.message.as_str()), ("interval", "at least 1s"));
+        assert_eq!(
+            (error.field, error.message.as_str()),
+            ("interval", "at least 1s")
+        );
         let ok = Schedule::interval(Duration::from_secs(1), "Europe/Berlin", MissedTicks::Skip);
         assert_eq!(ok.unwrap().every, Every::IntervalMs(1000));
     }
