@@ -203,7 +203,10 @@ impl Schedule {
                             ),
                         )
                     })?;
-                Ok(Ticks::Cron { cron, zone })
+                Ok(Ticks::Cron {
+                    cron: Box::new(cron),
+                    zone,
+                })
             }
             Every::IntervalMs(millis) => {
                 let interval = TimeDelta::milliseconds(*millis as i64);
@@ -219,7 +222,7 @@ impl Schedule {
 /// A schedule ready to compute ticks.
 #[derive(Debug, Clone)]
 pub enum Ticks {
-    Cron { cron: Cron, zone: Tz },
+    Cron { cron: Box<Cron>, zone: Tz },
     Interval(TimeDelta),
 }
 
