@@ -416,6 +416,14 @@ mod tests {
             ticks("*/10 * * * * *"),
             ["2025-01-01T00:00:10+00:00", "2025-01-01T00:00:20+00:00"]
         );
+        assert_eq!(
+            ticks("@hourly"),
+            ["2025-01-01T01:00:00+00:00", "2025-01-01T02:00:00+00:00"]
+        );
+        assert_eq!(
+            ticks("0 9 * * MON-FRI"),
+            ["2025-01-01T09:00:00+00:00", "2025-01-02T09:00:00+00:00"]
+        );
         for bad in ["61 * * * *", "* * *", "0 0 1 1 * 2030", "", "every day"] {
             let error = Schedule::cron(bad, "", MissedTicks::Skip).unwrap_err();
             assert_eq!(error.field, "cron", "{bad}: {error}");
