@@ -4,6 +4,7 @@ use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
+use zapflow_core::schedule::{Every, MissedTicks, Schedule, Trigger};
 use zapflow_core::{ActionSpec, AttemptOutcome, RetryOverride, RunStatus, StepStatus, ZapStatus};
 use zapflow_proto::json::{json_to_struct, json_to_value, struct_to_json};
 use zapflow_proto::v1 as pb;
@@ -90,9 +91,75 @@ pub fn zap_to_proto(zap: &zapflow_store::Zap) -> pb::Zap {
         create_time: Some(timestamp(zap.created_at)),
         update_time: Some(timestamp(zap.updated_at)),
         signature_required: zap.signature_required,
-        trigger: None,
-        next_tick_time: None,
+        trigger: Some(trigger_to_proto(&zap.trigger)),
+        next_tick_time: match zap.status {
+            ZapStatus::Active => zap.next_tick_at.map(timestamp),
+            ZapStatus::Paused => None,
+        },
     }
+}
+
+fn trigger_to_proto(trigger: &Trigger) -> pb::Trigger {
+    use pb::schedule_trigger::Every as PbEvery;
+    let kind = match trigger {
+        Trigger::Webhook => pb::trigger::Kind::Webhook(pb::WebhookTrigger {}),
+        Trigger::Schedule(schedule) => pb::trigger::Kind::Schedule(pb::ScheduleTrigger {
+            every: Some(match &schedule.every {
+                Every::Cron(expression) => PbEvery::Cron(expression.clone()),
+                Every::IntervalMs(millis) => PbEvery::Interval(duration(*millis)),
+            }),
+            time_zone: schedule.time_zone.clone(),
+            missed_ticks: match schedule.missed_ticks {
+                MissedTicks::Skip => pb::MissedTicks::Skip,
+                MissedTicks::RunLatest => pb::MissedTicks::RunLatest,
+            } as i32,
+        }),
+    };
+    pb::Trigger { kind: Some(kind) }
+}
+
+/// A request's trigger, checked; `None` when unset.
+pub fn trigger_from_proto(trigger: Option<&pb::Trigger>) -> Result<Option<Trigger>> {
+    use pb::schedule_trigger::Every as PbEvery;
+    let Some(trigger) = trigger else {
+        return Ok(None);
+    };
+    let schedule = match &trigger.kind {
+        None => return Err(ApiError::invalid("trigger", "set webhook or schedule")),
+        Some(pb::trigger::Kind::Webhook(_)) => return Ok(Some(Trigger::Webhook)),
+        Some(pb::trigger::Kind::Schedule(schedule)) => schedule,
+    };
+    let missed_ticks = match pb::MissedTicks::try_from(schedule.missed_ticks) {
+        Ok(pb::MissedTicks::Unspecified | pb::MissedTicks::Skip) => MissedTicks::Skip,
+        Ok(pb::MissedTicks::RunLatest) => MissedTicks::RunLatest,
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "trigger.schedule.missed_ticks",
+                "not a MissedTicks value",
+            ));
+        }
+    };
+    let time_zone = schedule.time_zone.as_str();
+    let schedule = match &schedule.every {
+        None => {
+            return Err(ApiError::invalid(
+                "trigger.schedule",
+                "set cron or interval",
+            ));
+        }
+        Some(PbEvery::Cron(expression)) => Schedule::cron(expression, time_zone, missed_ticks),
+        Some(PbEvery::Interval(interval)) => {
+            let nanos = i128::from(interval.seconds) * 1_000_000_000 + i128::from(interval.nanos);
+            let interval = u64::try_from(nanos)
+                .map(std::time::Duration::from_nanos)
+                .unwrap_or(std::time::Duration::ZERO);
+            Schedule::interval(interval, time_zone, missed_ticks)
+        }
+    }
+    .map_err(|error| {
+        ApiError::invalid(format!("trigger.schedule.{}", error.field), error.message)
+    })?;
+    Ok(Some(Trigger::Schedule(schedule)))
 }
 
 fn run_status_to_proto(status: RunStatus) -> pb::RunStatus {

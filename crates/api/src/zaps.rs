@@ -5,6 +5,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use zapflow_actions::Executor;
+use zapflow_core::schedule::Trigger;
 use zapflow_core::{RunStatus, StepStatus, ZapStatus, secret, webhook_signature};
 use zapflow_proto::json::value_to_json;
 use zapflow_proto::v1 as pb;
@@ -13,7 +14,8 @@ use zapflow_store::{Replay, RunFilter, Store, StoreError, TimeWindow};
 
 use crate::convert::{
     action_type_to_proto, actions_from_proto, dead_letter_to_proto, page_size, parse_id,
-    parse_page_token, run_statuses_from_proto, run_to_proto, time_from_proto, zap_to_proto,
+    parse_page_token, run_statuses_from_proto, run_to_proto, time_from_proto, trigger_from_proto,
+    zap_to_proto,
 };
 use crate::dry_run::{Sample, dry_run};
 use crate::error::{ApiError, Result};
@@ -128,6 +130,15 @@ impl ZapApi {
         Ok(replay)
     }
 
+    /// FAILED_PRECONDITION for a scheduled zap, which has no webhook.
+    async fn refuse_scheduled(&self, owner: Uuid, id: Uuid) -> Result<()> {
+        let zap = self.store.get_zap(owner, id).await.map_err(zap_error)?;
+        match zap.trigger {
+            Trigger::Webhook => Ok(()),
+            Trigger::Schedule(_) => Err(NO_WEBHOOK),
+        }
+    }
+
     /// Pauses or resumes the zap `id` of the request's caller.
     async fn set_status<T>(
         &self,
@@ -145,6 +156,20 @@ impl ZapApi {
         Ok(zap_to_proto(&zap))
     }
 }
+
+/// Refuses signatures for a scheduled zap: it has no webhook to sign.
+fn check_signature_wanted(trigger: &Trigger, require_signature: bool) -> Result<()> {
+    match (trigger, require_signature) {
+        (Trigger::Schedule(_), true) => Err(ApiError::invalid(
+            "require_signature",
+            "a scheduled zap has no webhook to sign",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What RotateWebhookToken and RotateSigningSecret answer for a scheduled zap.
+const NO_WEBHOOK: ApiError = ApiError::FailedPrecondition("a scheduled zap has no webhook");
 
 fn zap_error(error: zapflow_store::StoreError) -> ApiError {
     ApiError::from_store(error, "zap")
@@ -178,24 +203,31 @@ impl ZapService for ZapApi {
         let owner = self.authenticate(&request).await?;
         let body = request.get_ref();
         let actions = Self::validate(&body.name, &body.actions)?;
+        let trigger = trigger_from_proto(body.trigger.as_ref())?.unwrap_or(Trigger::Webhook);
+        check_signature_wanted(&trigger, body.require_signature)?;
+        // A scheduled zap keeps a token too, one nobody is shown.
         let token = secret::random_token();
         let signing_secret = body
             .require_signature
             .then(|| webhook_signature::Secret::generate().expose());
         let zap = self
             .store
-            .create_zap(
+            .create_zap_triggered(
                 owner,
                 body.name.trim(),
                 &actions,
                 &secret::hash(&token),
                 signing_secret.as_deref(),
+                &trigger,
             )
             .await
             .map_err(|error| zap_write_error(error, body.name.trim()))?;
         tracing::info!(zap_id = %zap.id, "zap created");
         Ok(Response::new(pb::CreateZapResponse {
-            webhook_url: self.webhook_url(zap.id, &token),
+            webhook_url: match trigger {
+                Trigger::Webhook => self.webhook_url(zap.id, &token),
+                Trigger::Schedule(_) => String::new(),
+            },
             zap: Some(zap_to_proto(&zap)),
             signing_secret: signing_secret.unwrap_or_default(),
         }))
@@ -248,10 +280,24 @@ impl ZapService for ZapApi {
         let body = request.get_ref();
         let id = parse_id(&body.id, "zap")?;
         let actions = Self::validate(&body.name, &body.actions)?;
+        let trigger = trigger_from_proto(body.trigger.as_ref())?;
+        if body.require_signature == Some(true) {
+            let trigger = match &trigger {
+                Some(trigger) => trigger.clone(),
+                None => {
+                    self.store
+                        .get_zap(owner, id)
+                        .await
+                        .map_err(zap_error)?
+                        .trigger
+                }
+            };
+            check_signature_wanted(&trigger, true)?;
+        }
         let name = body.name.trim();
         let mut zap = self
             .store
-            .update_zap(owner, id, name, &actions)
+            .update_zap_triggered(owner, id, name, &actions, trigger.as_ref())
             .await
             .map_err(|error| zap_write_error(error, name))?;
         let mut signing_secret = String::new();
@@ -315,6 +361,7 @@ impl ZapService for ZapApi {
     ) -> Reply<pb::RotateWebhookTokenResponse> {
         let owner = self.authenticate(&request).await?;
         let id = parse_id(&request.get_ref().id, "zap")?;
+        self.refuse_scheduled(owner, id).await?;
         let token = secret::random_token();
         self.store
             .set_zap_token(owner, id, &secret::hash(&token))
@@ -331,6 +378,7 @@ impl ZapService for ZapApi {
     ) -> Reply<pb::RotateSigningSecretResponse> {
         let owner = self.authenticate(&request).await?;
         let id = parse_id(&request.get_ref().id, "zap")?;
+        self.refuse_scheduled(owner, id).await?;
         let signing_secret = webhook_signature::Secret::generate().expose();
         self.store
             .set_zap_signing_secret(owner, id, &signing_secret)

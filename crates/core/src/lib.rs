@@ -5,6 +5,7 @@ pub mod delivery;
 pub mod duration;
 pub mod model;
 pub mod retry;
+pub mod schedule;
 pub mod secret;
 pub mod template;
 pub mod webhook_signature;

@@ -4,6 +4,7 @@
 //! way, so the tests run what users run.
 
 mod error;
+mod scheduler;
 mod settings;
 
 use std::fmt;
@@ -328,8 +329,14 @@ impl Starting {
 
     /// Runs the steps: members of the consumer group with Kafka, leasers of
     /// due outbox rows without. Dead letters past their retention are
-    /// trimmed meanwhile.
+    /// trimmed meanwhile, and one scheduler starts the runs of scheduled
+    /// zaps.
     fn workers(&mut self) -> Result<()> {
+        let store = self.store.clone();
+        self.spawn(move |shutdown| async move {
+            scheduler::run(store, shutdown).await;
+            Ok(())
+        });
         if let Some(retention) = self.settings.dead_letter_retention {
             let store = self.store.clone();
             self.spawn(move |shutdown| async move {

@@ -1,4 +1,5 @@
-//! Runs: one webhook delivery each, with its steps.
+//! Runs: one webhook delivery (or one tick of a schedule) each, with its
+//! steps.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -28,6 +29,8 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
     /// The trace context of the delivery, kept with its first outbox row.
     pub trace_parent: Option<String>,
+    /// For a run of a scheduled zap: the tick it runs for.
+    pub scheduled_time: Option<DateTime<Utc>>,
 }
 
 /// A run with its steps (every action of the run, started or not).
@@ -225,10 +228,7 @@ impl Store {
     pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<RecordedRun>> {
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
-        let inserted = match tx.dialect() {
-            Dialect::Postgres => insert_runs_at_once(&mut tx, runs, now).await?,
-            Dialect::Sqlite => insert_runs_one_by_one(&mut tx, runs, now).await?,
-        };
+        let inserted = insert_new_runs(&mut tx, runs, now).await?;
         let mut recorded = Vec::with_capacity(runs.len());
         for run in runs {
             if inserted.contains(&run.id) {
@@ -422,6 +422,20 @@ async fn read_run(
     row.into_run(steps).map(Some)
 }
 
+/// Inserts runs, each with the outbox row of its first step, inside the
+/// caller's transaction; a run repeating an idempotency key already
+/// recorded is left out. Returns the ids inserted.
+pub(crate) async fn insert_new_runs(
+    tx: &mut Tx,
+    runs: &[NewRun],
+    now: DateTime<Utc>,
+) -> Result<HashSet<Uuid>> {
+    match tx.dialect() {
+        Dialect::Postgres => insert_runs_at_once(tx, runs, now).await,
+        Dialect::Sqlite => insert_runs_one_by_one(tx, runs, now).await,
+    }
+}
+
 /// Inserts runs with one statement (PostgreSQL): the runs and the outbox
 /// rows of their first steps. Returns the ids inserted.
 async fn insert_runs_at_once(
@@ -434,12 +448,14 @@ async fn insert_runs_at_once(
             "WITH input AS (
                  SELECT * FROM jsonb_to_recordset($1) AS r(
                      id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
-                     query jsonb, actions jsonb, idempotency_key text, trace_parent text)
+                     query jsonb, actions jsonb, idempotency_key text, trace_parent text,
+                     scheduled_time timestamptz)
              ), inserted AS (
                  INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
-                                       actions, idempotency_key, created_at, updated_at)
+                                       actions, idempotency_key, created_at, updated_at,
+                                       scheduled_time)
                  SELECT id, zap_id, owner_id, 'pending', trigger, headers, query, actions,
-                        idempotency_key, $2, $2
+                        idempotency_key, $2, $2, scheduled_time
                  FROM input
                  ON CONFLICT (zap_id, idempotency_key) DO NOTHING
                  RETURNING id, zap_id
@@ -470,8 +486,9 @@ async fn insert_runs_one_by_one(
         let added = tx
             .execute(
                 "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
-                                       actions, idempotency_key, created_at, updated_at)
-                 VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $9)
+                                       actions, idempotency_key, created_at, updated_at,
+                                       scheduled_time)
+                 VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $9, $10)
                  ON CONFLICT (zap_id, idempotency_key) DO NOTHING",
                 &[
                     run.id.into(),
@@ -483,6 +500,7 @@ async fn insert_runs_one_by_one(
                     Arg::json(&run.actions)?,
                     (&run.idempotency_key).into(),
                     now.into(),
+                    run.scheduled_time.into(),
                 ],
             )
             .await?;

@@ -1,13 +1,15 @@
-//! Zaps: a webhook trigger and its actions, owned by a user.
+//! Zaps: a trigger (a webhook, or a schedule) and actions, owned by a user.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
-use zapflow_core::{ActionSpec, ZapStatus};
+use zapflow_core::schedule::{Schedule, Trigger};
+use zapflow_core::{ActionSpec, ZapStatus, secret};
 
-use crate::db::{Arg, Db};
+use crate::db::{Arg, Db, Stamp, Tx};
+use crate::schedules::{delete_schedule, ensure_schedule, set_schedule};
 use crate::{Result, Store, StoreError, parse_status};
 
 /// A zap as its owner sees it.
@@ -22,6 +24,10 @@ pub struct Zap {
     pub signature_required: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// What starts its runs.
+    pub trigger: Trigger,
+    /// For a scheduled zap: when its next tick is due (kept while paused).
+    pub next_tick_at: Option<DateTime<Utc>>,
 }
 
 /// What ingestion needs to know about a zap.
@@ -33,6 +39,8 @@ pub struct ZapForIngest {
     pub actions: Vec<ActionSpec>,
     /// The Standard Webhooks secret (`whsec_...`) deliveries are signed with.
     pub signing_secret: Option<String>,
+    /// Whether a schedule starts its runs: then it has no webhook.
+    pub scheduled: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -42,6 +50,7 @@ struct IngestRow {
     status: String,
     actions: Json<Vec<ActionSpec>>,
     signing_secret: Option<String>,
+    scheduled: bool,
 }
 
 impl TryFrom<IngestRow> for ZapForIngest {
@@ -54,6 +63,7 @@ impl TryFrom<IngestRow> for ZapForIngest {
             status: parse_status(&row.status)?,
             actions: row.actions.0,
             signing_secret: row.signing_secret,
+            scheduled: row.scheduled,
         })
     }
 }
@@ -68,6 +78,8 @@ struct ZapRow {
     signature_required: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    trigger: Option<Json<Schedule>>,
+    next_tick_at: Option<Stamp>,
 }
 
 impl TryFrom<ZapRow> for Zap {
@@ -83,6 +95,11 @@ impl TryFrom<ZapRow> for Zap {
             signature_required: row.signature_required,
             created_at: row.created_at,
             updated_at: row.updated_at,
+            trigger: match row.trigger {
+                Some(schedule) => Trigger::Schedule(schedule.0),
+                None => Trigger::Webhook,
+            },
+            next_tick_at: row.next_tick_at.map(|stamp| stamp.0),
         })
     }
 }
@@ -91,7 +108,8 @@ impl TryFrom<ZapRow> for Zap {
 macro_rules! zap_columns {
     () => {
         "id, owner_id, name, actions, status, signing_secret IS NOT NULL AS signature_required, \
-         created_at, updated_at"
+         created_at, updated_at, trigger, \
+         (SELECT next_tick_at FROM zap_schedules WHERE zap_schedules.zap_id = zaps.id) AS next_tick_at"
     };
 }
 
@@ -103,6 +121,7 @@ macro_rules! owned_zap {
 }
 
 impl Store {
+    /// Creates a webhook-triggered zap.
     pub async fn create_zap(
         &self,
         owner_id: Uuid,
@@ -111,27 +130,50 @@ impl Store {
         token_hash: &[u8],
         signing_secret: Option<&str>,
     ) -> Result<Zap> {
-        let row: ZapRow = self
-            .db
-            .fetch_one(
-                concat!(
-                    "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, created_at, \
-                                       updated_at, signing_secret)
-                     VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7) RETURNING ",
-                    zap_columns!()
-                ),
-                &[
-                    Uuid::now_v7().into(),
-                    owner_id.into(),
-                    name.into(),
-                    Arg::json(&actions)?,
-                    token_hash.into(),
-                    Utc::now().into(),
-                    signing_secret.into(),
-                ],
-            )
-            .await?;
-        row.try_into()
+        self.create_zap_triggered(
+            owner_id,
+            name,
+            actions,
+            token_hash,
+            signing_secret,
+            &Trigger::Webhook,
+        )
+        .await
+    }
+
+    /// Creates a zap started by `trigger`; a scheduled one gets its first
+    /// tick in the same transaction.
+    pub async fn create_zap_triggered(
+        &self,
+        owner_id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+        token_hash: &[u8],
+        signing_secret: Option<&str>,
+        trigger: &Trigger,
+    ) -> Result<Zap> {
+        let (id, now) = (Uuid::now_v7(), Utc::now());
+        let mut tx = self.db.begin().await?;
+        tx.execute(
+            "INSERT INTO zaps (id, owner_id, name, actions, token_hash, status, created_at,
+                               updated_at, signing_secret, trigger)
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7, $8)",
+            &[
+                id.into(),
+                owner_id.into(),
+                name.into(),
+                Arg::json(&actions)?,
+                token_hash.into(),
+                now.into(),
+                signing_secret.into(),
+                Arg::json_or_null(trigger.schedule())?,
+            ],
+        )
+        .await?;
+        set_schedule(&mut tx, id, trigger.schedule(), now).await?;
+        let zap = read_zap(&mut tx, owner_id, id).await?;
+        tx.commit().await?;
+        Ok(zap)
     }
 
     pub async fn get_zap(&self, owner_id: Uuid, id: Uuid) -> Result<Zap> {
@@ -170,6 +212,7 @@ impl Store {
         rows.into_iter().map(Zap::try_from).collect()
     }
 
+    /// Replaces the name and actions of a zap.
     pub async fn update_zap(
         &self,
         owner_id: Uuid,
@@ -177,48 +220,95 @@ impl Store {
         name: &str,
         actions: &[ActionSpec],
     ) -> Result<Zap> {
-        let row: ZapRow = self
-            .db
-            .fetch_one(
+        self.update_zap_triggered(owner_id, id, name, actions, None)
+            .await
+    }
+
+    /// Replaces the name and actions of a zap and, when given, its trigger.
+    /// A trigger that differs from the zap's restarts its schedule from
+    /// now; a webhook zap turned scheduled loses its webhook (its token
+    /// becomes one nobody knows, its signing secret is forgotten).
+    pub async fn update_zap_triggered(
+        &self,
+        owner_id: Uuid,
+        id: Uuid,
+        name: &str,
+        actions: &[ActionSpec],
+        trigger: Option<&Trigger>,
+    ) -> Result<Zap> {
+        let now = Utc::now();
+        let mut tx = self.db.begin().await?;
+        let changed = tx
+            .execute(
                 concat!(
                     "UPDATE zaps SET name = $3, actions = $4, updated_at = $5",
-                    owned_zap!(),
-                    " RETURNING ",
-                    zap_columns!()
+                    owned_zap!()
                 ),
                 &[
                     id.into(),
                     owner_id.into(),
                     name.into(),
                     Arg::json(&actions)?,
-                    Utc::now().into(),
+                    now.into(),
                 ],
             )
             .await?;
+        found(changed)?;
+        if let Some(trigger) = trigger {
+            let (current,): (Option<Json<Schedule>>,) = tx
+                .fetch_one("SELECT trigger FROM zaps WHERE id = $1", &[id.into()])
+                .await?;
+            let current = current.map(|schedule| schedule.0);
+            if current.as_ref() != trigger.schedule() {
+                let unknown_token = secret::hash(&secret::random_token());
+                tx.execute(
+                    "UPDATE zaps SET trigger = $2,
+                         token_hash = CASE WHEN trigger IS NULL THEN $3 ELSE token_hash END,
+                         signing_secret = CASE WHEN $2 IS NULL THEN signing_secret END
+                     WHERE id = $1",
+                    &[
+                        id.into(),
+                        Arg::json_or_null(trigger.schedule())?,
+                        unknown_token.as_slice().into(),
+                    ],
+                )
+                .await?;
+                set_schedule(&mut tx, id, trigger.schedule(), now).await?;
+            }
+        }
+        let zap = read_zap(&mut tx, owner_id, id).await?;
+        tx.commit().await?;
         self.forget_zap(id);
-        row.try_into()
+        Ok(zap)
     }
 
+    /// Pauses or resumes a zap. A paused schedule keeps its next tick: on
+    /// resuming, the ticks due meanwhile follow its missed-ticks policy.
     pub async fn set_zap_status(&self, owner_id: Uuid, id: Uuid, status: ZapStatus) -> Result<Zap> {
-        let row: ZapRow = self
-            .db
-            .fetch_one(
-                concat!(
-                    "UPDATE zaps SET status = $3, updated_at = $4",
-                    owned_zap!(),
-                    " RETURNING ",
-                    zap_columns!()
-                ),
+        let now = Utc::now();
+        let mut tx = self.db.begin().await?;
+        let changed = tx
+            .execute(
+                concat!("UPDATE zaps SET status = $3, updated_at = $4", owned_zap!()),
                 &[
                     id.into(),
                     owner_id.into(),
                     status.as_str().into(),
-                    Utc::now().into(),
+                    now.into(),
                 ],
             )
             .await?;
+        found(changed)?;
+        let mut zap = read_zap(&mut tx, owner_id, id).await?;
+        if let (ZapStatus::Active, Trigger::Schedule(schedule), None) =
+            (status, &zap.trigger, zap.next_tick_at)
+        {
+            ensure_schedule(&mut tx, id, schedule, now).await?;
+            zap = read_zap(&mut tx, owner_id, id).await?;
+        }
+        tx.commit().await?;
         self.forget_zap(id);
-        row.try_into()
+        Ok(zap)
     }
 
     /// Replaces the hash of the zap's webhook token.
@@ -246,17 +336,21 @@ impl Store {
             .await
     }
 
-    /// Marks the zap deleted; its runs stay readable.
+    /// Marks the zap deleted (and stops its schedule); its runs stay
+    /// readable.
     pub async fn delete_zap(&self, owner_id: Uuid, id: Uuid) -> Result<()> {
-        let changed = self
-            .db
+        let mut tx = self.db.begin().await?;
+        let changed = tx
             .execute(
                 concat!("UPDATE zaps SET deleted_at = $3", owned_zap!()),
                 &[id.into(), owner_id.into(), Utc::now().into()],
             )
             .await?;
+        found(changed)?;
+        delete_schedule(&mut tx, id).await?;
+        tx.commit().await?;
         self.forget_zap(id);
-        found(changed)
+        Ok(())
     }
 
     /// Runs `sql` on zap `$1` of owner `$2`, with `value` as `$3` and now as
@@ -290,8 +384,9 @@ impl Store {
             .db
             .reader()
             .fetch_optional(
-                "SELECT owner_id, token_hash, status, actions, signing_secret FROM zaps
-                 WHERE id = $1 AND deleted_at IS NULL",
+                "SELECT owner_id, token_hash, status, actions, signing_secret,
+                        trigger IS NOT NULL AS scheduled
+                 FROM zaps WHERE id = $1 AND deleted_at IS NULL",
                 &[id.into()],
             )
             .await?;
@@ -300,6 +395,17 @@ impl Store {
         self.zaps.put(generation, id, zap.clone());
         Ok(Some(zap))
     }
+}
+
+/// Zap `id` of `owner_id`, live, inside a transaction (after writing it).
+async fn read_zap(tx: &mut Tx, owner_id: Uuid, id: Uuid) -> Result<Zap> {
+    let row: ZapRow = tx
+        .fetch_one(
+            concat!("SELECT ", zap_columns!(), " FROM zaps", owned_zap!()),
+            &[id.into(), owner_id.into()],
+        )
+        .await?;
+    row.try_into()
 }
 
 /// [`StoreError::NotFound`] when a statement changed no row.

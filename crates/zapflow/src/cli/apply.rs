@@ -8,7 +8,7 @@ use zapflow_proto::v1 as pb;
 
 use crate::cli::client::{Client, Connection};
 use crate::cli::output::{Format, paint, print_data};
-use crate::cli::zapfile::{self, ZapFile};
+use crate::cli::zapfile::{self, TriggerKind, ZapFile};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -101,14 +101,15 @@ impl Apply {
             let request = client.request(pb::CreateZapRequest {
                 name: file.name.clone(),
                 actions: file.actions_proto(),
-                require_signature: file.trigger.require_signature,
-                trigger: None,
+                require_signature: file.trigger.signature_required(),
+                trigger: Some(file.trigger.to_proto()),
             });
             let created = client
                 .answer(client.zaps.clone().create_zap(request))
                 .await?;
             outcome.id = created.zap.map(|zap| zap.id);
-            outcome.webhook_url = Some(created.webhook_url);
+            // A scheduled zap has no webhook URL.
+            outcome.webhook_url = non_empty(created.webhook_url);
             outcome.signing_secret = non_empty(created.signing_secret);
             return Ok(outcome);
         };
@@ -123,13 +124,24 @@ impl Apply {
             id: current.id.clone(),
             name: file.name.clone(),
             actions: file.actions_proto(),
-            require_signature: Some(file.trigger.require_signature),
-            trigger: None,
+            require_signature: Some(file.trigger.signature_required()),
+            trigger: Some(file.trigger.to_proto()),
         });
         let updated = client
             .answer(client.zaps.clone().update_zap(request))
             .await?;
         outcome.signing_secret = non_empty(updated.signing_secret);
+        // A scheduled zap turned webhook gets its URL now.
+        let was_scheduled = ZapFile::from_proto(current).trigger.kind == TriggerKind::Schedule;
+        if was_scheduled && file.trigger.kind == TriggerKind::Webhook {
+            let request = client.request(pb::RotateWebhookTokenRequest {
+                id: current.id.clone(),
+            });
+            let rotated = client
+                .answer(client.zaps.clone().rotate_webhook_token(request))
+                .await?;
+            outcome.webhook_url = Some(rotated.webhook_url);
+        }
         Ok(outcome)
     }
 

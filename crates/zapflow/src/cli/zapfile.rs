@@ -17,6 +17,16 @@
 //!       initial_delay: 2s
 //! ```
 //!
+//! A scheduled zap has a schedule instead of a webhook:
+//!
+//! ```yaml
+//! trigger:
+//!   type: schedule
+//!   cron: "0 9 * * MON-FRI"      # or `every: 30s`
+//!   time_zone: Europe/Berlin
+//!   missed_ticks: run_latest      # or skip (the default)
+//! ```
+//!
 //! A file names its zap; the id, status and times belong to the server.
 
 use std::path::{Path, PathBuf};
@@ -41,17 +51,40 @@ pub struct ZapFile {
 pub struct Trigger {
     #[serde(rename = "type", default)]
     pub kind: TriggerKind,
-    /// Deliveries must carry a Standard Webhooks signature.
-    #[serde(default)]
-    pub require_signature: bool,
+    /// Webhook: deliveries must carry a Standard Webhooks signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_signature: Option<bool>,
+    /// Schedule: a cron expression (five fields, or six with seconds first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Schedule: a fixed interval instead, such as `30s` or `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
+    /// Schedule: the IANA time zone the cron expression is read in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Schedule: what happens to ticks missed while nothing ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed_ticks: Option<MissedTicks>,
 }
 
-/// The triggers there are: a webhook.
+/// The triggers there are: a webhook, or a schedule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerKind {
     #[default]
     Webhook,
+    Schedule,
+}
+
+/// What becomes of ticks missed while no zapflow process ran or the zap
+/// was paused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissedTicks {
+    #[default]
+    Skip,
+    RunLatest,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,6 +190,7 @@ impl ZapFile {
         if self.name.trim() != self.name {
             bail!("name: no spaces at either end");
         }
+        self.trigger.check()?;
         for (index, action) in self.actions.iter().enumerate() {
             if let Some(retry) = &action.retry {
                 for (field, text) in [
@@ -194,10 +228,7 @@ impl ZapFile {
     pub fn from_proto(zap: &pb::Zap) -> Self {
         Self {
             name: zap.name.clone(),
-            trigger: Trigger {
-                kind: TriggerKind::Webhook,
-                require_signature: zap.signature_required,
-            },
+            trigger: Trigger::from_proto(zap),
             actions: zap
                 .actions
                 .iter()
@@ -225,9 +256,110 @@ impl ZapFile {
         Self::from_proto(&pb::Zap {
             name: self.name.clone(),
             actions: self.actions_proto(),
-            signature_required: self.trigger.require_signature,
+            signature_required: self.trigger.signature_required(),
+            trigger: Some(self.trigger.to_proto()),
             ..Default::default()
         })
+    }
+}
+
+impl Trigger {
+    /// What the server would refuse for sure.
+    fn check(&self) -> anyhow::Result<()> {
+        match self.kind {
+            TriggerKind::Webhook => {
+                for (field, set) in [
+                    ("cron", self.cron.is_some()),
+                    ("every", self.every.is_some()),
+                    ("time_zone", self.time_zone.is_some()),
+                    ("missed_ticks", self.missed_ticks.is_some()),
+                ] {
+                    if set {
+                        bail!("trigger.{field}: only a schedule trigger (type: schedule) has one");
+                    }
+                }
+            }
+            TriggerKind::Schedule => {
+                if self.require_signature == Some(true) {
+                    bail!(
+                        "trigger.require_signature: only a webhook trigger takes signatures; a scheduled zap has no webhook"
+                    );
+                }
+                match (&self.cron, &self.every) {
+                    (Some(_), Some(_)) => bail!("trigger: give either cron or every, not both"),
+                    (None, None) => bail!(
+                        "trigger: a schedule needs cron (e.g. \"*/5 * * * *\") or every (e.g. 30s)"
+                    ),
+                    (None, Some(every)) => {
+                        parse_duration(every).context("trigger.every")?;
+                    }
+                    (Some(_), None) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether deliveries must be signed.
+    pub fn signature_required(&self) -> bool {
+        self.kind == TriggerKind::Webhook && self.require_signature == Some(true)
+    }
+
+    /// The trigger as the contract has it.
+    pub fn to_proto(&self) -> pb::Trigger {
+        use pb::schedule_trigger::Every;
+        let kind = match self.kind {
+            TriggerKind::Webhook => pb::trigger::Kind::Webhook(pb::WebhookTrigger {}),
+            TriggerKind::Schedule => pb::trigger::Kind::Schedule(pb::ScheduleTrigger {
+                every: match (&self.cron, &self.every) {
+                    (Some(cron), _) => Some(Every::Cron(cron.trim().to_owned())),
+                    (None, Some(every)) => duration_proto(every).map(Every::Interval),
+                    (None, None) => None,
+                },
+                time_zone: self.time_zone.clone().unwrap_or_default(),
+                missed_ticks: match self.missed_ticks.unwrap_or_default() {
+                    MissedTicks::Skip => pb::MissedTicks::Skip,
+                    MissedTicks::RunLatest => pb::MissedTicks::RunLatest,
+                } as i32,
+            }),
+        };
+        pb::Trigger { kind: Some(kind) }
+    }
+
+    /// The trigger of a server's zap, as a file has it.
+    fn from_proto(zap: &pb::Zap) -> Self {
+        use pb::schedule_trigger::Every;
+        let schedule = match zap
+            .trigger
+            .as_ref()
+            .and_then(|trigger| trigger.kind.as_ref())
+        {
+            Some(pb::trigger::Kind::Schedule(schedule)) => schedule,
+            _ => {
+                return Self {
+                    kind: TriggerKind::Webhook,
+                    require_signature: Some(zap.signature_required),
+                    ..Self::default()
+                };
+            }
+        };
+        Self {
+            kind: TriggerKind::Schedule,
+            require_signature: None,
+            cron: match &schedule.every {
+                Some(Every::Cron(cron)) => Some(cron.clone()),
+                _ => None,
+            },
+            every: match &schedule.every {
+                Some(Every::Interval(interval)) => Some(format_duration(interval)),
+                _ => None,
+            },
+            time_zone: Some(schedule.time_zone.clone()).filter(|zone| !zone.is_empty()),
+            missed_ticks: Some(match schedule.missed_ticks() {
+                pb::MissedTicks::RunLatest => MissedTicks::RunLatest,
+                pb::MissedTicks::Skip | pb::MissedTicks::Unspecified => MissedTicks::Skip,
+            }),
+        }
     }
 }
 
@@ -361,6 +493,70 @@ mod tests {
             Some("2m")
         );
         assert_eq!(normalized.normalized(), normalized);
+    }
+
+    #[test]
+    fn a_schedule_reads_and_compares_as_the_server_keeps_it() {
+        let file: ZapFile = serde_norway::from_str(
+            "name: n\ntrigger:\n  type: schedule\n  every: 60s\n  time_zone: Europe/Berlin\nactions: []\n",
+        )
+        .unwrap();
+        file.check().unwrap();
+        let normalized = file.normalized();
+        assert_eq!(normalized.trigger.every.as_deref(), Some("1m"));
+        assert_eq!(normalized.trigger.missed_ticks, Some(MissedTicks::Skip));
+        assert_eq!(normalized.trigger.require_signature, None);
+        assert_eq!(normalized.normalized(), normalized);
+        let yaml = serde_norway::to_string(&normalized).unwrap();
+        assert!(
+            yaml.contains(
+                "trigger:\n  type: schedule\n  every: 1m\n  time_zone: Europe/Berlin\n  missed_ticks: skip\n"
+            ),
+            "{yaml}"
+        );
+
+        let cron: ZapFile = serde_norway::from_str(
+            "name: n\ntrigger: {type: schedule, cron: '*/5 * * * *', missed_ticks: run_latest}\nactions: []\n",
+        )
+        .unwrap();
+        let proto = cron.trigger.to_proto();
+        let Some(pb::trigger::Kind::Schedule(schedule)) = proto.kind else {
+            panic!("{proto:?}")
+        };
+        assert_eq!(
+            schedule.every,
+            Some(pb::schedule_trigger::Every::Cron("*/5 * * * *".into()))
+        );
+        assert_eq!(schedule.missed_ticks(), pb::MissedTicks::RunLatest);
+        assert_eq!(cron.normalized().trigger, cron.trigger);
+
+        // A webhook file reads back as before.
+        let webhook: ZapFile = serde_norway::from_str("name: n\nactions: []\n").unwrap();
+        let yaml = serde_norway::to_string(&webhook.normalized()).unwrap();
+        assert!(
+            yaml.contains("trigger:\n  type: webhook\n  require_signature: false\n"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn a_schedule_takes_only_its_own_fields() {
+        for (yaml, complaint) in [
+            (
+                "{type: schedule, every: 1m, require_signature: true}",
+                "require_signature",
+            ),
+            ("{type: schedule}", "cron"),
+            ("{type: schedule, cron: '* * * * *', every: 1m}", "not both"),
+            ("{type: schedule, every: soon}", "trigger.every"),
+            ("{type: webhook, cron: '* * * * *'}", "trigger.cron"),
+        ] {
+            let file: ZapFile =
+                serde_norway::from_str(&format!("name: n\ntrigger: {yaml}\nactions: []\n"))
+                    .unwrap();
+            let error = format!("{:#}", file.check().unwrap_err());
+            assert!(error.contains(complaint), "{yaml}: {error}");
+        }
     }
 
     #[test]

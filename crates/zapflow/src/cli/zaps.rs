@@ -6,7 +6,7 @@ use zapflow_proto::v1 as pb;
 
 use crate::cli::client::Client;
 use crate::cli::output::{Format, Table, ago, print_data, rfc3339, zap_status};
-use crate::cli::zapfile::ZapFile;
+use crate::cli::zapfile::{TriggerKind, ZapFile};
 
 #[derive(Debug, Subcommand)]
 pub enum ZapsCommand {
@@ -31,7 +31,7 @@ pub enum ZapsCommand {
     /// Delete a zap (its runs stay readable).
     #[command(after_help = "Example:\n  zapflow zaps delete 'New comment'")]
     Delete { name: String },
-    /// Pause a zap: its webhook answers 404 until resumed.
+    /// Pause a zap: its webhook answers 404 (its schedule stops) until resumed.
     #[command(after_help = "Example:\n  zapflow zaps pause 'New comment'")]
     Pause { name: String },
     /// Resume a paused zap.
@@ -49,6 +49,11 @@ struct ZapSummary {
     name: String,
     status: &'static str,
     signature_required: bool,
+    /// `webhook`, `cron EXPRESSION [ZONE]` or `every DURATION`.
+    trigger: String,
+    /// For an active scheduled zap: its next tick.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_tick_time: Option<String>,
     actions: Vec<String>,
     create_time: Option<String>,
     update_time: Option<String>,
@@ -61,6 +66,8 @@ impl From<&pb::Zap> for ZapSummary {
             name: zap.name.clone(),
             status: zap_status(zap.status),
             signature_required: zap.signature_required,
+            trigger: trigger_text(zap),
+            next_tick_time: rfc3339(zap.next_tick_time.as_ref()),
             actions: zap.actions.iter().map(|a| a.r#type.clone()).collect(),
             create_time: rfc3339(zap.create_time.as_ref()),
             update_time: rfc3339(zap.update_time.as_ref()),
@@ -123,12 +130,15 @@ async fn list(client: &Client, output: Format) -> anyhow::Result<()> {
         let summaries: Vec<ZapSummary> = zaps.iter().map(ZapSummary::from).collect();
         return print_data(output, &summaries);
     }
-    let mut table =
-        Table::new(vec!["NAME", "STATUS", "SIGNED", "ACTIONS", "UPDATED", "ID"]).paint_column(1);
+    let mut table = Table::new(vec![
+        "NAME", "STATUS", "TRIGGER", "SIGNED", "ACTIONS", "UPDATED", "ID",
+    ])
+    .paint_column(1);
     for zap in &zaps {
         table.row(vec![
             zap.name.clone(),
             zap_status(zap.status).into(),
+            trigger_text(zap),
             if zap.signature_required { "yes" } else { "no" }.into(),
             actions_text(zap),
             ago(zap.update_time.as_ref()),
@@ -137,6 +147,19 @@ async fn list(client: &Client, output: Format) -> anyhow::Result<()> {
     }
     table.print();
     Ok(())
+}
+
+/// What starts the zap's runs, in a few words.
+fn trigger_text(zap: &pb::Zap) -> String {
+    let file = ZapFile::from_proto(zap).trigger;
+    match (file.kind, file.cron, file.every) {
+        (TriggerKind::Schedule, Some(cron), _) => match file.time_zone {
+            Some(zone) => format!("cron {cron} ({zone})"),
+            None => format!("cron {cron}"),
+        },
+        (TriggerKind::Schedule, None, Some(every)) => format!("every {every}"),
+        _ => "webhook".into(),
+    }
 }
 
 fn actions_text(zap: &pb::Zap) -> String {
@@ -168,6 +191,11 @@ async fn get(client: &Client, name: &str, output: Format) -> anyhow::Result<()> 
                 ("name", zap.name.clone()),
                 ("id", zap.id.clone()),
                 ("status", zap_status(zap.status).into()),
+                ("trigger", trigger_text(&zap)),
+                (
+                    "next tick",
+                    rfc3339(zap.next_tick_time.as_ref()).unwrap_or_else(|| "-".into()),
+                ),
                 ("signature required", zap.signature_required.to_string()),
                 ("created", ago(zap.create_time.as_ref())),
                 ("updated", ago(zap.update_time.as_ref())),

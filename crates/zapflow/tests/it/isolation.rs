@@ -154,6 +154,7 @@ async fn a_row_the_database_refuses_fails_alone_in_its_batch() {
         actions: zap.actions.clone(),
         idempotency_key: None,
         trace_parent: None,
+        scheduled_time: None,
     };
     let batch = [
         run(json!({"n": 1})),

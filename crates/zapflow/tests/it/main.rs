@@ -43,6 +43,7 @@ mod recording;
 mod replay;
 mod restart;
 mod retries;
+mod schedules;
 mod store;
 mod support;
 mod tail;

@@ -72,6 +72,7 @@ fn new_run(zap_id: Uuid, owner_id: Uuid, actions: usize, key: Option<&str>) -> N
             .collect(),
         idempotency_key: key.map(str::to_owned),
         trace_parent: None,
+        scheduled_time: None,
     }
 }
 

@@ -57,6 +57,7 @@ async fn accepted_run(store: &Store) -> Event {
         actions: vec![action],
         idempotency_key: None,
         trace_parent: None,
+        scheduled_time: None,
     };
     store.insert_runs(std::slice::from_ref(&run)).await.unwrap();
     step_event(run.id, zap.id)
