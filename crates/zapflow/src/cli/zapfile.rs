@@ -386,37 +386,7 @@ fn whole_numbers(map: Map<String, Value>) -> Map<String, Value> {
 
 /// `500ms`, `2s`, `1m30s`, `10m`, `1h`, `2d`.
 pub fn parse_duration(text: &str) -> anyhow::Result<std::time::Duration> {
-    let text = text.trim();
-    let mut total = 0u64;
-    let mut rest = text;
-    if rest.is_empty() {
-        bail!("an empty duration; write e.g. 500ms, 2s, 10m, 1h");
-    }
-    while !rest.is_empty() {
-        let digits = rest.chars().take_while(char::is_ascii_digit).count();
-        let unit_len = rest[digits..]
-            .chars()
-            .take_while(char::is_ascii_alphabetic)
-            .count();
-        let (number, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
-        let millis_per_unit = match unit {
-            "ms" => 1,
-            "s" => 1000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => bail!("{text:?} is not a duration; write e.g. 500ms, 2s, 10m, 1h"),
-        };
-        let number: u64 = number.parse().with_context(|| {
-            format!("{text:?} is not a duration; write e.g. 500ms, 2s, 10m, 1h")
-        })?;
-        total = number
-            .checked_mul(millis_per_unit)
-            .and_then(|millis| total.checked_add(millis))
-            .with_context(|| format!("{text:?} is too long"))?;
-        rest = &rest[digits + unit_len..];
-    }
-    Ok(std::time::Duration::from_millis(total))
+    zapflow_core::duration::parse(text).map_err(anyhow::Error::msg)
 }
 
 fn duration_proto(text: &str) -> Option<prost_types::Duration> {

@@ -443,7 +443,7 @@ async fn an_interval_runs_once_a_second(deployment: Deployment) {
                 name: "every second".into(),
                 actions: vec![email_action(
                     "to@example.com",
-                    "tick {{ run.id }}",
+                    "tick {{ run.scheduled_time }}",
                     "scheduled",
                 )],
                 trigger: Some(interval(1, pb::MissedTicks::RunLatest)),
@@ -470,14 +470,15 @@ async fn an_interval_runs_once_a_second(deployment: Deployment) {
     for run in &runs {
         assert_eq!(run.trigger, None, "a BASIC list leaves the payload out");
     }
-    // Each run sends its email, and a run's payload is `{}`.
-    let mails = smtp.wait_for(4, WAIT).await;
-    assert!(
-        mails
-            .iter()
-            .all(|mail| mail.header("Subject").unwrap().starts_with("tick ")),
-        "{mails:?}"
-    );
+    // Each run sends its email, whose subject names its tick
+    // (`run.scheduled_time`), and a run's payload is `{}`.
+    smtp.wait_for(4, WAIT).await;
+    let subjects = smtp.sorted_subjects();
+    let ticks: Vec<String> = times[..4]
+        .iter()
+        .map(|time| format!("tick {}", time.to_rfc3339()))
+        .collect();
+    assert!(subjects.starts_with(&ticks), "{subjects:?} for {ticks:?}");
     let run = client
         .clone()
         .get_run(with_key(
