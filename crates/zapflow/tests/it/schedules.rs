@@ -32,6 +32,12 @@ mod distributed {
     async fn an_interval_runs_once_a_second() {
         super::an_interval_runs_once_a_second(crate::support::Deployment::Distributed).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn ticks_missed_while_down_follow_the_policy() {
+        let deployment = crate::support::Deployment::Distributed;
+        super::ticks_missed_while_down_follow_the_policy(deployment).await;
+    }
 }
 
 mod embedded_runs {
@@ -563,7 +569,17 @@ async fn ticks_missed_while_down_follow_the_policy(deployment: Deployment) {
         Deployment::Embedded => zapflow_testkit::test_sqlite_store().await.store,
         _ => zapflow_testkit::test_store().await,
     };
-    let stack = Stack::start(store.clone(), None, StackOptions::default()).await;
+    let bus = match deployment {
+        Deployment::Distributed => Some(zapflow_testkit::test_bus(3).await),
+        _ => None,
+    };
+    // The same deployment before and after the downtime.
+    let group = unique("zapflow-workers");
+    let options = || StackOptions {
+        consumer_group: Some(group.clone()),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(store.clone(), bus.clone(), options()).await;
     let key = new_user(&stack, "ada").await;
     let client = stack.zap_client().await;
     let zaps = two_policies(&client, &key).await;
@@ -575,7 +591,7 @@ async fn ticks_missed_while_down_follow_the_policy(deployment: Deployment) {
     stack.stop().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let up = Utc::now();
-    let stack = Stack::start(store, None, StackOptions::default()).await;
+    let stack = Stack::start(store, bus, options()).await;
     let client = stack.zap_client().await;
     for (id, policy) in &zaps {
         let before = runs_of(&client, &key, id).await.len();
