@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use zapflow_core::schedule::MissedTicks;
 use zapflow_proto::json::{json_to_struct, struct_to_json};
 use zapflow_proto::v1 as pb;
 
@@ -75,16 +76,6 @@ pub enum TriggerKind {
     #[default]
     Webhook,
     Schedule,
-}
-
-/// What becomes of ticks missed while no zapflow process ran or the zap
-/// was paused.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MissedTicks {
-    #[default]
-    Skip,
-    RunLatest,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
