@@ -12,7 +12,10 @@
 //!   and locks nothing), appending to a JSON array, lists of ids;
 //! - wake-ups: on PostgreSQL a trigger NOTIFYs every outbox insert; on SQLite
 //!   a committed transaction that added outbox rows marks a watch channel
-//!   ([`Tx::announce`]), since only this process writes the file.
+//!   ([`Tx::announce`]), since only this process writes the file;
+//! - drivers: PostgreSQL through sqlx's pool; the SQLite file through
+//!   `rusqlite`, each statement run on the task that asks for it (see
+//!   [`sqlite`]), reading rows with [`FromSqlite`] beside sqlx's `FromRow`.
 //!
 //! Times are always bound from Rust, never taken from the database's clock,
 //! so that both dialects read the same. On PostgreSQL with processes on
@@ -28,20 +31,19 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sqlx::error::BoxDynError;
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{
     PgArguments, PgConnection, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueRef,
 };
-use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
-    SqlitePoolOptions, SqliteRow, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
-};
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::types::Json;
-use sqlx::{Arguments, Decode, FromRow, Postgres, Sqlite, Transaction, Type};
-use tokio::sync::watch;
+use sqlx::{Arguments, Decode, FromRow, Postgres, Transaction, Type};
 use uuid::Uuid;
 
+use self::sqlite::SqliteFile;
+pub(crate) use self::sqlite::{Column, FromSqlite, SqliteFailure, from_sqlite};
 use crate::{Result, StoreError};
+
+mod sqlite;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dialect {
@@ -206,23 +208,6 @@ fn postgres_arguments(args: &[Arg<'_>]) -> Result<PgArguments, BoxDynError> {
     Ok(bound)
 }
 
-fn sqlite_arguments(args: &[Arg<'_>]) -> Result<SqliteArguments, BoxDynError> {
-    let mut bound = SqliteArguments::default();
-    for arg in args {
-        match arg {
-            Arg::Uuid(id) => bound.add(*id)?,
-            Arg::Text(text) => bound.add(*text)?,
-            Arg::Int(number) => bound.add(*number)?,
-            Arg::Bytes(bytes) => bound.add(*bytes)?,
-            Arg::Json(json) => bound.add(json.as_deref().map(RawValue::get))?,
-            Arg::Time(time) => bound.add(*time)?,
-            Arg::Instant(time) => bound.add(time.map(|time| time.timestamp_micros()))?,
-            Arg::Ids(ids) => bound.add(serde_json::to_string(ids)?)?,
-        }
-    }
-    Ok(bound)
-}
-
 /// Arguments that could not be encoded are a bug, not a database's answer.
 fn encoded<A>(arguments: Result<A, BoxDynError>) -> Result<A> {
     arguments.map_err(|error| StoreError::Db(Arc::new(sqlx::Error::Encode(error))))
@@ -248,36 +233,11 @@ impl<'r> Decode<'r, Postgres> for Stamp {
     }
 }
 
-impl Type<Sqlite> for Stamp {
-    fn type_info() -> SqliteTypeInfo {
-        <i64 as Type<Sqlite>>::type_info()
-    }
-
-    fn compatible(ty: &SqliteTypeInfo) -> bool {
-        <i64 as Type<Sqlite>>::compatible(ty)
-    }
-}
-
-impl<'r> Decode<'r, Sqlite> for Stamp {
-    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
-        let micros = <i64 as Decode<Sqlite>>::decode(value)?;
-        DateTime::from_timestamp_micros(micros)
-            .map(Self)
-            .ok_or_else(|| format!("instant out of range: {micros} µs").into())
-    }
-}
-
 /// A row type both dialects can read (a `#[derive(sqlx::FromRow)]` struct
 /// or a tuple).
-pub(crate) trait Record:
-    for<'r> FromRow<'r, PgRow> + for<'r> FromRow<'r, SqliteRow> + Send + Unpin
-{
-}
+pub(crate) trait Record: for<'r> FromRow<'r, PgRow> + FromSqlite + Send + Unpin {}
 
-impl<T> Record for T where
-    T: for<'r> FromRow<'r, PgRow> + for<'r> FromRow<'r, SqliteRow> + Send + Unpin
-{
-}
+impl<T> Record for T where T: for<'r> FromRow<'r, PgRow> + FromSqlite + Send + Unpin {}
 
 /// What a committed write on the SQLite file survives. In WAL mode,
 /// `synchronous=NORMAL` loses nothing when the process dies but may lose the
@@ -292,23 +252,14 @@ pub enum Durability {
     ProcessCrash,
 }
 
-/// Read-only connections beside an SQLite file's writer.
-const READERS: u32 = 2;
-
 /// A connection pool to either database.
 #[derive(Debug, Clone)]
 pub(crate) enum Db {
     Postgres(PgPool),
     Sqlite {
-        /// The one connection that writes.
-        pool: SqlitePool,
-        /// Read-only connections: in WAL mode reads run beside the writer
-        /// instead of queueing behind its transactions.
-        reader: SqlitePool,
-        /// Marked changed whenever outbox rows were committed. Unlike a bare
-        /// notification, a change is kept for each subscriber until it
-        /// looks, so a loop that was busy when rows arrived still sees it.
-        outbox_written: Arc<watch::Sender<()>>,
+        file: Arc<SqliteFile>,
+        /// Whether statements go to the file's read-only connections.
+        read_only: bool,
     },
 }
 
@@ -325,48 +276,23 @@ impl Db {
 
     /// Opens (creating if missing) the SQLite file at `path`, in WAL mode.
     pub(crate) async fn sqlite_file(path: &Path, durability: Durability) -> Result<Self> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match durability {
-                Durability::PowerLoss => SqliteSynchronous::Full,
-                Durability::ProcessCrash => SqliteSynchronous::Normal,
-            });
-        Self::sqlite(options, READERS).await
-    }
-
-    /// Opens a `sqlite:` URL (`sqlite::memory:` included: a database in
-    /// memory is one connection's own, so that one also reads).
-    pub(crate) async fn sqlite_url(url: &str) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        Self::sqlite(options, if in_memory { 0 } else { READERS }).await
-    }
-
-    async fn sqlite(options: SqliteConnectOptions, readers: u32) -> Result<Self> {
-        let options = options
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        // One writing connection: SQLite has one writer anyway, and a single
-        // connection never meets SQLITE_BUSY between its own transactions.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
-            .await?;
-        let reader = match readers {
-            0 => pool.clone(),
-            readers => SqlitePoolOptions::new()
-                .max_connections(readers)
-                .acquire_timeout(Duration::from_secs(30))
-                .connect_lazy_with(options.read_only(true)),
-        };
         Ok(Self::Sqlite {
-            pool,
-            reader,
-            outbox_written: Arc::new(watch::Sender::new(())),
+            file: Arc::new(SqliteFile::open(path, durability).await?),
+            read_only: false,
         })
+    }
+
+    /// Opens the file a `sqlite:` URL names. A database in memory would be
+    /// each connection's own, so the URL must name a file.
+    pub(crate) async fn sqlite_url(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?;
+        let path = options.get_filename();
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::from(sqlx::Error::Configuration(
+                format!("{url}: the embedded database must be a file").into(),
+            )));
+        }
+        Self::sqlite_file(path, Durability::default()).await
     }
 
     /// The same database for statements that only read: on SQLite, its
@@ -374,14 +300,9 @@ impl Db {
     pub(crate) fn reader(&self) -> Self {
         match self {
             Self::Postgres(_) => self.clone(),
-            Self::Sqlite {
-                reader,
-                outbox_written,
-                ..
-            } => Self::Sqlite {
-                pool: reader.clone(),
-                reader: reader.clone(),
-                outbox_written: outbox_written.clone(),
+            Self::Sqlite { file, .. } => Self::Sqlite {
+                file: file.clone(),
+                read_only: true,
             },
         }
     }
@@ -389,28 +310,26 @@ impl Db {
     pub(crate) async fn begin(&self) -> Result<Tx> {
         Ok(match self {
             Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-            Self::Sqlite {
-                pool,
-                outbox_written,
-                ..
-            } => Tx::Sqlite {
-                tx: pool.begin().await?,
-                outbox_written: outbox_written.clone(),
+            Self::Sqlite { file, read_only } => Tx::Sqlite {
+                tx: file.begin(*read_only).await?,
+                outbox_written: file.outbox_written.clone(),
                 announced: false,
             },
         })
     }
 
-    async fn acquire(&self) -> Result<Pooled> {
-        Ok(match self {
-            Self::Postgres(pool) => Pooled::Postgres(pool.acquire().await?),
-            Self::Sqlite { pool, .. } => Pooled::Sqlite(pool.acquire().await?),
-        })
-    }
-
     /// Runs a statement; returns how many rows it changed.
     pub(crate) async fn execute(&self, sql: impl Statement, args: &[Arg<'_>]) -> Result<u64> {
-        self.acquire().await?.link().execute(sql, args).await
+        match self {
+            Self::Postgres(pool) => postgres_execute(&mut *pool.acquire().await?, sql, args).await,
+            Self::Sqlite { file, read_only } => {
+                let sql = sql.text(Dialect::Sqlite);
+                file.run(*read_only, |connection| {
+                    sqlite::execute(connection, sql, args)
+                })
+                .await
+            }
+        }
     }
 
     pub(crate) async fn fetch_all<T: Record>(
@@ -418,7 +337,7 @@ impl Db {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Vec<T>> {
-        self.acquire().await?.link().fetch_all(sql, args).await
+        self.fetch(sql, args, usize::MAX).await
     }
 
     pub(crate) async fn fetch_optional<T: Record>(
@@ -426,7 +345,27 @@ impl Db {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Option<T>> {
-        self.acquire().await?.link().fetch_optional(sql, args).await
+        Ok(self.fetch(sql, args, 1).await?.pop())
+    }
+
+    async fn fetch<T: Record>(
+        &self,
+        sql: impl Statement,
+        args: &[Arg<'_>],
+        limit: usize,
+    ) -> Result<Vec<T>> {
+        match self {
+            Self::Postgres(pool) => {
+                postgres_fetch(&mut *pool.acquire().await?, sql, args, limit).await
+            }
+            Self::Sqlite { file, read_only } => {
+                let sql = sql.text(Dialect::Sqlite);
+                file.run(*read_only, |connection| {
+                    sqlite::fetch(connection, sql, args, limit)
+                })
+                .await
+            }
+        }
     }
 
     /// The one row a query returns; [`StoreError::NotFound`] without.
@@ -441,26 +380,12 @@ impl Db {
     }
 }
 
-enum Pooled {
-    Postgres(PoolConnection<Postgres>),
-    Sqlite(PoolConnection<Sqlite>),
-}
-
-impl Pooled {
-    fn link(&mut self) -> Link<'_> {
-        match self {
-            Self::Postgres(connection) => Link::Postgres(connection),
-            Self::Sqlite(connection) => Link::Sqlite(connection),
-        }
-    }
-}
-
 /// A transaction on either database; rolled back when dropped uncommitted.
 pub(crate) enum Tx {
     Postgres(Transaction<'static, Postgres>),
     Sqlite {
-        tx: Transaction<'static, Sqlite>,
-        outbox_written: Arc<watch::Sender<()>>,
+        tx: sqlite::Tx,
+        outbox_written: Arc<tokio::sync::watch::Sender<()>>,
         /// Whether this transaction added outbox rows.
         announced: bool,
     },
@@ -490,7 +415,7 @@ impl Tx {
                 outbox_written,
                 announced,
             } => {
-                tx.commit().await?;
+                tx.commit()?;
                 if announced {
                     outbox_written.send_replace(());
                 }
@@ -502,20 +427,19 @@ impl Tx {
     pub(crate) async fn rollback(self) -> Result<()> {
         match self {
             Self::Postgres(tx) => tx.rollback().await?,
-            Self::Sqlite { tx, .. } => tx.rollback().await?,
+            Self::Sqlite { tx, .. } => tx.rollback()?,
         }
         Ok(())
     }
 
-    fn link(&mut self) -> Link<'_> {
-        match self {
-            Self::Postgres(tx) => Link::Postgres(tx),
-            Self::Sqlite { tx, .. } => Link::Sqlite(tx),
-        }
-    }
-
     pub(crate) async fn execute(&mut self, sql: impl Statement, args: &[Arg<'_>]) -> Result<u64> {
-        self.link().execute(sql, args).await
+        match self {
+            Self::Postgres(tx) => postgres_execute(tx, sql, args).await,
+            Self::Sqlite { tx, .. } => {
+                sqlite::execute(tx.connection(), sql.text(Dialect::Sqlite), args)
+                    .map_err(sqlite::store_error)
+            }
+        }
     }
 
     pub(crate) async fn fetch_all<T: Record>(
@@ -523,7 +447,7 @@ impl Tx {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Vec<T>> {
-        self.link().fetch_all(sql, args).await
+        self.fetch(sql, args, usize::MAX).await
     }
 
     pub(crate) async fn fetch_optional<T: Record>(
@@ -531,7 +455,22 @@ impl Tx {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Option<T>> {
-        self.link().fetch_optional(sql, args).await
+        Ok(self.fetch(sql, args, 1).await?.pop())
+    }
+
+    async fn fetch<T: Record>(
+        &mut self,
+        sql: impl Statement,
+        args: &[Arg<'_>],
+        limit: usize,
+    ) -> Result<Vec<T>> {
+        match self {
+            Self::Postgres(tx) => postgres_fetch(tx, sql, args, limit).await,
+            Self::Sqlite { tx, .. } => {
+                sqlite::fetch(tx.connection(), sql.text(Dialect::Sqlite), args, limit)
+                    .map_err(sqlite::store_error)
+            }
+        }
     }
 
     /// The one row a query returns; [`StoreError::NotFound`] without.
@@ -546,62 +485,33 @@ impl Tx {
     }
 }
 
-/// One connection, of a pool or inside a transaction: where statements run.
-enum Link<'c> {
-    Postgres(&'c mut PgConnection),
-    Sqlite(&'c mut SqliteConnection),
+async fn postgres_execute(
+    connection: &mut PgConnection,
+    sql: impl Statement,
+    args: &[Arg<'_>],
+) -> Result<u64> {
+    let arguments = encoded(postgres_arguments(args))?;
+    let done = sqlx::query_with(sql.text(Dialect::Postgres), arguments)
+        .execute(connection)
+        .await?;
+    Ok(done.rows_affected())
 }
 
-/// Builds a query with `$build` for the link's dialect and runs it with
-/// `$method`, then `$then` on what it returned.
-macro_rules! on_link {
-    ($link:expr, $sql:expr, $args:expr, $build:path, $method:ident $(, $then:ident)?) => {
-        match $link {
-            Link::Postgres(connection) => {
-                let arguments = encoded(postgres_arguments($args))?;
-                $build($sql.text(Dialect::Postgres), arguments)
-                    .$method(connection)
-                    .await?
-                    $(.$then())?
-            }
-            Link::Sqlite(connection) => {
-                let arguments = encoded(sqlite_arguments($args))?;
-                $build($sql.text(Dialect::Sqlite), arguments)
-                    .$method(connection)
-                    .await?
-                    $(.$then())?
-            }
-        }
-    };
-}
-
-impl Link<'_> {
-    async fn execute(self, sql: impl Statement, args: &[Arg<'_>]) -> Result<u64> {
-        Ok(on_link!(
-            self,
-            sql,
-            args,
-            sqlx::query_with,
-            execute,
-            rows_affected
-        ))
-    }
-
-    async fn fetch_all<T: Record>(self, sql: impl Statement, args: &[Arg<'_>]) -> Result<Vec<T>> {
-        Ok(on_link!(self, sql, args, sqlx::query_as_with, fetch_all))
-    }
-
-    async fn fetch_optional<T: Record>(
-        self,
-        sql: impl Statement,
-        args: &[Arg<'_>],
-    ) -> Result<Option<T>> {
-        Ok(on_link!(
-            self,
-            sql,
-            args,
-            sqlx::query_as_with,
-            fetch_optional
-        ))
-    }
+/// The first `limit` rows of a query.
+async fn postgres_fetch<T: Record>(
+    connection: &mut PgConnection,
+    sql: impl Statement,
+    args: &[Arg<'_>],
+    limit: usize,
+) -> Result<Vec<T>> {
+    let arguments = encoded(postgres_arguments(args))?;
+    let query = sqlx::query_as_with(sql.text(Dialect::Postgres), arguments);
+    Ok(match limit {
+        1 => query
+            .fetch_optional(connection)
+            .await?
+            .into_iter()
+            .collect(),
+        _ => query.fetch_all(connection).await?,
+    })
 }

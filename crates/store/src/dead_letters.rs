@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::db::from_sqlite;
 use crate::{Result, Store};
 
 /// One step that failed for good.
@@ -34,6 +35,15 @@ struct DeadLetterRow {
     reason: String,
     created_at: DateTime<Utc>,
 }
+
+from_sqlite!(DeadLetterRow {
+    id,
+    zap_id,
+    run_id,
+    step,
+    reason,
+    created_at
+});
 
 impl DeadLetterPage {
     /// A page from up to `limit + 1` rows: the extra row only tells that

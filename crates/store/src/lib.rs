@@ -120,10 +120,7 @@ enum Class {
 /// Sorts the database errors that are neither bugs nor missing rows.
 fn classify(error: &dyn sqlx::error::DatabaseError) -> Option<Class> {
     let code = error.code()?;
-    if error
-        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-        .is_some()
-    {
+    if error.try_downcast_ref::<db::SqliteFailure>().is_some() {
         // Extended result codes: the primary code is the low byte.
         return match code.parse::<i32>().ok()? & 0xff {
             // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL, SQLITE_IOERR
@@ -193,10 +190,11 @@ impl Store {
         }
     }
 
-    /// The SQLite pool, when this is an SQLite file.
+    /// A pool of sqlx connections to the SQLite file, when this is one (the
+    /// store itself uses its own connections; see `db::sqlite`).
     pub fn sqlite(&self) -> Option<&SqlitePool> {
         match &self.db {
-            Db::Sqlite { pool, .. } => Some(pool),
+            Db::Sqlite { file, .. } => Some(&file.pool),
             Db::Postgres(_) => None,
         }
     }
@@ -204,7 +202,7 @@ impl Store {
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         match &self.db {
             Db::Postgres(pool) => MIGRATOR.run(pool).await,
-            Db::Sqlite { pool, .. } => SQLITE_MIGRATOR.run(pool).await,
+            Db::Sqlite { file, .. } => SQLITE_MIGRATOR.run(&file.pool).await,
         }
     }
 

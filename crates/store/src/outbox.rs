@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::db::from_sqlite;
 use crate::db::{Arg, Stamp, Tx, sql};
 use crate::{Result, Store, StoreError};
 
@@ -70,6 +71,18 @@ struct OutboxRecord {
     created_at: DateTime<Utc>,
     trace_parent: Option<String>,
 }
+
+from_sqlite!(OutboxRecord {
+    id,
+    event_id,
+    run_id,
+    zap_id,
+    stage,
+    kind,
+    reason,
+    created_at,
+    trace_parent
+});
 
 /// The columns an [`OutboxRecord`] reads.
 macro_rules! outbox_columns {

@@ -10,6 +10,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
 
+use crate::db::from_sqlite;
 use crate::db::{Arg, Dialect, Tx};
 use crate::group_commit::each_alone_on_refusal;
 use crate::outbox::Announcement;
@@ -136,6 +137,24 @@ pub(crate) struct RunRow {
     resume_at: Option<DateTime<Utc>>,
 }
 
+from_sqlite!(RunRow {
+    id,
+    zap_id,
+    owner_id,
+    status,
+    trigger,
+    headers,
+    query,
+    actions,
+    replay_of,
+    created_at,
+    updated_at,
+    finished_at,
+    scheduled_time,
+    stop_reason,
+    resume_at
+});
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct StepRow {
     step: i32,
@@ -148,6 +167,18 @@ pub(crate) struct StepRow {
     finished_at: Option<DateTime<Utc>>,
     history: Json<Vec<Attempt>>,
 }
+
+from_sqlite!(StepRow {
+    step,
+    action_type,
+    status,
+    attempts,
+    output,
+    error,
+    started_at,
+    finished_at,
+    history
+});
 
 /// The columns a [`RunRow`] reads.
 macro_rules! run_columns {
@@ -554,6 +585,8 @@ pub struct RunChange {
     pub id: Uuid,
     pub updated_at: DateTime<Utc>,
 }
+
+from_sqlite!(RunChange { id, updated_at });
 
 impl Store {
     /// The runs of an owner that `filter` selects, newest first, without

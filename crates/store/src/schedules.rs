@@ -13,6 +13,7 @@ use uuid::Uuid;
 use zapflow_core::ActionSpec;
 use zapflow_core::schedule::{MissedTicks, Schedule, TickPlan};
 
+use crate::db::from_sqlite;
 use crate::db::{Arg, Stamp, Tx, sql};
 use crate::runs::insert_new_runs;
 use crate::{NewRun, Result, Store};
@@ -51,6 +52,14 @@ struct DueRow {
     actions: Json<Vec<ActionSpec>>,
     trigger: Json<Schedule>,
 }
+
+from_sqlite!(DueRow {
+    zap_id,
+    next_tick_at,
+    owner_id,
+    actions,
+    trigger
+});
 
 /// The condition of a schedule that ticks: its zap live, active and
 /// scheduled (`s` the schedule, `z` the zap).

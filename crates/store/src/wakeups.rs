@@ -28,7 +28,7 @@ impl Store {
                 };
                 OutboxWakeups::Postgres(listener.await)
             }
-            Db::Sqlite { outbox_written, .. } => OutboxWakeups::Local(outbox_written.subscribe()),
+            Db::Sqlite { file, .. } => OutboxWakeups::Local(file.outbox_written.subscribe()),
         }
     }
 }

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use zapflow_core::schedule::{Schedule, Trigger};
 use zapflow_core::{ActionSpec, ZapStatus, secret};
 
+use crate::db::from_sqlite;
 use crate::db::{Arg, Db, Stamp, Tx};
 use crate::schedules::{delete_schedule, ensure_schedule, set_schedule};
 use crate::{Result, Store, StoreError, parse_status};
@@ -53,6 +54,15 @@ struct IngestRow {
     scheduled: bool,
 }
 
+from_sqlite!(IngestRow {
+    owner_id,
+    token_hash,
+    status,
+    actions,
+    signing_secret,
+    scheduled
+});
+
 impl TryFrom<IngestRow> for ZapForIngest {
     type Error = StoreError;
 
@@ -81,6 +91,19 @@ struct ZapRow {
     trigger: Option<Json<Schedule>>,
     next_tick_at: Option<Stamp>,
 }
+
+from_sqlite!(ZapRow {
+    id,
+    owner_id,
+    name,
+    actions,
+    status,
+    signature_required,
+    created_at,
+    updated_at,
+    trigger,
+    next_tick_at
+});
 
 impl TryFrom<ZapRow> for Zap {
     type Error = StoreError;
