@@ -12,7 +12,9 @@
 //! never wait inside SQLite (no busy handler); a statement that finds the
 //! file locked is tried again after an asynchronous pause, until
 //! [`BUSY_TIMEOUT`]. Write transactions begin `IMMEDIATE`, so the lock is
-//! only ever waited for before a transaction's first statement.
+//! only ever waited for before a transaction's first statement. A commit
+//! that syncs to disk runs in `block_in_place`, so the runtime moves the
+//! thread's other tasks elsewhere while it waits.
 //!
 //! Values are stored as sqlx stored them, so files written by earlier
 //! versions read the same: UUIDs as 16-byte blobs, record times as
@@ -58,6 +60,8 @@ pub(crate) struct SqliteFile {
     /// instead of queueing behind its transactions.
     readers: Vec<Shared>,
     next_reader: AtomicUsize,
+    /// Whether a commit on the writer waits for the disk.
+    syncs: bool,
     /// Marked changed whenever outbox rows were committed. Unlike a bare
     /// notification, a change is kept for each subscriber until it looks,
     /// so a loop that was busy when rows arrived still sees it.
@@ -99,6 +103,7 @@ impl SqliteFile {
             writer,
             readers,
             next_reader: AtomicUsize::new(0),
+            syncs: durability == Durability::PowerLoss,
             outbox_written: Arc::new(watch::Sender::new(())),
             pool,
         })
@@ -146,8 +151,11 @@ impl SqliteFile {
             "BEGIN IMMEDIATE"
         };
         let held: &mut Connection = &mut connection;
-        patiently(move || held.execute_batch(begin)).await?;
-        Ok(Tx { connection })
+        patiently(move || execute(held, begin, &[])).await?;
+        Ok(Tx {
+            connection,
+            syncs: self.syncs && !read_only,
+        })
     }
 }
 
@@ -192,6 +200,9 @@ fn is_busy(error: &rusqlite::Error) -> bool {
 /// (a failed `COMMIT` included).
 pub(crate) struct Tx {
     connection: OwnedMutexGuard<Connection>,
+    /// Whether committing waits for the disk: the runtime is told, and
+    /// hands this thread's other tasks to another thread meanwhile.
+    syncs: bool,
 }
 
 impl Tx {
@@ -200,7 +211,18 @@ impl Tx {
     }
 
     pub(crate) fn commit(self) -> Result<()> {
-        self.connection.execute_batch("COMMIT").map_err(store_error)
+        let syncs = self.syncs;
+        let commit = move || {
+            execute(&self.connection, "COMMIT", &[])
+                .map(drop)
+                .map_err(store_error)
+        };
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        match syncs && multi_thread {
+            true => tokio::task::block_in_place(commit),
+            false => commit(),
+        }
     }
 
     pub(crate) fn rollback(self) -> Result<()> {
