@@ -125,6 +125,31 @@ const DELETE_ROWS: crate::db::Sql = crate::db::Sql {
     sqlite: "DELETE FROM zap_run_outbox WHERE id IN (SELECT value FROM json_each($1))",
 };
 
+/// Leases up to `$1` due step rows until `$3` (see
+/// [`Store::lease_due_outbox_rows`]).
+const LEASE_DUE: crate::db::Sql = sql!(
+    "UPDATE zap_run_outbox SET available_at = $3
+     WHERE id IN (SELECT id FROM zap_run_outbox
+                  WHERE kind = 'step' AND available_at <= $2
+                  ORDER BY id LIMIT $1";
+    postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
+    ") RETURNING ", outbox_columns!()
+);
+
+fn lease_args(limit: u32, lease: Duration) -> [Arg<'static>; 3] {
+    [
+        limit.into(),
+        Arg::Instant(Some(Utc::now())),
+        Arg::after(lease),
+    ]
+}
+
+/// [`Store::lease_due_outbox_rows`] inside the caller's transaction.
+pub(crate) async fn lease_due(tx: &mut Tx, limit: u32, lease: Duration) -> Result<Vec<OutboxRow>> {
+    let records = tx.fetch_all(LEASE_DUE, &lease_args(limit, lease)).await?;
+    rows(records)
+}
+
 /// Rows claimed by one relay pass, locked until the pass commits.
 pub struct OutboxClaim {
     tx: Tx,
@@ -173,23 +198,9 @@ impl Store {
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>> {
-        let records: Vec<OutboxRecord> = self
+        let records = self
             .db
-            .fetch_all(
-                sql!(
-                    "UPDATE zap_run_outbox SET available_at = $3
-                     WHERE id IN (SELECT id FROM zap_run_outbox
-                                  WHERE kind = 'step' AND available_at <= $2
-                                  ORDER BY id LIMIT $1";
-                    postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
-                    ") RETURNING ", outbox_columns!()
-                ),
-                &[
-                    limit.into(),
-                    Arg::Instant(Some(Utc::now())),
-                    Arg::after(lease),
-                ],
-            )
+            .fetch_all(LEASE_DUE, &lease_args(limit, lease))
             .await?;
         rows(records)
     }

@@ -12,7 +12,7 @@ use zapflow_core::{Attempt, AttemptOutcome, RunStatus, StepStatus};
 use crate::claim::{Decision, StepState, decide, max_attempts};
 use crate::db::{Arg, Stamp, Tx, sql};
 use crate::group_commit::each_alone_on_refusal;
-use crate::outbox::{Announcement, delete_outbox_rows, enqueue};
+use crate::outbox::{Announcement, OutboxRow, delete_outbox_rows, enqueue, lease_due};
 use crate::runs::run_before;
 use crate::{Result, Run, Store, parse_status};
 
@@ -124,6 +124,29 @@ impl Store {
         }
         tx.commit().await?;
         Ok(claims)
+    }
+
+    /// Leases up to `limit` due step rows, as
+    /// [`lease_due_outbox_rows`](Self::lease_due_outbox_rows), and claims
+    /// each one's step, as [`claim_step`](Self::claim_step), in one
+    /// transaction: a worker taking its work from the outbox pays one commit
+    /// for both. A claim the database refuses fails them all: then lease
+    /// alone and claim each step on its own.
+    pub async fn lease_and_claim_due_steps(
+        &self,
+        limit: u32,
+        lease: Duration,
+        retry: &RetryPolicy,
+    ) -> Result<Vec<(OutboxRow, StepClaim)>> {
+        let mut tx = self.db.begin().await?;
+        let rows = lease_due(&mut tx, limit, lease).await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let step = claim(&mut tx, row.run_id, row.stage, lease, retry).await?;
+            claimed.push((row, step));
+        }
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     /// [`claim_steps`](Self::claim_steps), where a claim the database

@@ -242,7 +242,7 @@ async fn handle(
                 ..event
             };
             worker
-                .execute_until_recorded(&event, None, shutdown)
+                .execute_until_recorded(&event, None, None, shutdown)
                 .await
                 .is_some()
         }

@@ -168,16 +168,17 @@ impl Worker {
         event: &Event,
         shutdown: &CancellationToken,
     ) -> Result<Handled, StoreError> {
-        self.handle(event, None, shutdown).await
+        self.handle(event, None, None, shutdown).await
     }
 
     /// [`execute_until`](Self::execute_until) for an event read from
     /// `outbox_row`, which is deleted in the transaction that records the
-    /// step's outcome.
+    /// step's outcome; `claim` is the step's, when taken with the row.
     async fn handle(
         &self,
         event: &Event,
         outbox_row: Option<i64>,
+        claim: Option<StepClaim>,
         shutdown: &CancellationToken,
     ) -> Result<Handled, StoreError> {
         let span = tracing::info_span!(
@@ -191,7 +192,7 @@ impl Worker {
             trace_id = tracing::field::Empty,
         );
         trace::continue_trace(&span, event.trace_parent.as_deref());
-        self.handle_in(event, outbox_row, shutdown)
+        self.handle_in(event, outbox_row, claim, shutdown)
             .instrument(span)
             .await
     }
@@ -200,6 +201,7 @@ impl Worker {
         &self,
         event: &Event,
         outbox_row: Option<i64>,
+        claim: Option<StepClaim>,
         shutdown: &CancellationToken,
     ) -> Result<Handled, StoreError> {
         let (run_id, zap_id) = (event.run_id, event.zap_id);
@@ -209,11 +211,14 @@ impl Worker {
             tracing::debug!(%run_id, stage = event.stage, "dead-letter event; nothing to run");
             return Ok(Handled::Duplicate);
         }
-        let claim = self
-            .claims
-            .submit((run_id, event.stage))
-            .await
-            .unwrap_or_else(|| Err(StoreError::crashed()))?;
+        let claim = match claim {
+            Some(claim) => claim,
+            None => self
+                .claims
+                .submit((run_id, event.stage))
+                .await
+                .unwrap_or_else(|| Err(StoreError::crashed()))?,
+        };
         let step = match claim {
             StepClaim::Claimed(step) => step,
             StepClaim::AlreadyDone | StepClaim::RunFinished => return Ok(Handled::Duplicate),
@@ -315,16 +320,19 @@ impl Worker {
 
     /// [`execute_until`](Self::execute_until), with a failed claim retried
     /// while the database does not answer; `None` when given up at shutdown
-    /// (nothing was recorded: the event must come again).
+    /// (nothing was recorded: the event must come again). `claim`, when
+    /// taken with the outbox row, serves the first try; later tries claim
+    /// afresh.
     pub(crate) async fn execute_until_recorded(
         &self,
         event: &Event,
         outbox_row: Option<i64>,
+        mut claim: Option<StepClaim>,
         shutdown: &CancellationToken,
     ) -> Option<Handled> {
         let mut backoff = Backoff::default();
         loop {
-            match self.handle(event, outbox_row, shutdown).await {
+            match self.handle(event, outbox_row, claim.take(), shutdown).await {
                 Ok(Handled::Unrecorded(_)) => return None,
                 Ok(handled) => return Some(handled),
                 Err(error) => {

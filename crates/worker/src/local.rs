@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use zapflow_bus::Event;
-use zapflow_store::Store;
+use zapflow_store::{OutboxRow, StepClaim, Store};
 
 use crate::{Handled, Worker};
 
@@ -22,6 +22,29 @@ const IN_FLIGHT_RECHECK: Duration = Duration::from_millis(50);
 
 /// How often an idle worker drops dead-letter announcements.
 const DISCARD_EVERY: Duration = Duration::from_secs(1);
+
+/// Leases up to `limit` due rows with their steps claimed; if the database
+/// refuses a claim (which fails them all), leases the rows alone, so that
+/// each step is claimed on its own and only the refused one fails.
+async fn lease(worker: &Worker, store: &Store, limit: u32) -> Vec<(OutboxRow, Option<StepClaim>)> {
+    let settings = worker.settings();
+    let error = match store
+        .lease_and_claim_due_steps(limit, settings.lease, &settings.retry)
+        .await
+    {
+        Ok(claimed) => {
+            let claimed = claimed.into_iter();
+            return claimed.map(|(row, claim)| (row, Some(claim))).collect();
+        }
+        Err(error) if error.is_transient() => error,
+        Err(_) => match store.lease_due_outbox_rows(limit, settings.lease).await {
+            Ok(rows) => return rows.into_iter().map(|row| (row, None)).collect(),
+            Err(error) => error,
+        },
+    };
+    tracing::warn!(%error, "cannot lease outbox rows");
+    Vec::new()
+}
 
 /// Takes work from the outbox until `shutdown`, then lets in-flight steps
 /// finish; rows of abandoned steps come due again after their lease.
@@ -45,19 +68,10 @@ pub async fn run_local(
         let rows = if free == 0 {
             Vec::new()
         } else {
-            match store
-                .lease_due_outbox_rows(free, worker.settings().lease)
-                .await
-            {
-                Ok(rows) => rows,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot lease outbox rows");
-                    Vec::new()
-                }
-            }
+            lease(&worker, &store, free).await
         };
         let idle = rows.is_empty();
-        for row in rows {
+        for (row, claim) in rows {
             let permit = permits
                 .clone()
                 .acquire_owned()
@@ -70,7 +84,7 @@ pub async fn run_local(
                 // A step that ran is recorded with its row deleted; any
                 // other answer leaves the row to delete here.
                 let handled = worker
-                    .execute_until_recorded(&event, Some(row.id), &shutdown)
+                    .execute_until_recorded(&event, Some(row.id), claim, &shutdown)
                     .await;
                 if handled.is_some_and(|handled| !matches!(handled, Handled::Ran(_)))
                     && let Err(error) = store.delete_outbox_rows(&[row.id]).await

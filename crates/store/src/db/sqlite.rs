@@ -13,8 +13,8 @@
 //! file locked is tried again after an asynchronous pause, until
 //! [`BUSY_TIMEOUT`]. Write transactions begin `IMMEDIATE`, so the lock is
 //! only ever waited for before a transaction's first statement. A commit
-//! that syncs to disk (a fraction of a millisecond) runs inline too: handing it to
-//! a blocking thread measured no faster and cost 10 MB of memory.
+//! that syncs to disk (a fraction of a millisecond) runs inline too:
+//! handing it to a blocking thread measured no faster and cost 10 MB.
 //!
 //! Values are stored as sqlx stored them, so files written by earlier
 //! versions read the same: UUIDs as 16-byte blobs, record times as
