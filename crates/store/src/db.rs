@@ -252,6 +252,24 @@ pub enum Durability {
     ProcessCrash,
 }
 
+impl Durability {
+    /// SQLite's `synchronous` setting for it.
+    pub(crate) fn synchronous(self) -> &'static str {
+        match self {
+            Self::PowerLoss => "FULL",
+            Self::ProcessCrash => "NORMAL",
+        }
+    }
+}
+
+/// Which rows of a query are read: all, or the first (the rest are never
+/// fetched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rows {
+    All,
+    First,
+}
+
 /// A connection pool to either database.
 #[derive(Debug, Clone)]
 pub(crate) enum Db {
@@ -285,14 +303,13 @@ impl Db {
     /// Opens the file a `sqlite:` URL names. A database in memory would be
     /// each connection's own, so the URL must name a file.
     pub(crate) async fn sqlite_url(url: &str) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?;
-        let path = options.get_filename();
         if url.contains(":memory:") || url.contains("mode=memory") {
             return Err(StoreError::from(sqlx::Error::Configuration(
                 format!("{url}: the embedded database must be a file").into(),
             )));
         }
-        Self::sqlite_file(path, Durability::default()).await
+        let options = SqliteConnectOptions::from_str(url)?;
+        Self::sqlite_file(options.get_filename(), Durability::default()).await
     }
 
     /// The same database for statements that only read: on SQLite, its
@@ -337,7 +354,7 @@ impl Db {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Vec<T>> {
-        self.fetch(sql, args, usize::MAX).await
+        self.fetch(sql, args, Rows::All).await
     }
 
     pub(crate) async fn fetch_optional<T: Record>(
@@ -345,23 +362,23 @@ impl Db {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Option<T>> {
-        Ok(self.fetch(sql, args, 1).await?.pop())
+        Ok(self.fetch(sql, args, Rows::First).await?.pop())
     }
 
     async fn fetch<T: Record>(
         &self,
         sql: impl Statement,
         args: &[Arg<'_>],
-        limit: usize,
+        wanted: Rows,
     ) -> Result<Vec<T>> {
         match self {
             Self::Postgres(pool) => {
-                postgres_fetch(&mut *pool.acquire().await?, sql, args, limit).await
+                postgres_fetch(&mut *pool.acquire().await?, sql, args, wanted).await
             }
             Self::Sqlite { file, read_only } => {
                 let sql = sql.text(Dialect::Sqlite);
                 file.run(*read_only, |connection| {
-                    sqlite::fetch(connection, sql, args, limit)
+                    sqlite::fetch(connection, sql, args, wanted)
                 })
                 .await
             }
@@ -447,7 +464,7 @@ impl Tx {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Vec<T>> {
-        self.fetch(sql, args, usize::MAX).await
+        self.fetch(sql, args, Rows::All).await
     }
 
     pub(crate) async fn fetch_optional<T: Record>(
@@ -455,19 +472,19 @@ impl Tx {
         sql: impl Statement,
         args: &[Arg<'_>],
     ) -> Result<Option<T>> {
-        Ok(self.fetch(sql, args, 1).await?.pop())
+        Ok(self.fetch(sql, args, Rows::First).await?.pop())
     }
 
     async fn fetch<T: Record>(
         &mut self,
         sql: impl Statement,
         args: &[Arg<'_>],
-        limit: usize,
+        wanted: Rows,
     ) -> Result<Vec<T>> {
         match self {
-            Self::Postgres(tx) => postgres_fetch(tx, sql, args, limit).await,
+            Self::Postgres(tx) => postgres_fetch(tx, sql, args, wanted).await,
             Self::Sqlite { tx, .. } => {
-                sqlite::fetch(tx.connection(), sql.text(Dialect::Sqlite), args, limit)
+                sqlite::fetch(tx.connection(), sql.text(Dialect::Sqlite), args, wanted)
                     .map_err(sqlite::store_error)
             }
         }
@@ -497,21 +514,20 @@ async fn postgres_execute(
     Ok(done.rows_affected())
 }
 
-/// The first `limit` rows of a query.
 async fn postgres_fetch<T: Record>(
     connection: &mut PgConnection,
     sql: impl Statement,
     args: &[Arg<'_>],
-    limit: usize,
+    wanted: Rows,
 ) -> Result<Vec<T>> {
     let arguments = encoded(postgres_arguments(args))?;
     let query = sqlx::query_as_with(sql.text(Dialect::Postgres), arguments);
-    Ok(match limit {
-        1 => query
+    Ok(match wanted {
+        Rows::First => query
             .fetch_optional(connection)
             .await?
             .into_iter()
             .collect(),
-        _ => query.fetch_all(connection).await?,
+        Rows::All => query.fetch_all(connection).await?,
     })
 }

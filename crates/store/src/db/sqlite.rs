@@ -32,14 +32,12 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, ffi};
 use serde::de::DeserializeOwned;
 use sqlx::error::{DatabaseError, ErrorKind};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::types::Json;
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 use uuid::Uuid;
 
-use super::{Arg, Durability, Stamp};
+use super::{Arg, Durability, Rows, Stamp};
 use crate::{Result, StoreError};
 
 /// How long a statement waits for another process's lock on the file.
@@ -71,15 +69,12 @@ pub(crate) struct SqliteFile {
 impl SqliteFile {
     /// Opens (creating if missing) the SQLite file at `path`, in WAL mode.
     pub(crate) async fn open(path: &Path, durability: Durability) -> Result<Self> {
-        let synchronous = match durability {
-            Durability::PowerLoss => SqliteSynchronous::Full,
-            Durability::ProcessCrash => SqliteSynchronous::Normal,
-        };
+        let synchronous = durability.synchronous();
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(synchronous)
+            .pragma("synchronous", synchronous)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         // Creates the file and switches it to WAL before anyone reads it.
@@ -89,10 +84,6 @@ impl SqliteFile {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        let synchronous = match durability {
-            Durability::PowerLoss => "FULL",
-            Durability::ProcessCrash => "NORMAL",
-        };
         let writer = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous)?;
         let readers = (0..READERS)
             .map(|_| connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY, synchronous))
@@ -239,12 +230,12 @@ pub(crate) fn fetch<T: FromSqlite>(
     connection: &Connection,
     sql: &str,
     args: &[Arg<'_>],
-    limit: usize,
+    wanted: Rows,
 ) -> rusqlite::Result<Vec<T>> {
     let mut statement = prepare(connection, sql, args)?;
     let mut rows = statement.raw_query();
     let mut records = Vec::new();
-    while records.len() < limit {
+    while records.is_empty() || wanted == Rows::All {
         match rows.next()? {
             Some(row) => records.push(T::from_sqlite(row)?),
             None => break,
@@ -561,9 +552,7 @@ mod tests {
         let select = "SELECT id, at, instant, doc FROM t";
         type Row = (Uuid, DateTime<Utc>, Stamp, Json<serde_json::Value>);
         let rows: Vec<Row> = file
-            .run(true, |connection| {
-                fetch(connection, select, &[], usize::MAX)
-            })
+            .run(true, |connection| fetch(connection, select, &[], Rows::All))
             .await
             .unwrap();
         let (read_id, read_at, read_instant, doc) = &rows[0];
@@ -596,7 +585,7 @@ mod tests {
         let args = [Arg::Int(1), Arg::Text(Some("two"))];
         let row: Vec<(String, i64, i64)> = file
             .run(true, |connection| {
-                fetch(connection, "SELECT $2, $1, $1 + 1", &args, usize::MAX)
+                fetch(connection, "SELECT $2, $1, $1 + 1", &args, Rows::All)
             })
             .await
             .unwrap();
@@ -621,7 +610,7 @@ mod tests {
         tx.commit().unwrap();
         let rows: Vec<(i64,)> = file
             .run(true, |connection| {
-                fetch(connection, "SELECT n FROM t", &[], usize::MAX)
+                fetch(connection, "SELECT n FROM t", &[], Rows::All)
             })
             .await
             .unwrap();
