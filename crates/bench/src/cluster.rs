@@ -410,9 +410,119 @@ pub fn usage(pid: &str) -> Usage {
     }
 }
 
+/// CPU time used so far outside the roles: by the database server, the
+/// broker and the whole machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuClock {
+    /// Every `postgres` process, with the backends that have exited.
+    pub postgres_seconds: Option<f64>,
+    /// Every `tansu` process.
+    pub broker_seconds: Option<f64>,
+    /// Every process of the machine, from `/proc/stat`.
+    pub machine_seconds: Option<f64>,
+}
+
+impl CpuClock {
+    pub fn read() -> Self {
+        Self {
+            postgres_seconds: cpu_seconds_of("postgres"),
+            broker_seconds: cpu_seconds_of("tansu"),
+            machine_seconds: machine_cpu_seconds(),
+        }
+    }
+
+    /// The CPU time used between `start` and this reading.
+    pub fn since(self, start: Self) -> Self {
+        let spent = |end: Option<f64>, start: Option<f64>| Some(end? - start?);
+        Self {
+            postgres_seconds: spent(self.postgres_seconds, start.postgres_seconds),
+            broker_seconds: spent(self.broker_seconds, start.broker_seconds),
+            machine_seconds: spent(self.machine_seconds, start.machine_seconds),
+        }
+    }
+}
+
+/// User and system time of every process whose command name is `name`,
+/// with that of their children waited for: a PostgreSQL backend's time
+/// moves to the postmaster when the backend exits. `None` when no process
+/// has that name.
+fn cpu_seconds_of(name: &str) -> Option<f64> {
+    let mut ticks = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((command, rest)) = stat
+            .split_once(" (")
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+        else {
+            continue;
+        };
+        if command != name {
+            continue;
+        }
+        // Fields 14 to 17: utime, stime, cutime, cstime.
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let used: u64 = fields
+            .get(11..15)
+            .into_iter()
+            .flatten()
+            .filter_map(|field| field.parse::<u64>().ok())
+            .sum();
+        *ticks.get_or_insert(0) += used;
+    }
+    ticks.map(|ticks| ticks as f64 / TICKS_PER_SECOND)
+}
+
+/// Time every CPU of the machine spent busy (user, nice, system, irq,
+/// softirq, steal), from the first line of `/proc/stat`.
+fn machine_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&index| fields.get(index))
+        .sum();
+    Some(busy as f64 / TICKS_PER_SECOND)
+}
+
 /// The last `lines` lines of a log file.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_per_command_name_and_for_the_machine() {
+        let name = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let name = name.trim();
+        let start = CpuClock::read();
+        let own_at_start = cpu_seconds_of(name).expect("this process is found by its name");
+        // Busy until this process's CPU time moves on (it counts in ticks).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut own = own_at_start;
+        while own <= own_at_start && Instant::now() < deadline {
+            for spin in 0..100_000u64 {
+                std::hint::black_box(spin);
+            }
+            own = cpu_seconds_of(name).unwrap();
+        }
+        assert!(own > own_at_start, "{own_at_start} s, then {own} s");
+        assert_eq!(cpu_seconds_of("no process is called this"), None);
+
+        let spent = CpuClock::read().since(start);
+        let machine = spent.machine_seconds.expect("/proc/stat is read");
+        assert!(machine > 0.0, "{machine}");
+    }
 }

@@ -135,10 +135,14 @@ async fn main() -> Result<()> {
         cluster = Cluster::start(&settings) => cluster.context("starting the deployment")?,
         () = interrupted() => bail!("interrupted while starting"),
     };
+    let clock = cluster::CpuClock::read();
+    let started = Instant::now();
     let measured = tokio::select! {
         measured = measure(&args, &mut cluster, sink.clone()) => measured,
         () = interrupted() => Err(anyhow!("interrupted")),
     };
+    let other_cpu = cluster::CpuClock::read().since(clock);
+    let measured_for = started.elapsed();
     let usage = cluster.usage();
     let own_usage = cluster::usage("self");
     let alive = cluster.check_alive();
@@ -162,6 +166,8 @@ async fn main() -> Result<()> {
         anomalies,
         usage,
         own_usage,
+        other_cpu,
+        measured_for,
         stopped,
     });
     alive.context("a role died during the run")

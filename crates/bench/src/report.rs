@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Deployment, Settings, Stopped, Usage};
+use crate::cluster::{CpuClock, Deployment, Settings, Stopped, Usage};
 use crate::load::{Phase, Sent};
 use crate::mail::{Anomalies, MIN_INTERVAL};
 
@@ -146,6 +146,10 @@ pub struct Report {
     pub anomalies: Anomalies,
     pub usage: Vec<(&'static str, Usage)>,
     pub own_usage: Usage,
+    /// CPU time outside the roles while measuring (from the warm-up to the
+    /// last phase's last email), which took `measured_for`.
+    pub other_cpu: CpuClock,
+    pub measured_for: Duration,
     pub stopped: Vec<Stopped>,
 }
 
@@ -304,6 +308,8 @@ pub fn print(report: &Report) {
     }
     println!();
 
+    print_other_cpu(report.deployment, &report.other_cpu, report.measured_for);
+
     println!("Shutdown (SIGTERM to every role at once)");
     for stopped in &report.stopped {
         let how = match stopped.status {
@@ -352,6 +358,36 @@ fn per_second(count: usize, over: Duration) -> f64 {
     } else {
         count as f64 / over.as_secs_f64()
     }
+}
+
+/// CPU time the database server, the broker and the whole machine used
+/// while measuring, beside the roles' own.
+fn print_other_cpu(deployment: Deployment, cpu: &CpuClock, measured_for: Duration) {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    println!(
+        "CPU while measuring ({:.1} s; /proc/<pid>/stat, /proc/stat)",
+        measured_for.as_secs_f64()
+    );
+    let rows = match deployment {
+        Deployment::Embedded => vec![],
+        Deployment::Postgres => vec![("postgres (every server process)", cpu.postgres_seconds)],
+        Deployment::Distributed => vec![
+            ("postgres (every server process)", cpu.postgres_seconds),
+            ("tansu (broker)", cpu.broker_seconds),
+        ],
+    };
+    for (name, seconds) in rows {
+        let seconds = seconds.map_or("-".to_owned(), |s| format!("{s:.1}"));
+        println!("{name:<52} {seconds:>10}");
+    }
+    if let Some(seconds) = cpu.machine_seconds {
+        let capacity = measured_for.as_secs_f64() * cpus as f64;
+        println!(
+            "{:<52} {seconds:>10.1}  of {capacity:.1} ({cpus} cpus)",
+            "machine (every process)"
+        );
+    }
+    println!();
 }
 
 #[cfg(test)]
