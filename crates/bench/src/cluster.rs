@@ -392,13 +392,11 @@ pub fn usage(pid: &str) -> Usage {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|value| value.parse().ok())
     };
-    // Fields 14 and 15 of /proc/<pid>/stat (user and system time, all
-    // threads); the command name before them may contain spaces, so count
-    // from its closing parenthesis.
+    // Fields 14 and 15: user and system time, all threads.
     let cpu_seconds = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let (_, fields) = parse_stat(&stat)?;
             let ticks: u64 =
                 fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
             Some(ticks as f64 / TICKS_PER_SECOND)
@@ -408,6 +406,14 @@ pub fn usage(pid: &str) -> Usage {
         peak_rss_kib: kib("VmHWM:"),
         cpu_seconds,
     }
+}
+
+/// A `/proc/<pid>/stat` line's command name and the fields after it, the
+/// first of which is field 3 (the state). The name may hold spaces and
+/// parentheses, so it ends at the last closing parenthesis.
+fn parse_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let (command, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
+    Some((command, rest.split_whitespace().collect()))
 }
 
 /// CPU time used so far outside the roles: by the database server, the
@@ -452,17 +458,13 @@ fn cpu_seconds_of(name: &str) -> Option<f64> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        let Some((command, rest)) = stat
-            .split_once(" (")
-            .and_then(|(_, rest)| rest.rsplit_once(')'))
-        else {
+        let Some((command, fields)) = parse_stat(&stat) else {
             continue;
         };
         if command != name {
             continue;
         }
         // Fields 14 to 17: utime, stime, cutime, cstime.
-        let fields: Vec<&str> = rest.split_whitespace().collect();
         let used: u64 = fields
             .get(11..15)
             .into_iter()
