@@ -61,6 +61,29 @@ pub(crate) struct Sql {
 /// Statement text: the same for both dialects (`&'static str`) or not ([`Sql`]).
 pub(crate) trait Statement: Copy {
     fn text(self, dialect: Dialect) -> &'static str;
+
+    /// Whether PostgreSQL keeps the statement prepared on each connection,
+    /// and with it, after a few runs, one plan for any parameters.
+    fn prepared(self) -> bool {
+        true
+    }
+}
+
+/// A statement PostgreSQL plans each time it runs, with its parameters and
+/// the tables as they are then: one that joins a batch to a table. A plan
+/// kept for good, made while the table was small, would go on reading it
+/// whole.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlannedEachTime(pub &'static str);
+
+impl Statement for PlannedEachTime {
+    fn text(self, _: Dialect) -> &'static str {
+        self.0
+    }
+
+    fn prepared(self) -> bool {
+        false
+    }
 }
 
 impl Statement for &'static str {
@@ -509,6 +532,7 @@ async fn postgres_execute(
 ) -> Result<u64> {
     let arguments = encoded(postgres_arguments(args))?;
     let done = sqlx::query_with(sql.text(Dialect::Postgres), arguments)
+        .persistent(sql.prepared())
         .execute(connection)
         .await?;
     Ok(done.rows_affected())
@@ -521,7 +545,8 @@ async fn postgres_fetch<T: Record>(
     wanted: Rows,
 ) -> Result<Vec<T>> {
     let arguments = encoded(postgres_arguments(args))?;
-    let query = sqlx::query_as_with(sql.text(Dialect::Postgres), arguments);
+    let query =
+        sqlx::query_as_with(sql.text(Dialect::Postgres), arguments).persistent(sql.prepared());
     Ok(match wanted {
         Rows::First => query
             .fetch_optional(connection)

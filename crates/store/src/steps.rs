@@ -1,19 +1,20 @@
 //! Steps: claiming one for an attempt, and recording how the attempt ended
 //! together with what follows (the next step, a retry, a dead letter).
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::{Value, json};
 use uuid::Uuid;
 use zapflow_core::retry::RetryPolicy;
 use zapflow_core::{Attempt, AttemptOutcome, RunStatus, StepStatus};
 
 use crate::claim::{Decision, StepState, decide, max_attempts};
-use crate::db::{Arg, Stamp, Tx, sql};
+use crate::db::{Arg, Dialect, PlannedEachTime, Sql, Stamp, Tx, sql};
 use crate::group_commit::each_alone_on_refusal;
 use crate::outbox::{Announcement, OutboxRow, delete_outbox_rows, enqueue, lease_due};
-use crate::runs::run_before;
+use crate::runs::{run_before, runs_before_first_step};
 use crate::{Result, Run, Store, parse_status};
 
 /// The answer to "may I run step `stage` of this run now?".
@@ -118,10 +119,7 @@ impl Store {
         retry: &RetryPolicy,
     ) -> Result<Vec<StepClaim>> {
         let mut tx = self.db.begin().await?;
-        let mut claims = Vec::with_capacity(steps.len());
-        for &(run_id, stage) in steps {
-            claims.push(claim(&mut tx, run_id, stage, lease, retry).await?);
-        }
+        let claims = claim_each(&mut tx, steps, lease, retry).await?;
         tx.commit().await?;
         Ok(claims)
     }
@@ -140,13 +138,10 @@ impl Store {
     ) -> Result<Vec<(OutboxRow, StepClaim)>> {
         let mut tx = self.db.begin().await?;
         let rows = lease_due(&mut tx, limit, lease).await?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in rows {
-            let step = claim(&mut tx, row.run_id, row.stage, lease, retry).await?;
-            claimed.push((row, step));
-        }
+        let steps: Vec<(Uuid, u32)> = rows.iter().map(|row| (row.run_id, row.stage)).collect();
+        let claims = claim_each(&mut tx, &steps, lease, retry).await?;
         tx.commit().await?;
-        Ok(claimed)
+        Ok(rows.into_iter().zip(claims).collect())
     }
 
     /// [`claim_steps`](Self::claim_steps), where a claim the database
@@ -183,8 +178,16 @@ impl Store {
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
         let mut recorded = Vec::with_capacity(finishes.len());
+        let mut handled_rows = Vec::new();
         for finish in finishes {
-            recorded.push(record(&mut tx, finish, now).await?);
+            let done = record(&mut tx, finish, now).await?;
+            if done {
+                handled_rows.extend(finish.outbox_row);
+            }
+            recorded.push(done);
+        }
+        if !handled_rows.is_empty() {
+            delete_outbox_rows(&mut tx, &handled_rows).await?;
         }
         tx.commit().await?;
         Ok(recorded)
@@ -201,6 +204,130 @@ impl Store {
         })
         .await
     }
+}
+
+/// Claims each `(run id, stage)` inside the caller's transaction; the
+/// answers in order. On PostgreSQL, where every statement is a round trip,
+/// the first attempts of runs' first steps are claimed together
+/// ([`claim_first_attempts`]); every other step is claimed on its own.
+async fn claim_each(
+    tx: &mut Tx,
+    steps: &[(Uuid, u32)],
+    lease: Duration,
+    retry: &RetryPolicy,
+) -> Result<Vec<StepClaim>> {
+    let first_attempts = match tx.dialect() {
+        Dialect::Postgres => claim_first_attempts(tx, steps, lease, retry).await?,
+        Dialect::Sqlite => steps.iter().map(|_| None).collect(),
+    };
+    let mut claims = Vec::with_capacity(steps.len());
+    for (&(run_id, stage), claimed) in steps.iter().zip(first_attempts) {
+        claims.push(match claimed {
+            Some(claimed) => claimed,
+            None => claim(tx, run_id, stage, lease, retry).await?,
+        });
+    }
+    Ok(claims)
+}
+
+/// Claims the first steps among `steps` that have never been claimed (no
+/// step row yet) and that [`decide`] gives their first attempt: the common
+/// case, a run's first delivery. Two statements for all of them: one reads
+/// the runs, one adds the steps' rows and starts the runs. Each answer is
+/// `None` where the step is not such a step (a later stage, a step claimed
+/// before, a run repeated in `steps`, finished or gone): [`claim`] decides
+/// those alone.
+async fn claim_first_attempts(
+    tx: &mut Tx,
+    steps: &[(Uuid, u32)],
+    lease: Duration,
+    retry: &RetryPolicy,
+) -> Result<Vec<Option<StepClaim>>> {
+    let mut claims: Vec<Option<StepClaim>> = steps.iter().map(|_| None).collect();
+    let mut seen = HashSet::new();
+    let wanted: Vec<usize> = (0..steps.len())
+        .filter(|&index| steps[index].1 == 0 && seen.insert(steps[index].0))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(claims);
+    }
+    let ids: Vec<Uuid> = wanted.iter().map(|&index| steps[index].0).collect();
+    let mut runs: HashMap<Uuid, Run> = runs_before_first_step(tx, &ids)
+        .await?
+        .into_iter()
+        .map(|run| (run.id, run))
+        .collect();
+    let now = Utc::now();
+    let never_claimed = StepState {
+        status: StepStatus::Pending,
+        attempts: 0,
+        lease_until: None,
+        retry_at: None,
+    };
+    let mut candidates: Vec<(usize, Run)> = wanted
+        .into_iter()
+        .filter_map(|index| Some((index, runs.remove(&steps[index].0)?)))
+        .filter(|(_, run)| {
+            !run.status.is_final()
+                && !run.actions.is_empty()
+                && matches!(
+                    decide(&never_claimed, now, max_attempts(run, 0, retry)),
+                    Decision::Claim
+                )
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(claims);
+    }
+    // Rows go in in one order whoever inserts them, so that two workers
+    // handed the same runs wait for each other instead of deadlocking.
+    candidates.sort_by_key(|(_, run)| run.id);
+    let first_steps: Vec<Value> = candidates
+        .iter()
+        .map(|(_, run)| {
+            json!({
+                "run_id": run.id,
+                "action_type": run.actions[0].action_type,
+                "starts": starts(run),
+            })
+        })
+        .collect();
+    // The step rows added, and their runs started, as [`claim`] and
+    // [`start_run`] do one by one.
+    let inserted: Vec<(Uuid,)> = tx
+        .fetch_all(
+            PlannedEachTime(
+                "WITH first AS (
+                     SELECT * FROM jsonb_to_recordset($1)
+                         AS first(run_id uuid, action_type text, starts boolean)
+                 ), inserted AS (
+                     INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts,
+                                                lease_until, started_at)
+                     SELECT run_id, 0, action_type, 'running', 1, $2, $3 FROM first
+                     ON CONFLICT (run_id, step) DO NOTHING
+                     RETURNING run_id
+                 ), started AS (
+                     UPDATE zap_runs SET status = 'running', resume_at = NULL, updated_at = $3
+                     FROM inserted JOIN first USING (run_id)
+                     WHERE zap_runs.id = inserted.run_id AND first.starts
+                       AND zap_runs.status IN ('pending', 'running')
+                 )
+                 SELECT run_id FROM inserted",
+            ),
+            &[Arg::json(&first_steps)?, Arg::after(lease), now.into()],
+        )
+        .await?;
+    let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+    for (index, run) in candidates {
+        if inserted.contains(&run.id) {
+            claims[index] = Some(StepClaim::Claimed(Box::new(ClaimedStep {
+                run,
+                stage: 0,
+                attempt: 1,
+            })));
+        }
+    }
+    Ok(claims)
 }
 
 /// Claims one step inside the caller's transaction (see
@@ -272,15 +399,7 @@ async fn claim(
         ],
     )
     .await?;
-    // A run starts, or goes on after a delay.
-    if run.status == RunStatus::Pending || run.resume_at.is_some() {
-        tx.execute(
-            "UPDATE zap_runs SET status = 'running', resume_at = NULL, updated_at = $2
-             WHERE id = $1 AND status IN ('pending', 'running')",
-            &[run_id.into(), now.into()],
-        )
-        .await?;
-    }
+    start_run(tx, &run, now).await?;
     Ok(StepClaim::Claimed(Box::new(ClaimedStep {
         run,
         stage,
@@ -288,44 +407,100 @@ async fn claim(
     })))
 }
 
+/// Whether claiming a step of `run` starts it, or lets it go on after a
+/// delay.
+fn starts(run: &Run) -> bool {
+    run.status == RunStatus::Pending || run.resume_at.is_some()
+}
+
+/// Starts a run, or lets it go on after a delay, as one of its steps is
+/// claimed (see [`starts`]).
+async fn start_run(tx: &mut Tx, run: &Run, now: DateTime<Utc>) -> Result<()> {
+    if starts(run) {
+        tx.execute(
+            "UPDATE zap_runs SET status = 'running', resume_at = NULL, updated_at = $2
+             WHERE id = $1 AND status IN ('pending', 'running')",
+            &[run.id.into(), now.into()],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The statement that records an attempt's outcome on its step's row, if
+/// the step is still at that attempt, with the dialect's way to append
+/// `$8` to the step's history. Parameters: run id, stage, attempt, status,
+/// output, error, now, history entry, retry due time.
+macro_rules! record_attempt {
+    ($append_history:literal) => {
+        concat!(
+            "UPDATE zap_run_steps
+             SET status = $4, output = $5, error = $6, lease_until = NULL,
+                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
+                 retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
+                 history = ",
+            $append_history,
+            " WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'"
+        )
+    };
+}
+
 /// Records one attempt's outcome inside the caller's transaction (see
-/// [`Store::finish_step`]).
+/// [`Store::finish_step`]), but for deleting its outbox row, which the
+/// caller does for the batch.
 async fn record(tx: &mut Tx, finish: &Finish<'_>, now: DateTime<Utc>) -> Result<bool> {
     let step = finish.step;
     let outcome = finish.outcome.storable();
     let recorded = outcome.recorded();
+    let mut args = vec![
+        step.run.id.into(),
+        step.stage.into(),
+        step.attempt.into(),
+        recorded.status.as_str().into(),
+        Arg::json_or_null(recorded.output)?,
+        recorded.error.into(),
+        now.into(),
+        Arg::json(&step.attempt_record(&outcome, now))?,
+        Arg::after(outcome.retry_delay()),
+    ];
+    let next = step.next(&outcome);
+    if tx.dialect() == Dialect::Postgres && next.announce.is_none() {
+        // The run ends here: its step and the run in one round trip.
+        let (stop_reason, resume_at) = outcome.run_change();
+        args.extend([
+            next.run_status.as_str().into(),
+            stop_reason.into(),
+            resume_at.into(),
+        ]);
+        let updated = tx
+            .execute(
+                concat!(
+                    "WITH step AS (",
+                    record_attempt!("history || jsonb_build_array($8)"),
+                    " RETURNING run_id)
+                     UPDATE zap_runs SET status = $10, updated_at = $7,
+                         finished_at = CASE WHEN $10 IN ('succeeded', 'failed') THEN $7 END,
+                         stop_reason = $11, resume_at = $12
+                     WHERE id = $1 AND EXISTS (SELECT FROM step)"
+                ),
+                &args,
+            )
+            .await?;
+        return Ok(updated == 1);
+    }
     let updated = tx
         .execute(
-            sql!(
-                "UPDATE zap_run_steps
-                 SET status = $4, output = $5, error = $6, lease_until = NULL,
-                     finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
-                     retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
-                     history = ";
-                postgres: "history || jsonb_build_array($8)",
-                sqlite: "json_insert(history, '$[#]', json($8))";
-                " WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'"
-            ),
-            &[
-                step.run.id.into(),
-                step.stage.into(),
-                step.attempt.into(),
-                recorded.status.as_str().into(),
-                Arg::json_or_null(recorded.output)?,
-                recorded.error.into(),
-                now.into(),
-                Arg::json(&step.attempt_record(&outcome, now))?,
-                Arg::after(outcome.retry_delay()),
-            ],
+            Sql {
+                postgres: record_attempt!("history || jsonb_build_array($8)"),
+                sqlite: record_attempt!("json_insert(history, '$[#]', json($8))"),
+            },
+            &args,
         )
         .await?;
     if updated == 0 {
         return Ok(false);
     }
     follow_up(tx, step, &outcome, finish.trace_parent.as_deref(), now).await?;
-    if let Some(row) = finish.outbox_row {
-        delete_outbox_rows(tx, &[row]).await?;
-    }
     Ok(true)
 }
 
@@ -376,11 +551,7 @@ async fn follow_up(
         };
         enqueue(tx, run.id, run.zap_id, announcement).await?;
     }
-    let (stop_reason, resume_at) = match outcome {
-        StepOutcome::Stopped { reason, .. } => (Some(reason.as_str()), None),
-        StepOutcome::Waiting { until, .. } => (None, Some(*until)),
-        _ => (None, None),
-    };
+    let (stop_reason, resume_at) = outcome.run_change();
     tx.execute(
         "UPDATE zap_runs SET status = $2, updated_at = $3,
              finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $3 END,
@@ -434,6 +605,15 @@ impl StepOutcome {
                 output: None,
                 error: Some(error),
             },
+        }
+    }
+
+    /// The run's stop reason and the time it resumes at, after this outcome.
+    fn run_change(&self) -> (Option<&str>, Option<DateTime<Utc>>) {
+        match self {
+            Self::Stopped { reason, .. } => (Some(reason.as_str()), None),
+            Self::Waiting { until, .. } => (None, Some(*until)),
+            _ => (None, None),
         }
     }
 

@@ -46,6 +46,7 @@ conformance!(
     a_step_goes_through_retry_success_and_failure,
     a_lapsed_lease_lets_another_worker_take_the_step,
     outbox_rows_are_leased_and_come_back,
+    leased_steps_are_claimed_once_each,
     runs_page_newest_first,
     a_step_is_never_claimed_past_its_attempt_cap,
     outputs_and_errors_with_nul_are_stored_alike,
@@ -425,6 +426,72 @@ async fn outbox_rows_are_leased_and_come_back(store: Store) {
         "dead letters are not work"
     );
     assert_eq!(store.outbox_len().await.unwrap(), 2);
+}
+
+async fn leased_steps_are_claimed_once_each(store: Store) {
+    let (owner, zap) = user_and_zap(&store, 1).await;
+    let runs: Vec<NewRun> = (0..3).map(|_| new_run(zap, owner, 1, None)).collect();
+    store.insert_runs(&runs).await.unwrap();
+    // The second run's step was claimed before, and its lease lapsed.
+    let lapsed = claimed(
+        store
+            .claim_step(runs[1].id, 0, Duration::from_millis(20), &RETRY)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(lapsed.attempt, 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let lease = Duration::from_secs(60);
+    let leased = store
+        .lease_and_claim_due_steps(10, lease, &RETRY)
+        .await
+        .unwrap();
+    let attempts: Vec<(Uuid, u32)> = leased
+        .into_iter()
+        .map(|(row, claim)| (row.run_id, claimed(claim).attempt))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![(runs[0].id, 1), (runs[1].id, 2), (runs[2].id, 1)]
+    );
+    for run in &runs {
+        let run = store.run(run.id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Running);
+        assert_eq!(run.steps[0].status, StepStatus::Running);
+    }
+
+    // A step held, a step asked for twice at once, a run that does not exist.
+    let fresh = new_run(zap, owner, 1, None);
+    store
+        .insert_runs(std::slice::from_ref(&fresh))
+        .await
+        .unwrap();
+    let claims = store
+        .claim_steps(
+            &[
+                (runs[0].id, 0),
+                (fresh.id, 0),
+                (fresh.id, 0),
+                (Uuid::new_v4(), 0),
+            ],
+            lease,
+            &RETRY,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            &claims[..],
+            [
+                StepClaim::Busy { .. },
+                StepClaim::Claimed(step),
+                StepClaim::Busy { .. },
+                StepClaim::Unknown,
+            ] if step.attempt == 1 && step.run.id == fresh.id
+        ),
+        "{claims:?}"
+    );
 }
 
 async fn runs_page_newest_first(store: Store) {
