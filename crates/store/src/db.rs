@@ -74,11 +74,11 @@ pub(crate) trait Statement: Copy {
 /// kept for good, made while the table was small, would go on reading it
 /// whole.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct PlannedEachTime(pub &'static str);
+pub(crate) struct PlannedEachTime<S>(pub S);
 
-impl Statement for PlannedEachTime {
-    fn text(self, _: Dialect) -> &'static str {
-        self.0
+impl<S: Statement> Statement for PlannedEachTime<S> {
+    fn text(self, dialect: Dialect) -> &'static str {
+        self.0.text(dialect)
     }
 
     fn prepared(self) -> bool {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::db::from_sqlite;
-use crate::db::{Arg, Stamp, Tx, sql};
+use crate::db::{Arg, PlannedEachTime, Stamp, Tx, sql};
 use crate::{Result, Store, StoreError};
 
 /// The channel on which every outbox insert is announced (see the
@@ -119,22 +119,26 @@ fn rows(records: Vec<OutboxRecord>) -> Result<Vec<OutboxRow>> {
     Ok(rows)
 }
 
+// The outbox's statements are planned each time they run: rows come and go
+// by the thousand, and a plan kept from when the table was nearly empty
+// goes on reading it whole.
+
 /// Deletes the outbox rows `$1` names.
-const DELETE_ROWS: crate::db::Sql = crate::db::Sql {
+const DELETE_ROWS: PlannedEachTime<crate::db::Sql> = PlannedEachTime(crate::db::Sql {
     postgres: "DELETE FROM zap_run_outbox WHERE id = ANY($1)",
     sqlite: "DELETE FROM zap_run_outbox WHERE id IN (SELECT value FROM json_each($1))",
-};
+});
 
 /// Leases up to `$1` due step rows until `$3` (see
 /// [`Store::lease_due_outbox_rows`]).
-const LEASE_DUE: crate::db::Sql = sql!(
+const LEASE_DUE: PlannedEachTime<crate::db::Sql> = PlannedEachTime(sql!(
     "UPDATE zap_run_outbox SET available_at = $3
      WHERE id IN (SELECT id FROM zap_run_outbox
                   WHERE kind = 'step' AND available_at <= $2
                   ORDER BY id LIMIT $1";
     postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
     ") RETURNING ", outbox_columns!()
-);
+));
 
 fn lease_args(limit: u32, lease: Duration) -> [Arg<'static>; 3] {
     [
@@ -176,11 +180,11 @@ impl Store {
         let mut tx = self.db.begin().await?;
         let records: Vec<OutboxRecord> = tx
             .fetch_all(
-                sql!(
+                PlannedEachTime(sql!(
                     "SELECT ", outbox_columns!(), " FROM zap_run_outbox WHERE available_at <= $2
                      ORDER BY id LIMIT $1";
                     postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
-                ),
+                )),
                 &[limit.into(), Arg::Instant(Some(Utc::now()))],
             )
             .await?;

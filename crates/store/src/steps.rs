@@ -177,10 +177,19 @@ impl Store {
     pub async fn finish_steps(&self, finishes: &[Finish<'_>]) -> Result<Vec<bool>> {
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
+        let last_steps = match tx.dialect() {
+            Dialect::Postgres if finishes.len() > 1 => {
+                record_last_steps(&mut tx, finishes, now).await?
+            }
+            _ => finishes.iter().map(|_| None).collect(),
+        };
         let mut recorded = Vec::with_capacity(finishes.len());
         let mut handled_rows = Vec::new();
-        for finish in finishes {
-            let done = record(&mut tx, finish, now).await?;
+        for (finish, done) in finishes.iter().zip(last_steps) {
+            let done = match done {
+                Some(done) => done,
+                None => record(&mut tx, finish, now).await?,
+            };
             if done {
                 handled_rows.extend(finish.outbox_row);
             }
@@ -293,13 +302,16 @@ async fn claim_first_attempts(
         })
         .collect();
     // The step rows added, and their runs started, as [`claim`] and
-    // [`start_run`] do one by one.
+    // [`start_run`] do one by one. The LIMIT tells the planner the batch's
+    // size (it takes a set read from JSON for 100 rows, and would join
+    // them by reading the table whole).
     let inserted: Vec<(Uuid,)> = tx
         .fetch_all(
             PlannedEachTime(
                 "WITH first AS (
                      SELECT * FROM jsonb_to_recordset($1)
                          AS first(run_id uuid, action_type text, starts boolean)
+                     LIMIT $4
                  ), inserted AS (
                      INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts,
                                                 lease_until, started_at)
@@ -314,7 +326,12 @@ async fn claim_first_attempts(
                  )
                  SELECT run_id FROM inserted",
             ),
-            &[Arg::json(&first_steps)?, Arg::after(lease), now.into()],
+            &[
+                Arg::json(&first_steps)?,
+                Arg::after(lease),
+                now.into(),
+                (first_steps.len() as i64).into(),
+            ],
         )
         .await?;
     let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
@@ -425,6 +442,95 @@ async fn start_run(tx: &mut Tx, run: &Run, now: DateTime<Utc>) -> Result<()> {
         .await?;
     }
     Ok(())
+}
+
+/// Records, with one statement for all of them, the outcomes among
+/// `finishes` that end their runs (PostgreSQL): the steps' rows and the
+/// runs', as [`record`] does one by one. Each answer is whether the outcome
+/// was recorded, or `None` where [`record`] records it alone: an outcome
+/// followed by another step, a retry or a dead letter, or a second one for
+/// the same step.
+async fn record_last_steps(
+    tx: &mut Tx,
+    finishes: &[Finish<'_>],
+    now: DateTime<Utc>,
+) -> Result<Vec<Option<bool>>> {
+    let mut answers: Vec<Option<bool>> = finishes.iter().map(|_| None).collect();
+    let mut seen = HashSet::new();
+    let mut last_steps = Vec::new();
+    for (index, finish) in finishes.iter().enumerate() {
+        let step = finish.step;
+        let outcome = finish.outcome.storable();
+        let next = step.next(&outcome);
+        if !seen.insert((step.run.id, step.stage)) || next.announce.is_some() {
+            continue;
+        }
+        let recorded = outcome.recorded();
+        let (stop_reason, resume_at) = outcome.run_change();
+        // The output as JSON text, so that a JSON null stays one.
+        let output = recorded.output.map(Value::to_string);
+        last_steps.push((
+            index,
+            json!({
+                "run_id": step.run.id,
+                "step": step.stage,
+                "attempt": step.attempt,
+                "status": recorded.status.as_str(),
+                "output": output,
+                "error": recorded.error,
+                "entry": step.attempt_record(&outcome, now),
+                "run_status": next.run_status.as_str(),
+                "stop_reason": stop_reason,
+                "resume_at": resume_at,
+            }),
+        ));
+    }
+    if last_steps.is_empty() {
+        return Ok(answers);
+    }
+    // In one order whoever records them (see [`claim_first_attempts`]).
+    last_steps.sort_by_key(|(index, _)| finishes[*index].step.run.id);
+    let rows: Vec<&Value> = last_steps.iter().map(|(_, row)| row).collect();
+    // The LIMIT tells the planner the batch's size (see
+    // [`claim_first_attempts`]).
+    let ended: Vec<(Uuid,)> = tx
+        .fetch_all(
+            PlannedEachTime(
+                "WITH finished AS (
+                     SELECT * FROM jsonb_to_recordset($1) AS finished(
+                         run_id uuid, step int, attempt int, status text, output text,
+                         error text, entry jsonb, run_status text, stop_reason text,
+                         resume_at timestamptz)
+                     LIMIT $3
+                 ), recorded AS (
+                     UPDATE zap_run_steps
+                     SET status = finished.status, output = finished.output::jsonb,
+                         error = finished.error, lease_until = NULL, finished_at = $2,
+                         retry_at = NULL, history = history || jsonb_build_array(finished.entry)
+                     FROM finished
+                     WHERE zap_run_steps.run_id = finished.run_id
+                       AND zap_run_steps.step = finished.step
+                       AND zap_run_steps.attempts = finished.attempt
+                       AND zap_run_steps.status = 'running'
+                     RETURNING zap_run_steps.run_id
+                 )
+                 UPDATE zap_runs
+                 SET status = finished.run_status, updated_at = $2,
+                     finished_at = CASE WHEN finished.run_status IN ('succeeded', 'failed')
+                                        THEN $2 END,
+                     stop_reason = finished.stop_reason, resume_at = finished.resume_at
+                 FROM recorded JOIN finished USING (run_id)
+                 WHERE zap_runs.id = recorded.run_id
+                 RETURNING zap_runs.id",
+            ),
+            &[Arg::json(&rows)?, now.into(), (rows.len() as i64).into()],
+        )
+        .await?;
+    let ended: HashSet<Uuid> = ended.into_iter().map(|(id,)| id).collect();
+    for (index, _) in last_steps {
+        answers[index] = Some(ended.contains(&finishes[index].step.run.id));
+    }
+    Ok(answers)
 }
 
 /// The statement that records an attempt's outcome on its step's row, if

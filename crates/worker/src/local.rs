@@ -55,6 +55,11 @@ pub async fn run_local(
     shutdown: CancellationToken,
 ) {
     let concurrency = worker.settings().concurrency.max(1);
+    // With steps in flight, lease for a quarter of the permits at a time:
+    // a lease costs about the same for one row as for many (the database
+    // reads past the rows in flight), so one per finished step would cost
+    // as much as the steps. An idle worker has every permit free.
+    let min_lease = (concurrency / 4).max(1);
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let mut wakeups = store.outbox_wakeups().await;
@@ -64,11 +69,11 @@ pub async fn run_local(
 
     while !shutdown.is_cancelled() {
         while tasks.try_join_next().is_some() {}
-        let free = permits.available_permits() as u32;
-        let rows = if free == 0 {
+        let free = permits.available_permits();
+        let rows = if free < min_lease {
             Vec::new()
         } else {
-            lease(&worker, &store, free).await
+            lease(&worker, &store, free as u32).await
         };
         let idle = rows.is_empty();
         for (row, claim) in rows {

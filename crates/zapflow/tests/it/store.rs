@@ -47,6 +47,7 @@ conformance!(
     a_lapsed_lease_lets_another_worker_take_the_step,
     outbox_rows_are_leased_and_come_back,
     leased_steps_are_claimed_once_each,
+    outcomes_finished_together_are_each_recorded_once,
     runs_page_newest_first,
     a_step_is_never_claimed_past_its_attempt_cap,
     outputs_and_errors_with_nul_are_stored_alike,
@@ -492,6 +493,60 @@ async fn leased_steps_are_claimed_once_each(store: Store) {
         ),
         "{claims:?}"
     );
+}
+
+async fn outcomes_finished_together_are_each_recorded_once(store: Store) {
+    let (owner, zap) = user_and_zap(&store, 1).await;
+    let runs: Vec<NewRun> = (0..3).map(|_| new_run(zap, owner, 1, None)).collect();
+    store.insert_runs(&runs).await.unwrap();
+    let steps: Vec<(Uuid, u32)> = runs.iter().map(|run| (run.id, 0)).collect();
+    let claimed: Vec<_> = store
+        .claim_steps(&steps, Duration::from_secs(60), &RETRY)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(claimed)
+        .collect();
+    let null = StepOutcome::Succeeded(json!(null));
+    let stopped = StepOutcome::Stopped {
+        output: json!({"passed": false}),
+        reason: "filtered out".into(),
+    };
+    let failed = StepOutcome::Failed("refused".into());
+    let again = StepOutcome::Succeeded(json!({"twice": true}));
+    let finish = |step, outcome| zapflow_store::Finish {
+        step,
+        outcome,
+        outbox_row: None,
+        trace_parent: None,
+    };
+    let recorded = store
+        .finish_steps(&[
+            finish(&claimed[0], &null),
+            finish(&claimed[1], &stopped),
+            finish(&claimed[2], &failed),
+            finish(&claimed[0], &again),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(recorded, vec![true, true, true, false]);
+
+    let first = store.run(runs[0].id).await.unwrap().unwrap();
+    assert_eq!(first.status, RunStatus::Succeeded);
+    assert_eq!(
+        first.steps[0].output,
+        Some(json!(null)),
+        "a JSON null stays one"
+    );
+    assert_eq!(first.steps[0].history.len(), 1);
+    let second = store.run(runs[1].id).await.unwrap().unwrap();
+    assert_eq!(
+        (second.status, second.stop_reason.as_deref()),
+        (RunStatus::Succeeded, Some("filtered out"))
+    );
+    let third = store.run(runs[2].id).await.unwrap().unwrap();
+    assert_eq!(third.status, RunStatus::Failed);
+    assert_eq!(third.steps[0].error.as_deref(), Some("refused"));
 }
 
 async fn runs_page_newest_first(store: Store) {
