@@ -95,13 +95,14 @@ start_broker() {
     listening "$broker_host" "$broker_port" || { echo "bench: tansu did not start listening" >&2; exit 1; }
 }
 
-# Creates an empty database and sets database_url to it.
+# Creates an empty database and sets database_url to it, without TLS: on
+# loopback, as in compose.yaml, nothing needs it.
 new_database() {
     local database
     database=zapflow_bench_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
     psql "$postgres/postgres" -qAt -v ON_ERROR_STOP=1 -c "CREATE DATABASE $database" >/dev/null
     databases+=("$database")
-    database_url=$postgres/$database
+    database_url=$postgres/$database?sslmode=disable
 }
 
 for deployment in "${deployments[@]}"; do
