@@ -11,7 +11,7 @@ use uuid::Uuid;
 use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
 
 use crate::db::from_sqlite;
-use crate::db::{Arg, Dialect, Tx, sql};
+use crate::db::{Arg, Dialect, Tx};
 use crate::group_commit::each_alone_on_refusal;
 use crate::outbox::Announcement;
 use crate::parse_status;
@@ -425,25 +425,20 @@ pub(crate) async fn run_before(tx: &mut Tx, id: Uuid, stage: u32) -> Result<Opti
     read_run(tx, id, None, Steps::Before(stage)).await
 }
 
-/// The runs with these ids that exist, in no order, as
-/// [`run_before`] reads each for its first step: with one statement.
+/// The runs with these ids that exist, in no order, as [`run_before`]
+/// reads each for its first step: with one statement (PostgreSQL, where
+/// each statement is a round trip).
 pub(crate) async fn runs_before_first_step(tx: &mut Tx, ids: &[Uuid]) -> Result<Vec<Run>> {
+    // One index lookup per id, whatever the table's size when PostgreSQL
+    // planned the statement once for good (OFFSET 0 keeps it from turning
+    // the lookups into a join).
     let rows: Vec<RunRow> = tx
         .fetch_all(
-            sql!(
-                "SELECT ";
-                // One index lookup per id, whatever the table's size when
-                // PostgreSQL planned the statement once for good (OFFSET 0
-                // keeps it from turning the lookups into a join).
-                postgres: concat!(
-                    "run.* FROM jsonb_array_elements_text($1) AS wanted(id)
-                     CROSS JOIN LATERAL (SELECT ", run_columns!(), " FROM zap_runs
-                                         WHERE zap_runs.id = wanted.id::uuid OFFSET 0) AS run"
-                ),
-                sqlite: concat!(
-                    run_columns!(),
-                    " FROM zap_runs WHERE id IN (SELECT value FROM json_each($1))"
-                );
+            concat!(
+                "SELECT run.* FROM jsonb_array_elements_text($1) AS wanted(id)
+                 CROSS JOIN LATERAL (SELECT ",
+                run_columns!(),
+                " FROM zap_runs WHERE zap_runs.id = wanted.id::uuid OFFSET 0) AS run"
             ),
             &[Arg::json(&ids)?],
         )

@@ -11,7 +11,7 @@ use zapflow_core::retry::RetryPolicy;
 use zapflow_core::{Attempt, AttemptOutcome, RunStatus, StepStatus};
 
 use crate::claim::{Decision, StepState, decide, max_attempts};
-use crate::db::{Arg, Dialect, PlannedEachTime, Sql, Stamp, Tx, sql};
+use crate::db::{Arg, Dialect, PlannedEachTime, Stamp, Tx, sql};
 use crate::group_commit::each_alone_on_refusal;
 use crate::outbox::{Announcement, OutboxRow, delete_outbox_rows, enqueue, lease_due};
 use crate::runs::{run_before, runs_before_first_step};
@@ -178,10 +178,8 @@ impl Store {
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
         let last_steps = match tx.dialect() {
-            Dialect::Postgres if finishes.len() > 1 => {
-                record_last_steps(&mut tx, finishes, now).await?
-            }
-            _ => finishes.iter().map(|_| None).collect(),
+            Dialect::Postgres => record_last_steps(&mut tx, finishes, now).await?,
+            Dialect::Sqlite => finishes.iter().map(|_| None).collect(),
         };
         let mut recorded = Vec::with_capacity(finishes.len());
         let mut handled_rows = Vec::new();
@@ -533,24 +531,6 @@ async fn record_last_steps(
     Ok(answers)
 }
 
-/// The statement that records an attempt's outcome on its step's row, if
-/// the step is still at that attempt, with the dialect's way to append
-/// `$8` to the step's history. Parameters: run id, stage, attempt, status,
-/// output, error, now, history entry, retry due time.
-macro_rules! record_attempt {
-    ($append_history:literal) => {
-        concat!(
-            "UPDATE zap_run_steps
-             SET status = $4, output = $5, error = $6, lease_until = NULL,
-                 finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
-                 retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
-                 history = ",
-            $append_history,
-            " WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'"
-        )
-    };
-}
-
 /// Records one attempt's outcome inside the caller's transaction (see
 /// [`Store::finish_step`]), but for deleting its outbox row, which the
 /// caller does for the batch.
@@ -558,49 +538,29 @@ async fn record(tx: &mut Tx, finish: &Finish<'_>, now: DateTime<Utc>) -> Result<
     let step = finish.step;
     let outcome = finish.outcome.storable();
     let recorded = outcome.recorded();
-    let mut args = vec![
-        step.run.id.into(),
-        step.stage.into(),
-        step.attempt.into(),
-        recorded.status.as_str().into(),
-        Arg::json_or_null(recorded.output)?,
-        recorded.error.into(),
-        now.into(),
-        Arg::json(&step.attempt_record(&outcome, now))?,
-        Arg::after(outcome.retry_delay()),
-    ];
-    let next = step.next(&outcome);
-    if tx.dialect() == Dialect::Postgres && next.announce.is_none() {
-        // The run ends here: its step and the run in one round trip.
-        let (stop_reason, resume_at) = outcome.run_change();
-        args.extend([
-            next.run_status.as_str().into(),
-            stop_reason.into(),
-            resume_at.into(),
-        ]);
-        let updated = tx
-            .execute(
-                concat!(
-                    "WITH step AS (",
-                    record_attempt!("history || jsonb_build_array($8)"),
-                    " RETURNING run_id)
-                     UPDATE zap_runs SET status = $10, updated_at = $7,
-                         finished_at = CASE WHEN $10 IN ('succeeded', 'failed') THEN $7 END,
-                         stop_reason = $11, resume_at = $12
-                     WHERE id = $1 AND EXISTS (SELECT FROM step)"
-                ),
-                &args,
-            )
-            .await?;
-        return Ok(updated == 1);
-    }
     let updated = tx
         .execute(
-            Sql {
-                postgres: record_attempt!("history || jsonb_build_array($8)"),
-                sqlite: record_attempt!("json_insert(history, '$[#]', json($8))"),
-            },
-            &args,
+            sql!(
+                "UPDATE zap_run_steps
+                 SET status = $4, output = $5, error = $6, lease_until = NULL,
+                     finished_at = CASE WHEN $4 = 'retrying' THEN NULL ELSE $7 END,
+                     retry_at = CASE WHEN $4 = 'retrying' THEN $9 END,
+                     history = ";
+                postgres: "history || jsonb_build_array($8)",
+                sqlite: "json_insert(history, '$[#]', json($8))";
+                " WHERE run_id = $1 AND step = $2 AND attempts = $3 AND status = 'running'"
+            ),
+            &[
+                step.run.id.into(),
+                step.stage.into(),
+                step.attempt.into(),
+                recorded.status.as_str().into(),
+                Arg::json_or_null(recorded.output)?,
+                recorded.error.into(),
+                now.into(),
+                Arg::json(&step.attempt_record(&outcome, now))?,
+                Arg::after(outcome.retry_delay()),
+            ],
         )
         .await?;
     if updated == 0 {

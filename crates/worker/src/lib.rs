@@ -76,12 +76,8 @@ pub enum Handled {
 
 /// Most claims, or outcomes, recorded in one transaction.
 const MAX_BATCH: usize = 64;
-/// Transactions of claims, or of outcomes, in flight at once on
-/// PostgreSQL, where each spends most of its time waiting on round trips
-/// to the server...
-const POSTGRES_COMMITTERS: usize = 4;
-/// ...and on SQLite, where transactions take turns at the one writer.
-const SQLITE_COMMITTERS: usize = 2;
+/// Transactions of claims, or of outcomes, in flight at once.
+const COMMITTERS: usize = 2;
 
 /// An attempt's outcome waiting to be recorded.
 struct Recording {
@@ -105,16 +101,11 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(store: Store, executor: Executor, settings: WorkerSettings) -> Self {
-        let committers = if store.postgres().is_some() {
-            POSTGRES_COMMITTERS
-        } else {
-            SQLITE_COMMITTERS
-        };
         let claims = {
             let (store, lease, retry) = (store.clone(), settings.lease, settings.retry);
             GroupCommit::spawn(
                 "step_claims",
-                committers,
+                COMMITTERS,
                 MAX_BATCH,
                 move |steps: Vec<(Uuid, u32)>| {
                     let store = store.clone();
@@ -129,7 +120,7 @@ impl Worker {
             let store = store.clone();
             GroupCommit::spawn(
                 "step_outcomes",
-                committers,
+                COMMITTERS,
                 MAX_BATCH,
                 move |recordings: Vec<Recording>| {
                     let store = store.clone();

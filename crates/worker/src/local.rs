@@ -48,38 +48,9 @@ async fn lease(worker: &Worker, store: &Store, limit: u32) -> Vec<(OutboxRow, Op
 
 /// Takes work from the outbox until `shutdown`, then lets in-flight steps
 /// finish; rows of abandoned steps come due again after their lease.
-///
-/// On PostgreSQL two leasing loops share the worker's permits: a lease is
-/// several round trips to the server, and while one loop waits for its
-/// lease the other's steps start. On SQLite a lease runs inline.
 pub async fn run_local(
     worker: Worker,
     store: Store,
-    poll_interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let concurrency = worker.settings().concurrency.max(1);
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let leasers = if store.postgres().is_some() { 2 } else { 1 };
-    let mut loops = JoinSet::new();
-    for _ in 0..leasers {
-        loops.spawn(lease_and_run(
-            worker.clone(),
-            store.clone(),
-            permits.clone(),
-            poll_interval,
-            shutdown.clone(),
-        ));
-    }
-    while loops.join_next().await.is_some() {}
-}
-
-/// One leasing loop of [`run_local`], running each leased step under one
-/// of `permits`.
-async fn lease_and_run(
-    worker: Worker,
-    store: Store,
-    permits: Arc<Semaphore>,
     poll_interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -89,6 +60,7 @@ async fn lease_and_run(
     // reads past the rows in flight), so one per finished step would cost
     // as much as the steps. An idle worker has every permit free.
     let min_lease = (concurrency / 4).max(1);
+    let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let mut wakeups = store.outbox_wakeups().await;
     let mut last_discard = Instant::now()
@@ -97,22 +69,19 @@ async fn lease_and_run(
 
     while !shutdown.is_cancelled() {
         while tasks.try_join_next().is_some() {}
-        // The permits are taken before leasing, so that another loop does
-        // not lease for them too; those left unused go back after it.
         let free = permits.available_permits();
-        let mut taken = (free >= min_lease)
-            .then(|| permits.clone().try_acquire_many_owned(free as u32).ok())
-            .flatten();
-        let rows = match &taken {
-            Some(_) => lease(&worker, &store, free as u32).await,
-            None => Vec::new(),
+        let rows = if free < min_lease {
+            Vec::new()
+        } else {
+            lease(&worker, &store, free as u32).await
         };
         let idle = rows.is_empty();
         for (row, claim) in rows {
-            let permit = taken
-                .as_mut()
-                .and_then(|taken| taken.split(1))
-                .expect("a permit was taken for every row leased");
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
             let (worker, store, shutdown) = (worker.clone(), store.clone(), shutdown.clone());
             tasks.spawn(async move {
                 let _permit = permit;
@@ -131,7 +100,6 @@ async fn lease_and_run(
                 }
             });
         }
-        drop(taken);
         if !idle {
             continue;
         }
