@@ -265,7 +265,7 @@ impl<T> Record for T where T: for<'r> FromRow<'r, PgRow> + FromSqlite + Send + U
 /// What a committed write on the SQLite file survives. In WAL mode,
 /// `synchronous=NORMAL` loses nothing when the process dies but may lose the
 /// last commits when the machine loses power or the OS crashes; `FULL`
-/// syncs the WAL on every commit (group commit shares the cost).
+/// syncs the WAL on every commit (writes that arrive together share one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
     /// Every commit is on disk before it is acknowledged (`FULL`).
@@ -352,7 +352,6 @@ impl Db {
             Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
             Self::Sqlite { file, read_only } => Tx::Sqlite {
                 tx: file.begin(*read_only).await?,
-                outbox_written: file.outbox_written.clone(),
                 announced: false,
             },
         })
@@ -425,7 +424,6 @@ pub(crate) enum Tx {
     Postgres(Transaction<'static, Postgres>),
     Sqlite {
         tx: sqlite::Tx,
-        outbox_written: Arc<tokio::sync::watch::Sender<()>>,
         /// Whether this transaction added outbox rows.
         announced: bool,
     },
@@ -450,16 +448,7 @@ impl Tx {
     pub(crate) async fn commit(self) -> Result<()> {
         match self {
             Self::Postgres(tx) => tx.commit().await?,
-            Self::Sqlite {
-                tx,
-                outbox_written,
-                announced,
-            } => {
-                tx.commit()?;
-                if announced {
-                    outbox_written.send_replace(());
-                }
-            }
+            Self::Sqlite { tx, announced } => tx.commit(announced).await?,
         }
         Ok(())
     }

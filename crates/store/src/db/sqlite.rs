@@ -8,6 +8,12 @@
 //! ones, each behind an asynchronous lock: a task takes a connection (a
 //! transaction keeps it until it ends) and runs its statements inline.
 //!
+//! Writes that arrive together share a commit, and so its sync to disk:
+//! each caller's transaction is a savepoint in a transaction left open
+//! while other callers queue for the writer, and every caller waits for
+//! that transaction's commit before it is answered. Readers see a write
+//! only once it is committed, so nothing is read before it is durable.
+//!
 //! Nothing blocks the runtime waiting for another process: connections
 //! never wait inside SQLite (no busy handler); a statement that finds the
 //! file locked is tried again after an asynchronous pause, until
@@ -48,12 +54,35 @@ const READERS: usize = 2;
 const STATEMENT_CACHE: usize = 256;
 
 type Shared = Arc<Mutex<Connection>>;
+type SharedWriter = Arc<Mutex<Writer>>;
+type Outcome = watch::Sender<Option<Result<()>>>;
+
+/// The connection that writes, with the transaction its callers share.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    connection: Connection,
+    open: Option<Open>,
+    /// Transactions committed, for tests to count.
+    commits: u64,
+    /// Marked changed whenever outbox rows were committed.
+    outbox_written: Arc<watch::Sender<()>>,
+}
+
+/// The transaction left open for the callers queued for the writer.
+#[derive(Debug)]
+struct Open {
+    /// Callers whose writes it holds, each waiting for its commit.
+    parts: usize,
+    /// Whether one of them added outbox rows.
+    announce: bool,
+    committed: Arc<Outcome>,
+}
 
 /// An SQLite file's connections.
 #[derive(Debug)]
 pub(crate) struct SqliteFile {
     /// The one connection that writes: SQLite has one writer anyway.
-    writer: Shared,
+    writer: SharedWriter,
     /// Read-only connections: in WAL mode reads run beside the writer
     /// instead of queueing behind its transactions.
     readers: Vec<Shared>,
@@ -84,24 +113,28 @@ impl SqliteFile {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        let writer = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous)?;
+        let outbox_written = Arc::new(watch::Sender::new(()));
+        let writer = Writer {
+            connection: connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous)?,
+            open: None,
+            commits: 0,
+            outbox_written: outbox_written.clone(),
+        };
         let readers = (0..READERS)
             .map(|_| connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY, synchronous))
+            .map(|connection| connection.map(|connection| Arc::new(Mutex::new(connection))))
             .collect::<Result<_>>()?;
         Ok(Self {
-            writer,
+            writer: Arc::new(Mutex::new(writer)),
             readers,
             next_reader: AtomicUsize::new(0),
-            outbox_written: Arc::new(watch::Sender::new(())),
+            outbox_written,
             pool,
         })
     }
 
-    /// The writer, or a reader taking turns.
-    async fn connection(&self, read_only: bool) -> OwnedMutexGuard<Connection> {
-        if !read_only {
-            return self.writer.clone().lock_owned().await;
-        }
+    /// A reader, taking turns.
+    async fn reader(&self) -> OwnedMutexGuard<Connection> {
         let first = self.next_reader.fetch_add(1, Ordering::Relaxed);
         let count = self.readers.len();
         for offset in 0..count {
@@ -115,36 +148,155 @@ impl SqliteFile {
         self.readers[first % count].clone().lock_owned().await
     }
 
-    /// Runs `statement` on a connection of its own, trying again while the
-    /// file is locked by another process.
+    /// Runs `statement`: on a reader, trying again while the file is
+    /// locked by another process; on the writer, as a transaction.
     pub(crate) async fn run<T>(
         &self,
         read_only: bool,
         mut statement: impl FnMut(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        let mut connection = self.connection(read_only).await;
+        if !read_only {
+            let tx = self.begin(false).await?;
+            let answer = statement(tx.connection()).map_err(store_error)?;
+            tx.commit(false).await?;
+            return Ok(answer);
+        }
+        let mut connection = self.reader().await;
         // The closure holds `&mut Connection`, which may cross threads
         // (a shared `&Connection` may not).
         let connection: &mut Connection = &mut connection;
         patiently(move || statement(connection)).await
     }
 
-    /// Begins a transaction: on the writer `IMMEDIATE`, taking the file's
-    /// write lock at once.
+    /// Begins a transaction: on a reader, of its own; on the writer, a
+    /// part of the shared one, beginning it `IMMEDIATE` (taking the file's
+    /// write lock at once) when none is open.
     pub(crate) async fn begin(&self, read_only: bool) -> Result<Tx> {
-        let mut connection = self.connection(read_only).await;
-        let begin = if read_only {
-            "BEGIN"
-        } else {
-            "BEGIN IMMEDIATE"
-        };
-        let held: &mut Connection = &mut connection;
-        patiently(move || execute(held, begin, &[])).await?;
-        Ok(Tx { connection })
+        if read_only {
+            let mut connection = self.reader().await;
+            let held: &mut Connection = &mut connection;
+            patiently(move || execute(held, "BEGIN", &[])).await?;
+            return Ok(Tx {
+                held: Held::Reader(connection),
+            });
+        }
+        let mut writer = self.writer.clone().lock_owned().await;
+        if writer.open.is_none() {
+            let held = &mut writer.connection;
+            patiently(move || execute(held, "BEGIN IMMEDIATE", &[])).await?;
+            writer.open = Some(Open {
+                parts: 0,
+                announce: false,
+                committed: Arc::new(watch::Sender::new(None)),
+            });
+        }
+        if let Err(error) = execute(&writer.connection, "SAVEPOINT part", &[]) {
+            writer.settle();
+            return Err(store_error(error));
+        }
+        Ok(Tx {
+            held: Held::Writer(writer, self.writer.clone()),
+        })
     }
 }
 
-fn connect(path: &Path, access: OpenFlags, synchronous: &str) -> Result<Shared> {
+impl Writer {
+    /// Undoes the writes of the part being written.
+    fn abandon_part(&mut self) {
+        if !self.connection.is_autocommit() {
+            let _ = self
+                .connection
+                .execute_batch("ROLLBACK TO part; RELEASE part");
+        }
+        self.settle();
+    }
+
+    /// After a part failed or was abandoned: a shared transaction that
+    /// SQLite rolled back (as it may on a full disk or an I/O error) is
+    /// reported to the callers whose parts it held, and one holding no
+    /// part is ended.
+    fn settle(&mut self) {
+        let Some(open) = &self.open else { return };
+        if self.connection.is_autocommit() {
+            let lost =
+                StoreError::Unavailable(Arc::new(sqlx::Error::Database(Box::new(SqliteFailure {
+                    code: ffi::SQLITE_ABORT_ROLLBACK,
+                    message: "rolled back with the transaction it shared".to_owned(),
+                }))));
+            open.committed.send_replace(Some(Err(lost)));
+            self.open = None;
+        } else if open.parts == 0 {
+            let _ = self.connection.execute_batch("ROLLBACK");
+            self.open = None;
+        }
+    }
+
+    /// Commits the shared transaction and answers every part it holds.
+    fn commit_open(&mut self) {
+        let Some(open) = self.open.take() else { return };
+        let committed = execute(&self.connection, "COMMIT", &[]).map_err(store_error);
+        self.commits += 1;
+        if committed.is_err() && !self.connection.is_autocommit() {
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+        if committed.is_ok() && open.announce {
+            self.outbox_written.send_replace(());
+        }
+        open.committed.send_replace(Some(committed.map(drop)));
+    }
+}
+
+/// Waits until the shared transaction `committed` answers, committing it
+/// when this caller reaches the writer first: callers queue for the writer
+/// in turn, so the ones already queued add their parts before it commits.
+async fn shared_commit(writer: SharedWriter, committed: Arc<Outcome>) -> Result<()> {
+    let mut waiting = Waiting {
+        writer,
+        committed,
+        answered: false,
+    };
+    let mut outcome = waiting.committed.subscribe();
+    loop {
+        tokio::select! {
+            biased;
+            answer = outcome.wait_for(Option::is_some) => {
+                waiting.answered = true;
+                let answer = answer.expect("the sender is held here").clone();
+                return answer.expect("waited for an answer");
+            }
+            mut writer = waiting.writer.clone().lock_owned() => {
+                if writer.open.as_ref().is_some_and(|open| Arc::ptr_eq(&open.committed, &waiting.committed)) {
+                    writer.commit_open();
+                }
+            }
+        }
+    }
+}
+
+/// A caller waiting for a shared commit; if it stops waiting (its task
+/// was cancelled), a task of its own commits in its place, so that no part
+/// is left waiting for a later writer.
+struct Waiting {
+    writer: SharedWriter,
+    committed: Arc<Outcome>,
+    answered: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.answered || self.committed.borrow().is_some() {
+            return;
+        }
+        let (writer, committed) = (self.writer.clone(), self.committed.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = shared_commit(writer, committed).await;
+            });
+        }
+    }
+}
+
+fn connect(path: &Path, access: OpenFlags, synchronous: &str) -> Result<Connection> {
     let flags = access | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
     let connection = Connection::open_with_flags(path, flags).map_err(store_error)?;
     connection
@@ -156,7 +308,7 @@ fn connect(path: &Path, access: OpenFlags, synchronous: &str) -> Result<Shared> 
         .busy_timeout(Duration::ZERO)
         .map_err(store_error)?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    Ok(Arc::new(Mutex::new(connection)))
+    Ok(connection)
 }
 
 /// Tries `attempt` again, after short pauses, while the file is busy.
@@ -181,35 +333,76 @@ fn is_busy(error: &rusqlite::Error) -> bool {
     )
 }
 
-/// A transaction holding its connection; rolled back when dropped open
-/// (a failed `COMMIT` included).
+/// A transaction: on a reader, holding its connection; on the writer, a
+/// part of the shared transaction. Rolled back when dropped open (a failed
+/// `COMMIT` included).
 pub(crate) struct Tx {
-    connection: OwnedMutexGuard<Connection>,
+    held: Held,
+}
+
+enum Held {
+    Reader(OwnedMutexGuard<Connection>),
+    Writer(OwnedMutexGuard<Writer>, SharedWriter),
+    Ended,
 }
 
 impl Tx {
     pub(crate) fn connection(&self) -> &Connection {
-        &self.connection
+        match &self.held {
+            Held::Reader(connection) => connection,
+            Held::Writer(writer, _) => &writer.connection,
+            Held::Ended => unreachable!("a transaction is used only until it ends"),
+        }
     }
 
-    pub(crate) fn commit(self) -> Result<()> {
-        execute(&self.connection, "COMMIT", &[])
-            .map(drop)
-            .map_err(store_error)
+    /// Commits; on the writer, waits until the shared transaction is
+    /// committed. `announce`: this part added outbox rows, whose waiters
+    /// are woken once they are committed.
+    pub(crate) async fn commit(mut self, announce: bool) -> Result<()> {
+        match std::mem::replace(&mut self.held, Held::Ended) {
+            Held::Reader(connection) => execute(&connection, "COMMIT", &[])
+                .map(drop)
+                .map_err(store_error),
+            Held::Writer(mut writer, shared) => {
+                if let Err(error) = execute(&writer.connection, "RELEASE part", &[]) {
+                    writer.abandon_part();
+                    return Err(store_error(error));
+                }
+                let open = writer
+                    .open
+                    .as_mut()
+                    .expect("a part is written in a transaction");
+                open.parts += 1;
+                open.announce |= announce;
+                let committed = open.committed.clone();
+                drop(writer);
+                shared_commit(shared, committed).await
+            }
+            Held::Ended => Ok(()),
+        }
     }
 
-    pub(crate) fn rollback(self) -> Result<()> {
-        self.connection
-            .execute_batch("ROLLBACK")
-            .map_err(store_error)
+    pub(crate) fn rollback(mut self) -> Result<()> {
+        self.end();
+        Ok(())
+    }
+
+    fn end(&mut self) {
+        match std::mem::replace(&mut self.held, Held::Ended) {
+            Held::Reader(connection) => {
+                if !connection.is_autocommit() {
+                    let _ = connection.execute_batch("ROLLBACK");
+                }
+            }
+            Held::Writer(mut writer, _) => writer.abandon_part(),
+            Held::Ended => {}
+        }
     }
 }
 
 impl Drop for Tx {
     fn drop(&mut self) {
-        if !self.connection.is_autocommit() {
-            let _ = self.connection.execute_batch("ROLLBACK");
-        }
+        self.end();
     }
 }
 
@@ -607,7 +800,7 @@ mod tests {
         drop(tx);
         let tx = file.begin(false).await.unwrap();
         execute(tx.connection(), "INSERT INTO t VALUES (2)", &[]).unwrap();
-        tx.commit().unwrap();
+        tx.commit(false).await.unwrap();
         let rows: Vec<(i64,)> = file
             .run(true, |connection| {
                 fetch(connection, "SELECT n FROM t", &[], Rows::All)
@@ -615,5 +808,90 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows, [(2,)]);
+    }
+
+    async fn rows(file: &SqliteFile) -> Vec<(i64,)> {
+        let select = "SELECT n FROM t ORDER BY n";
+        file.run(true, |connection| fetch(connection, select, &[], Rows::All))
+            .await
+            .unwrap()
+    }
+
+    async fn file_with_a_table() -> Arc<SqliteFile> {
+        let file = SqliteFile::open(&temporary_file(), Durability::PowerLoss)
+            .await
+            .unwrap();
+        let create =
+            |connection: &Connection| connection.execute_batch("CREATE TABLE t (n INTEGER)");
+        file.run(false, create).await.unwrap();
+        Arc::new(file)
+    }
+
+    /// Writers queued while another writes join its transaction: one
+    /// commit (one sync to disk) answers them all, and only once it is
+    /// committed does a reader see their rows.
+    #[tokio::test]
+    async fn writes_queued_for_the_writer_share_its_commit() {
+        let file = file_with_a_table().await;
+        let commits_before = file.writer.lock().await.commits;
+        let first = file.begin(false).await.unwrap();
+        execute(first.connection(), "INSERT INTO t VALUES (0)", &[]).unwrap();
+        let queued: Vec<_> = (1..=3)
+            .map(|n| {
+                let file = file.clone();
+                tokio::spawn(async move {
+                    let insert = "INSERT INTO t VALUES ($1)";
+                    let args = [Arg::Int(n)];
+                    file.run(false, |connection| execute(connection, insert, &args))
+                        .await
+                })
+            })
+            .collect();
+        // Every one of them comes to wait for the writer.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            rows(&file).await.is_empty(),
+            "nothing is read before its commit"
+        );
+
+        first.commit(false).await.unwrap();
+        for writer in queued {
+            assert_eq!(writer.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(rows(&file).await, [(0,), (1,), (2,), (3,)]);
+        assert_eq!(file.writer.lock().await.commits - commits_before, 1);
+    }
+
+    /// A part rolled back leaves the others of its transaction, and a part
+    /// whose caller stopped waiting (a cancelled task) is still committed
+    /// without waiting for a later writer.
+    #[tokio::test]
+    async fn parts_end_on_their_own() {
+        let file = file_with_a_table().await;
+        let first = file.begin(false).await.unwrap();
+        execute(first.connection(), "INSERT INTO t VALUES (1)", &[]).unwrap();
+        let (abandon, abandoned) = tokio::sync::oneshot::channel::<()>();
+        let second = tokio::spawn({
+            let file = file.clone();
+            async move {
+                let tx = file.begin(false).await.unwrap();
+                execute(tx.connection(), "INSERT INTO t VALUES (2)", &[]).unwrap();
+                abandoned.await.unwrap();
+                drop(tx);
+            }
+        });
+        // The second caller takes the writer next: the first waits in vain.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waited = tokio::time::timeout(Duration::from_millis(50), first.commit(false)).await;
+        assert!(waited.is_err(), "the commit waits for the writer");
+        abandon.send(()).unwrap();
+        second.await.unwrap();
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while rows(&file).await.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rows(&file).await, [(1,)]);
+        assert!(file.writer.lock().await.open.is_none());
     }
 }
