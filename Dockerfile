@@ -2,9 +2,10 @@
 
 # ---- build ------------------------------------------------------------------
 # The rust image already carries what the native dependencies need: gcc, g++,
-# make and perl for librdkafka (rdkafka-sys builds it bundled), zlib1g-dev and
-# pkg-config. aws-lc-sys builds with the C compiler alone, and the protobuf
-# contract is compiled by protox, so neither cmake nor protoc is installed.
+# make and perl for librdkafka (rdkafka-sys builds it bundled) and jemalloc,
+# zlib1g-dev and pkg-config. aws-lc-sys builds with the C compiler alone, and
+# the protobuf contract is compiled by protox, so neither cmake nor protoc is
+# installed.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 

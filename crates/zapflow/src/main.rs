@@ -14,6 +14,12 @@ use zapflow_telemetry::Telemetry;
 
 use crate::config::Config;
 
+/// jemalloc: under load, glibc's `malloc` and `free` took about 15% of the
+/// embedded server's CPU; with jemalloc it accepts about a fifth more
+/// webhooks per second, for about 5 MiB more memory per process.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "zapflow",
