@@ -789,25 +789,14 @@ mod tests {
     /// back, and the writer is free for the next one.
     #[tokio::test]
     async fn a_dropped_transaction_rolls_back() {
-        let file = SqliteFile::open(&temporary_file(), Durability::ProcessCrash)
-            .await
-            .unwrap();
-        let create =
-            |connection: &Connection| connection.execute_batch("CREATE TABLE t (n INTEGER)");
-        file.run(false, create).await.unwrap();
+        let file = file_with_a_table().await;
         let tx = file.begin(false).await.unwrap();
         execute(tx.connection(), "INSERT INTO t VALUES (1)", &[]).unwrap();
         drop(tx);
         let tx = file.begin(false).await.unwrap();
         execute(tx.connection(), "INSERT INTO t VALUES (2)", &[]).unwrap();
         tx.commit(false).await.unwrap();
-        let rows: Vec<(i64,)> = file
-            .run(true, |connection| {
-                fetch(connection, "SELECT n FROM t", &[], Rows::All)
-            })
-            .await
-            .unwrap();
-        assert_eq!(rows, [(2,)]);
+        assert_eq!(rows(&file).await, [(2,)]);
     }
 
     async fn rows(file: &SqliteFile) -> Vec<(i64,)> {
