@@ -42,6 +42,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::types::Json;
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 use uuid::Uuid;
+use zapflow_telemetry::metrics::GROUP_COMMIT_BATCH_SIZE;
 
 use super::{Arg, Durability, Rows, Stamp};
 use crate::{Result, StoreError};
@@ -236,6 +237,8 @@ impl Writer {
         let Some(open) = self.open.take() else { return };
         let committed = execute(&self.connection, "COMMIT", &[]).map_err(store_error);
         self.commits += 1;
+        metrics::histogram!(GROUP_COMMIT_BATCH_SIZE, "queue" => "sqlite_writer")
+            .record(open.parts as f64);
         if committed.is_err() && !self.connection.is_autocommit() {
             let _ = self.connection.execute_batch("ROLLBACK");
         }

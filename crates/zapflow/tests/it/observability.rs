@@ -411,6 +411,18 @@ async fn counters_follow_the_scenario(setup: Setup, distributed: bool) -> Scrape
     let ingest_batches = [("queue", "ingest")];
     let runs_committed = scrape.value("zapflow_group_commit_batch_size_sum", &ingest_batches);
     assert_eq!(runs_committed, 3.0);
+    // The embedded database counts the writes each of its commits held.
+    let writer = [("queue", "sqlite_writer")];
+    let commits = scrape.value("zapflow_group_commit_batch_size_count", &writer);
+    let writes = scrape.value("zapflow_group_commit_batch_size_sum", &writer);
+    if distributed {
+        assert_eq!(commits, 0.0);
+    } else {
+        assert!(
+            commits > 0.0 && writes >= commits,
+            "{commits} commits, {writes} writes"
+        );
+    }
     assert_eq!(scrape.value("zapflow_ready", &[]), 1.0);
     // Logs are JSON lines; one inside a step names its run, zap and step.
     let log = std::fs::read_to_string(setup.dir.join("all.log")).unwrap();
