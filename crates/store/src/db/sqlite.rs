@@ -196,7 +196,7 @@ impl SqliteFile {
             return Err(store_error(error));
         }
         Ok(Tx {
-            held: Held::Writer(writer, self.writer.clone()),
+            held: Held::Writer(writer),
         })
     }
 }
@@ -253,17 +253,12 @@ impl Writer {
 /// when this caller reaches the writer first: callers queue for the writer
 /// in turn, so the ones already queued add their parts before it commits.
 async fn shared_commit(writer: SharedWriter, committed: Arc<Outcome>) -> Result<()> {
-    let mut waiting = Waiting {
-        writer,
-        committed,
-        answered: false,
-    };
+    let waiting = Waiting { writer, committed };
     let mut outcome = waiting.committed.subscribe();
     loop {
         tokio::select! {
             biased;
             answer = outcome.wait_for(Option::is_some) => {
-                waiting.answered = true;
                 let answer = answer.expect("the sender is held here").clone();
                 return answer.expect("waited for an answer");
             }
@@ -282,12 +277,11 @@ async fn shared_commit(writer: SharedWriter, committed: Arc<Outcome>) -> Result<
 struct Waiting {
     writer: SharedWriter,
     committed: Arc<Outcome>,
-    answered: bool,
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if self.answered || self.committed.borrow().is_some() {
+        if self.committed.borrow().is_some() {
             return;
         }
         let (writer, committed) = (self.writer.clone(), self.committed.clone());
@@ -345,7 +339,7 @@ pub(crate) struct Tx {
 
 enum Held {
     Reader(OwnedMutexGuard<Connection>),
-    Writer(OwnedMutexGuard<Writer>, SharedWriter),
+    Writer(OwnedMutexGuard<Writer>),
     Ended,
 }
 
@@ -353,7 +347,7 @@ impl Tx {
     pub(crate) fn connection(&self) -> &Connection {
         match &self.held {
             Held::Reader(connection) => connection,
-            Held::Writer(writer, _) => &writer.connection,
+            Held::Writer(writer) => &writer.connection,
             Held::Ended => unreachable!("a transaction is used only until it ends"),
         }
     }
@@ -366,7 +360,7 @@ impl Tx {
             Held::Reader(connection) => execute(&connection, "COMMIT", &[])
                 .map(drop)
                 .map_err(store_error),
-            Held::Writer(mut writer, shared) => {
+            Held::Writer(mut writer) => {
                 if let Err(error) = execute(&writer.connection, "RELEASE part", &[]) {
                     writer.abandon_part();
                     return Err(store_error(error));
@@ -378,6 +372,7 @@ impl Tx {
                 open.parts += 1;
                 open.announce |= announce;
                 let committed = open.committed.clone();
+                let shared = OwnedMutexGuard::mutex(&writer).clone();
                 drop(writer);
                 shared_commit(shared, committed).await
             }
@@ -397,7 +392,7 @@ impl Tx {
                     let _ = connection.execute_batch("ROLLBACK");
                 }
             }
-            Held::Writer(mut writer, _) => writer.abandon_part(),
+            Held::Writer(mut writer) => writer.abandon_part(),
             Held::Ended => {}
         }
     }
