@@ -1,7 +1,9 @@
 //! IngestService: one webhook delivery becomes one run.
 //!
 //! Deliveries that arrive together share a database commit (a
-//! [`GroupCommit`]).
+//! [`GroupCommit`]). With a worker in this process that has steps to spare,
+//! a run starts in that commit and is handed to it in memory (see
+//! [`zapflow_store::handoff`]).
 
 use std::time::Instant;
 
@@ -12,7 +14,8 @@ use zapflow_core::delivery::{self, DeliveryLimits};
 use zapflow_core::{ZapStatus, secret, webhook_signature};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::ingest_service_server::IngestService;
-use zapflow_store::{GroupCommit, NewRun, RecordedRun, Store, StoreError, answers};
+use zapflow_store::handoff::{Handoff, Reservation};
+use zapflow_store::{Delivery, GroupCommit, NewRun, RecordedRun, Store, StoreError, answers};
 use zapflow_telemetry::metrics::INGEST_DURATION;
 use zapflow_telemetry::trace;
 
@@ -27,7 +30,9 @@ const COMMITTERS: usize = 4;
 pub struct IngestApi {
     store: Store,
     limits: DeliveryLimits,
-    runs: GroupCommit<NewRun, Result<RecordedRun, StoreError>>,
+    runs: GroupCommit<(Delivery, Option<Reservation>), Result<RecordedRun, StoreError>>,
+    /// The worker of this process, if any, that runs may start for.
+    local_worker: Option<Handoff>,
 }
 
 impl IngestApi {
@@ -35,17 +40,43 @@ impl IngestApi {
     pub fn new(store: Store, limits: DeliveryLimits) -> Self {
         let runs = {
             let store = store.clone();
-            GroupCommit::spawn("ingest", COMMITTERS, MAX_BATCH, move |runs: Vec<NewRun>| {
+            GroupCommit::spawn("ingest", COMMITTERS, MAX_BATCH, move |batch: Vec<_>| {
                 let store = store.clone();
-                // One refused delivery fails alone; an outage fails the batch.
-                async move { answers(store.insert_runs_isolated(&runs).await, runs.len()) }
+                async move {
+                    let (deliveries, reservations): (Vec<Delivery>, Vec<Option<Reservation>>) =
+                        batch.into_iter().unzip();
+                    // One refused delivery fails alone; an outage fails the
+                    // batch.
+                    let recorded = store.insert_deliveries_isolated(&deliveries).await;
+                    // Handed over here, where no caller going away can
+                    // cancel it.
+                    let answers = answers(recorded, deliveries.len()).into_iter();
+                    answers
+                        .zip(reservations)
+                        .map(|(answer, reservation)| {
+                            let (recorded, started) = answer?;
+                            if let (Some(started), Some(reservation)) = (started, reservation) {
+                                reservation.hand_over(started);
+                            }
+                            Ok(recorded)
+                        })
+                        .collect()
+                }
             })
         };
         Self {
             store,
             limits,
             runs,
+            local_worker: None,
         }
+    }
+
+    /// Starts runs for `worker`, a worker of this process, while it has
+    /// steps to spare.
+    pub fn with_local_worker(mut self, worker: Handoff) -> Self {
+        self.local_worker = Some(worker);
+        self
     }
 
     /// Records a delivery; returns the run id and whether it repeated an
@@ -111,8 +142,16 @@ impl IngestApi {
             trace_parent: trace::traceparent(&commit),
             scheduled_time: None,
         };
+        let reservation = match zap.actions.is_empty() {
+            true => None,
+            false => self.local_worker.as_ref().and_then(Handoff::reserve),
+        };
+        let delivery = Delivery {
+            run,
+            start_for: reservation.as_ref().map(Reservation::lease),
+        };
         self.runs
-            .submit(run)
+            .submit((delivery, reservation))
             .instrument(commit)
             .await
             .ok_or(ApiError::Unavailable)?

@@ -101,6 +101,13 @@ impl Api {
         }
     }
 
+    /// Starts runs for `worker`, a worker of this process, while it has
+    /// steps to spare: they skip the outbox's lease and claim.
+    pub fn with_local_worker(mut self, worker: zapflow_store::handoff::Handoff) -> Self {
+        self.ingest = self.ingest.with_local_worker(worker);
+        self
+    }
+
     /// IngestService and its health as one service to call inside this
     /// process: what a gateway in the same process uses instead of a socket.
     pub fn in_process_ingest(&self) -> InProcessIngest {

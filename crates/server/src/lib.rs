@@ -17,6 +17,7 @@ use zapflow_api::Api;
 use zapflow_gateway::IngestTarget;
 use zapflow_processor::Relay;
 use zapflow_store::Store;
+use zapflow_store::handoff::{Handed, Handoff};
 use zapflow_telemetry::metrics::{OUTBOX_DUE_ROWS, OUTBOX_OLDEST_DUE_AGE};
 use zapflow_telemetry::{Admin, Check};
 use zapflow_worker::{DeadLetters, Worker};
@@ -85,6 +86,15 @@ impl Server {
                     source,
                 })?;
         }
+        // Without Kafka, a worker here is handed the runs the API here
+        // starts for it.
+        let (handoff, handed) = match roles.contains(&Role::Worker) && settings.bus.is_none() {
+            true => {
+                let (handoff, handed) = zapflow_worker::local_handoff(&settings.worker);
+                (Some(handoff), Some(handed))
+            }
+            false => (None, None),
+        };
         // Dropped on a failure below: what already started stops.
         let mut starting = Starting {
             settings,
@@ -98,15 +108,17 @@ impl Server {
         let in_process_ingest = match roles.contains(&Role::Api) {
             true => {
                 let grpc = listener(&mut listeners.grpc, Role::Api)?;
+                let ingest = listeners.ingest.take();
                 Some(
                     starting
-                        .api(grpc, listeners.ingest.take(), relays_or_consumes)
+                        .api(grpc, ingest, relays_or_consumes, handoff)
                         .await?,
                 )
             }
             false => None,
         };
         let mut remote_api = None;
+        let mut handed = handed;
         for role in roles {
             match role {
                 Role::Api => {}
@@ -117,7 +129,7 @@ impl Server {
                     remote_api = (!roles.contains(&Role::Api)).then_some(ingest);
                 }
                 Role::Processor => starting.processors(roles.len() > 1)?,
-                Role::Worker => starting.workers()?,
+                Role::Worker => starting.workers(handed.take())?,
             }
         }
         if let Some(admin) = listeners.admin.take() {
@@ -195,10 +207,14 @@ impl Starting {
         grpc: TcpListener,
         ingest: Option<TcpListener>,
         with_broker: bool,
+        local_worker: Option<Handoff>,
     ) -> Result<zapflow_api::InProcessIngest> {
         let mut settings = self.settings.api.clone();
         settings.broker = self.settings.bus.clone().filter(|_| with_broker);
-        let api = Api::new(self.store.clone(), settings, self.executor()?).await;
+        let mut api = Api::new(self.store.clone(), settings, self.executor()?).await;
+        if let Some(worker) = local_worker {
+            api = api.with_local_worker(worker);
+        }
         let in_process_ingest = api.in_process_ingest();
         self.spawn(|shutdown| async move {
             api.serve(grpc, ingest, shutdown)
@@ -328,10 +344,11 @@ impl Starting {
     }
 
     /// Runs the steps: members of the consumer group with Kafka, leasers of
-    /// due outbox rows without. Dead letters past their retention are
+    /// due outbox rows without; the first of those is `handed` the runs an
+    /// API in this process starts. Dead letters past their retention are
     /// trimmed meanwhile, and one scheduler starts the runs of scheduled
     /// zaps.
-    fn workers(&mut self) -> Result<()> {
+    fn workers(&mut self, mut handed: Option<Handed>) -> Result<()> {
         let store = self.store.clone();
         self.spawn(move |shutdown| async move {
             scheduler::run(store, shutdown).await;
@@ -366,8 +383,13 @@ impl Starting {
                 None => {
                     let (store, poll_interval) =
                         (self.store.clone(), self.settings.relay.poll_interval);
+                    // Later workers lease only: nothing is handed to them.
+                    let handed = handed
+                        .take()
+                        .unwrap_or_else(|| zapflow_worker::local_handoff(&self.settings.worker).1);
                     self.spawn(move |shutdown| async move {
-                        zapflow_worker::run_local(worker, store, poll_interval, shutdown).await;
+                        zapflow_worker::run_local(worker, store, poll_interval, handed, shutdown)
+                            .await;
                         Ok(())
                     });
                 }

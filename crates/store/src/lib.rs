@@ -11,6 +11,7 @@ mod claim;
 mod db;
 mod dead_letters;
 mod group_commit;
+pub mod handoff;
 mod outbox;
 mod runs;
 mod schedules;
@@ -35,7 +36,10 @@ pub use db::Durability;
 pub use dead_letters::{DeadLetter, DeadLetterPage};
 pub use group_commit::{GroupCommit, answers};
 pub use outbox::{OUTBOX_CHANNEL, OutboxClaim, OutboxKind, OutboxRow};
-pub use runs::{NewRun, RecordedRun, Replay, Run, RunChange, RunFilter, RunPage, Step, TimeWindow};
+pub use runs::{
+    Delivery, NewRun, RecordedRun, Replay, Run, RunChange, RunFilter, RunPage, Started, Step,
+    TimeWindow,
+};
 pub use schedules::{MissedTicksReport, ScheduledRun, TickClaim};
 pub use steps::{ClaimedStep, Finish, StepClaim, StepOutcome};
 pub use wakeups::OutboxWakeups;

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::db::from_sqlite;
-use crate::db::{Arg, PlannedEachTime, Stamp, Tx, sql};
+use crate::db::{Arg, PlannedEachTime, Stamp, Tx, instant_after, sql};
 use crate::{Result, Store, StoreError};
 
 /// The channel on which every outbox insert is announced (see the
@@ -348,40 +348,68 @@ impl<'a> Announcement<'a> {
     }
 }
 
-/// Adds an outbox row inside the caller's transaction; a dead letter is
-/// also recorded for users to list, under the announcing event's id.
+/// Adds an outbox row inside the caller's transaction, due after its
+/// delay; a dead letter is also recorded for users to list, under the
+/// announcing event's id. Returns the row's id and event id.
 pub(crate) async fn enqueue(
     tx: &mut Tx,
     run_id: Uuid,
     zap_id: Uuid,
     announcement: Announcement<'_>,
-) -> Result<()> {
+) -> Result<(i64, Uuid)> {
+    let available_at = instant_after(announcement.delay);
+    let added = insert(tx, run_id, zap_id, announcement, available_at).await?;
+    tx.announce();
+    Ok(added)
+}
+
+/// [`enqueue`] for a step already leased, until `lease_until`, to a worker
+/// of this process that was handed it: no worker is woken for it.
+pub(crate) async fn enqueue_leased(
+    tx: &mut Tx,
+    run_id: Uuid,
+    zap_id: Uuid,
+    announcement: Announcement<'_>,
+    lease_until: DateTime<Utc>,
+) -> Result<(i64, Uuid)> {
+    insert(tx, run_id, zap_id, announcement, lease_until).await
+}
+
+async fn insert(
+    tx: &mut Tx,
+    run_id: Uuid,
+    zap_id: Uuid,
+    announcement: Announcement<'_>,
+    available_at: DateTime<Utc>,
+) -> Result<(i64, Uuid)> {
     let Announcement {
         stage,
         kind,
         reason,
-        delay,
+        delay: _,
         trace_parent,
     } = announcement;
     let event_id = Uuid::now_v7();
     let now = Utc::now();
-    tx.execute(
-        "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason, available_at,
-                                     created_at, trace_parent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        &[
-            event_id.into(),
-            run_id.into(),
-            zap_id.into(),
-            stage.into(),
-            kind.as_str().into(),
-            reason.into(),
-            Arg::after(delay),
-            now.into(),
-            trace_parent.into(),
-        ],
-    )
-    .await?;
+    let (id,): (i64,) = tx
+        .fetch_one(
+            "INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, reason,
+                                         available_at, created_at, trace_parent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             RETURNING id",
+            &[
+                event_id.into(),
+                run_id.into(),
+                zap_id.into(),
+                stage.into(),
+                kind.as_str().into(),
+                reason.into(),
+                Arg::Instant(Some(available_at)),
+                now.into(),
+                trace_parent.into(),
+            ],
+        )
+        .await?;
     if kind == OutboxKind::DeadLetter {
         tx.execute(
             "INSERT INTO zap_dead_letters (id, run_id, zap_id, owner_id, step, reason, created_at)
@@ -396,6 +424,5 @@ pub(crate) async fn enqueue(
         )
         .await?;
     }
-    tx.announce();
-    Ok(())
+    Ok((id, event_id))
 }

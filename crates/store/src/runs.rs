@@ -11,10 +11,11 @@ use uuid::Uuid;
 use zapflow_core::{ActionSpec, Attempt, RunStatus, StepStatus};
 
 use crate::db::from_sqlite;
-use crate::db::{Arg, Dialect, Tx};
+use crate::db::{Arg, Dialect, Tx, instant_after};
 use crate::group_commit::each_alone_on_refusal;
-use crate::outbox::Announcement;
+use crate::outbox::{Announcement, OutboxKind, OutboxRow};
 use crate::parse_status;
+use crate::steps::ClaimedStep;
 use crate::{Result, Store, StoreError};
 
 /// A webhook delivery to record as a run.
@@ -81,6 +82,27 @@ pub struct RecordedRun {
     /// The delivery repeated an idempotency key already recorded (and
     /// nothing was written).
     pub repeated: bool,
+}
+
+/// A webhook delivery to record ([`Store::insert_deliveries`]).
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub run: NewRun,
+    /// Starts the run in the commit that records it, for a worker of this
+    /// process that takes it from the answer ([`Started`]) instead of the
+    /// outbox: its first step claimed, and its outbox row leased, for this
+    /// long. A run without actions never starts this way.
+    pub start_for: Option<Duration>,
+}
+
+/// A run started as it was recorded ([`Delivery::start_for`]): its first
+/// step, claimed for its first attempt, and the outbox row announcing it,
+/// leased for as long. A worker that does not record the step's outcome
+/// leaves both to lapse, and the row comes due again, as any leased row.
+#[derive(Debug)]
+pub struct Started {
+    pub row: OutboxRow,
+    pub step: ClaimedStep,
 }
 
 /// The replay of a run. A run has at most one: a retried or concurrent
@@ -257,16 +279,72 @@ impl Store {
     /// each was recorded (a delivery repeating an idempotency key already
     /// recorded gets the earlier run, and nothing is written).
     pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<RecordedRun>> {
+        let runs: Vec<Inserting<'_>> = runs.iter().map(Inserting::waiting).collect();
+        let recorded = self.record(&runs).await?;
+        Ok(recorded.into_iter().map(|(recorded, _)| recorded).collect())
+    }
+
+    /// [`insert_runs`](Self::insert_runs), but one delivery the database
+    /// refuses fails alone: when the batch fails for anything but an outage,
+    /// each run is tried in a transaction of its own, so every other
+    /// delivery is still recorded. `Err` means the database did not answer
+    /// and nothing was written.
+    pub async fn insert_runs_isolated(&self, runs: &[NewRun]) -> Result<Vec<Result<RecordedRun>>> {
+        each_alone_on_refusal(runs, "runs", |runs| self.insert_runs(runs)).await
+    }
+
+    /// [`insert_runs`](Self::insert_runs) for deliveries, some of which
+    /// start at once ([`Delivery::start_for`]): those new runs come with
+    /// their [`Started`] first step.
+    pub async fn insert_deliveries(
+        &self,
+        deliveries: &[Delivery],
+    ) -> Result<Vec<(RecordedRun, Option<Started>)>> {
+        let runs: Vec<Inserting<'_>> = deliveries
+            .iter()
+            .map(|delivery| match delivery.start_for {
+                Some(lease) if !delivery.run.actions.is_empty() => Inserting {
+                    run: &delivery.run,
+                    lease_until: Some(instant_after(lease)),
+                },
+                _ => Inserting::waiting(&delivery.run),
+            })
+            .collect();
+        self.record(&runs).await
+    }
+
+    /// [`insert_deliveries`](Self::insert_deliveries), where one delivery
+    /// the database refuses fails alone (see
+    /// [`insert_runs_isolated`](Self::insert_runs_isolated)).
+    pub async fn insert_deliveries_isolated(
+        &self,
+        deliveries: &[Delivery],
+    ) -> Result<Vec<Result<(RecordedRun, Option<Started>)>>> {
+        each_alone_on_refusal(deliveries, "runs", |deliveries| {
+            self.insert_deliveries(deliveries)
+        })
+        .await
+    }
+
+    /// Inserts `runs` in one transaction; how each was recorded, in input
+    /// order, with the first step of each new run that started.
+    async fn record(&self, runs: &[Inserting<'_>]) -> Result<Vec<(RecordedRun, Option<Started>)>> {
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
-        let inserted = insert_new_runs(&mut tx, runs, now).await?;
+        let mut inserted = insert_runs_starting(&mut tx, runs, now).await?;
         let mut recorded = Vec::with_capacity(runs.len());
-        for run in runs {
-            if inserted.contains(&run.id) {
-                recorded.push(RecordedRun {
+        for inserting in runs {
+            let run = inserting.run;
+            if let Some(first_row) = inserted.remove(&run.id) {
+                let started = inserting
+                    .lease_until
+                    .map(|_| inserting.started(first_row, now))
+                    .transpose()?;
+                let new = RecordedRun {
                     id: run.id,
                     repeated: false,
-                });
+                };
+                recorded.push((new, started));
                 continue;
             }
             // Lost to an earlier delivery with the same key (committed, or
@@ -277,22 +355,14 @@ impl Store {
                     &[run.zap_id.into(), (&run.idempotency_key).into()],
                 )
                 .await?;
-            recorded.push(RecordedRun {
+            let repeated = RecordedRun {
                 id: existing,
                 repeated: true,
-            });
+            };
+            recorded.push((repeated, None));
         }
         tx.commit().await?;
         Ok(recorded)
-    }
-
-    /// [`insert_runs`](Self::insert_runs), but one delivery the database
-    /// refuses fails alone: when the batch fails for anything but an outage,
-    /// each run is tried in a transaction of its own, so every other
-    /// delivery is still recorded. `Err` means the database did not answer
-    /// and nothing was written.
-    pub async fn insert_runs_isolated(&self, runs: &[NewRun]) -> Result<Vec<Result<RecordedRun>>> {
-        each_alone_on_refusal(runs, "runs", |runs| self.insert_runs(runs)).await
     }
 
     /// Records a replay of `original` as run `id`, starting at `start_stage`:
@@ -484,65 +554,164 @@ pub(crate) async fn insert_new_runs(
     runs: &[NewRun],
     now: DateTime<Utc>,
 ) -> Result<HashSet<Uuid>> {
+    let runs: Vec<Inserting<'_>> = runs.iter().map(Inserting::waiting).collect();
+    let inserted = insert_runs_starting(tx, &runs, now).await?;
+    Ok(inserted.into_keys().collect())
+}
+
+/// A run to insert, and whether it starts at once.
+#[derive(Serialize)]
+struct Inserting<'a> {
+    #[serde(flatten)]
+    run: &'a NewRun,
+    /// Set for a run that starts at once: its first step is claimed, and
+    /// its outbox row leased, until then (see [`Delivery::start_for`]).
+    lease_until: Option<DateTime<Utc>>,
+}
+
+/// The outbox row of a run's first step, as inserted: its id and event id.
+type FirstRow = (i64, Uuid);
+
+impl<'a> Inserting<'a> {
+    /// A run whose first step waits in the outbox for a worker.
+    fn waiting(run: &'a NewRun) -> Self {
+        Self {
+            run,
+            lease_until: None,
+        }
+    }
+
+    /// The run's first step and outbox row, as the insert at `now` left
+    /// them: what a worker reads and claims from the outbox otherwise.
+    fn started(&self, (id, event_id): FirstRow, now: DateTime<Utc>) -> Result<Started> {
+        let run = self.run;
+        let row = OutboxRow {
+            id,
+            event_id,
+            run_id: run.id,
+            zap_id: run.zap_id,
+            stage: 0,
+            kind: OutboxKind::Step,
+            reason: None,
+            created_at: now,
+            trace_parent: run.trace_parent.clone(),
+        };
+        let recorded = RunRow {
+            id: run.id,
+            zap_id: run.zap_id,
+            owner_id: run.owner_id,
+            status: RunStatus::Running.as_str().to_owned(),
+            trigger: Some(Json(run.trigger.clone())),
+            headers: Some(Json(run.headers.clone())),
+            query: Some(Json(run.query.clone())),
+            actions: Json(run.actions.clone()),
+            replay_of: None,
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+            scheduled_time: run.scheduled_time,
+            stop_reason: None,
+            resume_at: None,
+        };
+        let step = ClaimedStep {
+            run: recorded.into_run(Vec::new())?,
+            stage: 0,
+            attempt: 1,
+        };
+        Ok(Started { row, step })
+    }
+
+    /// The run's status as inserted.
+    fn status(&self) -> RunStatus {
+        match self.lease_until {
+            Some(_) => RunStatus::Running,
+            None => RunStatus::Pending,
+        }
+    }
+}
+
+/// Inserts runs, each with the outbox row of its first step, inside the
+/// caller's transaction; a run repeating an idempotency key already
+/// recorded is left out. A run that starts at once also gets its first
+/// step's row, claimed, and its outbox row is leased. Returns each run
+/// inserted with its outbox row.
+async fn insert_runs_starting(
+    tx: &mut Tx,
+    runs: &[Inserting<'_>],
+    now: DateTime<Utc>,
+) -> Result<HashMap<Uuid, FirstRow>> {
     match tx.dialect() {
         Dialect::Postgres => insert_runs_at_once(tx, runs, now).await,
         Dialect::Sqlite => insert_runs_one_by_one(tx, runs, now).await,
     }
 }
 
-/// Inserts runs with one statement (PostgreSQL): the runs and the outbox
-/// rows of their first steps. Returns the ids inserted.
+/// Inserts runs with one statement (PostgreSQL): the runs, the outbox rows
+/// of their first steps, and the first steps of those that start at once.
 async fn insert_runs_at_once(
     tx: &mut Tx,
-    runs: &[NewRun],
+    runs: &[Inserting<'_>],
     now: DateTime<Utc>,
-) -> Result<HashSet<Uuid>> {
-    let inserted: Vec<(Uuid,)> = tx
+) -> Result<HashMap<Uuid, FirstRow>> {
+    let inserted: Vec<(Uuid, i64, Uuid)> = tx
         .fetch_all(
             "WITH input AS (
                  SELECT * FROM jsonb_to_recordset($1) AS r(
                      id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
                      query jsonb, actions jsonb, idempotency_key text, trace_parent text,
-                     scheduled_time timestamptz)
+                     scheduled_time timestamptz, lease_until timestamptz)
              ), inserted AS (
                  INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
                                        actions, idempotency_key, created_at, updated_at,
                                        scheduled_time)
-                 SELECT id, zap_id, owner_id, 'pending', trigger, headers, query, actions,
-                        idempotency_key, $2, $2, scheduled_time
+                 SELECT id, zap_id, owner_id,
+                        CASE WHEN lease_until IS NULL THEN 'pending' ELSE 'running' END,
+                        trigger, headers, query, actions, idempotency_key, $2, $2, scheduled_time
                  FROM input
                  ON CONFLICT (zap_id, idempotency_key) DO NOTHING
                  RETURNING id, zap_id
              ), outbox AS (
                  INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, available_at,
                                              created_at, trace_parent)
-                 SELECT gen_random_uuid(), inserted.id, inserted.zap_id, 0, 'step', $2, $2,
-                        input.trace_parent
+                 SELECT gen_random_uuid(), inserted.id, inserted.zap_id, 0, 'step',
+                        coalesce(input.lease_until, $2), $2, input.trace_parent
                  FROM inserted JOIN input ON input.id = inserted.id
+                 RETURNING run_id, id, event_id
+             ), first_steps AS (
+                 INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts,
+                                            lease_until, started_at)
+                 SELECT input.id, 0, input.actions -> 0 ->> 'type', 'running', 1,
+                        input.lease_until, $2
+                 FROM inserted JOIN input ON input.id = inserted.id
+                 WHERE input.lease_until IS NOT NULL
              )
-             SELECT id FROM inserted",
+             SELECT run_id, id, event_id FROM outbox",
             &[Arg::json(&runs)?, now.into()],
         )
         .await?;
-    Ok(inserted.into_iter().map(|(id,)| id).collect())
+    Ok(inserted
+        .into_iter()
+        .map(|(run_id, id, event_id)| (run_id, (id, event_id)))
+        .collect())
 }
 
 /// Inserts runs one statement each (SQLite, where each is a function call,
-/// not a round trip to a server), with the outbox rows of their first steps.
-/// Returns the ids inserted.
+/// not a round trip to a server), with the outbox rows of their first
+/// steps, and the first steps of those that start at once.
 async fn insert_runs_one_by_one(
     tx: &mut Tx,
-    runs: &[NewRun],
+    runs: &[Inserting<'_>],
     now: DateTime<Utc>,
-) -> Result<HashSet<Uuid>> {
-    let mut inserted = HashSet::with_capacity(runs.len());
-    for run in runs {
+) -> Result<HashMap<Uuid, FirstRow>> {
+    let mut inserted = HashMap::with_capacity(runs.len());
+    for inserting in runs {
+        let run = inserting.run;
         let added = tx
             .execute(
                 "INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
                                        actions, idempotency_key, created_at, updated_at,
                                        scheduled_time)
-                 VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $9, $10)
+                 VALUES ($1, $2, $3, $11, $4, $5, $6, $7, $8, $9, $9, $10)
                  ON CONFLICT (zap_id, idempotency_key) DO NOTHING",
                 &[
                     run.id.into(),
@@ -555,17 +724,36 @@ async fn insert_runs_one_by_one(
                     (&run.idempotency_key).into(),
                     now.into(),
                     run.scheduled_time.into(),
+                    inserting.status().as_str().into(),
                 ],
             )
             .await?;
-        if added == 1 {
-            let first = Announcement {
-                trace_parent: run.trace_parent.as_deref(),
-                ..Announcement::step(0, Duration::ZERO)
-            };
-            crate::outbox::enqueue(tx, run.id, run.zap_id, first).await?;
-            inserted.insert(run.id);
+        if added == 0 {
+            continue;
         }
+        let first = Announcement {
+            trace_parent: run.trace_parent.as_deref(),
+            ..Announcement::step(0, Duration::ZERO)
+        };
+        let first_row = match inserting.lease_until {
+            None => crate::outbox::enqueue(tx, run.id, run.zap_id, first).await?,
+            Some(lease_until) => {
+                tx.execute(
+                    "INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts,
+                                                lease_until, started_at)
+                     VALUES ($1, 0, $2, 'running', 1, $3, $4)",
+                    &[
+                        run.id.into(),
+                        run.actions[0].action_type.as_str().into(),
+                        Arg::Instant(Some(lease_until)),
+                        now.into(),
+                    ],
+                )
+                .await?;
+                crate::outbox::enqueue_leased(tx, run.id, run.zap_id, first, lease_until).await?
+            }
+        };
+        inserted.insert(run.id, first_row);
     }
     Ok(inserted)
 }

@@ -27,7 +27,7 @@ use zapflow_telemetry::metrics::{
 use zapflow_telemetry::trace;
 
 pub use consume::{DeadLetters, consume};
-pub use local::run_local;
+pub use local::{local_handoff, run_local};
 pub use retention::{trim_dead_letters, trim_once};
 
 #[derive(Debug, Clone)]

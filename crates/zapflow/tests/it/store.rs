@@ -8,7 +8,9 @@ use uuid::Uuid;
 use zapflow_core::retry::RetryPolicy;
 use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, RunStatus, StepStatus, ZapStatus};
-use zapflow_store::{NewRun, RecordedRun, StepClaim, StepOutcome, Store, StoreError, TimeWindow};
+use zapflow_store::{
+    Delivery, Finish, NewRun, RecordedRun, StepClaim, StepOutcome, Store, StoreError, TimeWindow,
+};
 
 /// A worker's policy of five attempts.
 const RETRY: RetryPolicy = RetryPolicy {
@@ -47,6 +49,7 @@ conformance!(
     a_lapsed_lease_lets_another_worker_take_the_step,
     outbox_rows_are_leased_and_come_back,
     leased_steps_are_claimed_once_each,
+    runs_started_at_ingest_are_claimed_and_leased_in_its_commit,
     outcomes_finished_together_are_each_recorded_once,
     runs_page_newest_first,
     a_step_is_never_claimed_past_its_attempt_cap,
@@ -427,6 +430,89 @@ async fn outbox_rows_are_leased_and_come_back(store: Store) {
         "dead letters are not work"
     );
     assert_eq!(store.outbox_len().await.unwrap(), 2);
+}
+
+async fn runs_started_at_ingest_are_claimed_and_leased_in_its_commit(store: Store) {
+    // Long enough that a loaded machine gets from the insert to the leases
+    // below before it ends.
+    const LEASE: Duration = Duration::from_secs(1);
+    let (owner, zap) = user_and_zap(&store, 2).await;
+    let delivery = |run: NewRun, start_for| Delivery { run, start_for };
+    let started_run = new_run(zap, owner, 2, Some("k"));
+    let deliveries = [
+        delivery(started_run.clone(), Some(LEASE)),
+        delivery(new_run(zap, owner, 2, None), None),
+        // A repeated key starts nothing, and neither does a run without
+        // actions.
+        delivery(new_run(zap, owner, 2, Some("k")), Some(LEASE)),
+        delivery(new_run(zap, owner, 0, None), Some(LEASE)),
+    ];
+    let answers = store.insert_deliveries(&deliveries).await.unwrap();
+    assert_eq!(answers[2].0, recorded(started_run.id, true));
+    let started: Vec<_> = answers
+        .into_iter()
+        .filter_map(|(_, started)| started)
+        .collect();
+    assert_eq!(started.len(), 1, "only the first delivery started");
+    let started = started.into_iter().next().unwrap();
+    assert_eq!((started.row.run_id, started.row.stage), (started_run.id, 0));
+    assert_eq!((started.step.stage, started.step.attempt), (0, 1));
+    assert_eq!(started.step.run.trigger, started_run.trigger);
+    let run = store.run(started_run.id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(
+        (run.steps[0].status, run.steps[0].attempts),
+        (StepStatus::Running, 1)
+    );
+
+    // Workers leasing the outbox find the waiting run only; a claim of the
+    // started step finds it held.
+    let leased = store.lease_due_outbox_rows(10, LEASE).await.unwrap();
+    assert_eq!(
+        leased.iter().map(|row| row.run_id).collect::<Vec<_>>(),
+        [deliveries[1].run.id, deliveries[3].run.id]
+    );
+    assert!(matches!(
+        store
+            .claim_step(started_run.id, 0, LEASE, &RETRY)
+            .await
+            .unwrap(),
+        StepClaim::Busy { .. }
+    ));
+
+    // Its outcome is recorded, and its outbox row deleted, as a leased one's.
+    let finish = Finish {
+        step: &started.step,
+        outcome: &StepOutcome::Succeeded(json!({"sent": true})),
+        outbox_row: Some(started.row.id),
+        trace_parent: None,
+    };
+    assert_eq!(store.finish_steps(&[finish]).await.unwrap(), [true]);
+    let next = store.lease_due_outbox_rows(10, LEASE).await.unwrap();
+    assert_eq!(
+        next.iter()
+            .map(|row| (row.run_id, row.stage))
+            .collect::<Vec<_>>(),
+        [(started_run.id, 1)],
+        "the next step is announced and the first one's row is gone"
+    );
+
+    // A started run whose worker never records comes back after its lease.
+    let forgotten = new_run(zap, owner, 2, None);
+    let answers = store
+        .insert_deliveries(&[delivery(forgotten.clone(), Some(Duration::from_millis(20)))])
+        .await
+        .unwrap();
+    assert!(answers[0].1.is_some());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let back = store
+        .lease_and_claim_due_steps(10, LEASE, &RETRY)
+        .await
+        .unwrap();
+    let [(row, StepClaim::Claimed(step))] = back.as_slice() else {
+        panic!("the started run's row comes due again: {back:?}");
+    };
+    assert_eq!((row.run_id, step.attempt), (forgotten.id, 2));
 }
 
 async fn leased_steps_are_claimed_once_each(store: Store) {
