@@ -453,6 +453,17 @@ impl Tx {
         Ok(())
     }
 
+    /// [`commit`](Self::commit) for a write whose caller can wait: in
+    /// the embedded database, unless it added outbox rows, it lingers a
+    /// moment for another write to share its commit and sync.
+    pub(crate) async fn commit_lingering(self) -> Result<()> {
+        match self {
+            Self::Postgres(tx) => tx.commit().await?,
+            Self::Sqlite { tx, announced } => tx.commit_lingering(announced).await?,
+        }
+        Ok(())
+    }
+
     pub(crate) async fn rollback(self) -> Result<()> {
         match self {
             Self::Postgres(tx) => tx.rollback().await?,

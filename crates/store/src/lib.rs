@@ -41,7 +41,7 @@ pub use runs::{
     TimeWindow,
 };
 pub use schedules::{MissedTicksReport, ScheduledRun, TickClaim};
-pub use steps::{ClaimedStep, Finish, StepClaim, StepOutcome};
+pub use steps::{ClaimedStep, Finish, Patience, StepClaim, StepOutcome};
 pub use wakeups::OutboxWakeups;
 pub use zap_cache::ZAPS_CHANNEL;
 pub use zaps::{Zap, ZapForIngest};

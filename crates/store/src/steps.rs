@@ -81,6 +81,17 @@ pub enum StepOutcome {
     Failed(String),
 }
 
+/// Whether outcomes that start no further work (a run's last step, with
+/// no outbox row to add) are committed at once, or may wait a moment in the
+/// embedded database for another write to share their commit and its sync
+/// to disk: worth it while the worker has steps to spare, whose callers
+/// are not held up by the wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    Urgent,
+    CanWait,
+}
+
 /// An attempt's outcome to record ([`Store::finish_steps`]).
 #[derive(Debug)]
 pub struct Finish<'a> {
@@ -175,6 +186,15 @@ impl Store {
     /// [`finish_step`](Self::finish_step) for each attempt, in one
     /// transaction; whether each was recorded, in order.
     pub async fn finish_steps(&self, finishes: &[Finish<'_>]) -> Result<Vec<bool>> {
+        self.finish_steps_with(finishes, Patience::Urgent).await
+    }
+
+    /// [`finish_steps`](Self::finish_steps), committed as `patience` says.
+    async fn finish_steps_with(
+        &self,
+        finishes: &[Finish<'_>],
+        patience: Patience,
+    ) -> Result<Vec<bool>> {
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
         let last_steps = match tx.dialect() {
@@ -196,7 +216,10 @@ impl Store {
         if !handled_rows.is_empty() {
             delete_outbox_rows(&mut tx, &handled_rows).await?;
         }
-        tx.commit().await?;
+        match patience {
+            Patience::Urgent => tx.commit().await?,
+            Patience::CanWait => tx.commit_lingering().await?,
+        }
         Ok(recorded)
     }
 
@@ -205,9 +228,10 @@ impl Store {
     pub async fn finish_steps_isolated(
         &self,
         finishes: &[Finish<'_>],
+        patience: Patience,
     ) -> Result<Vec<Result<bool>>> {
         each_alone_on_refusal(finishes, "step outcomes", |finishes| {
-            self.finish_steps(finishes)
+            self.finish_steps_with(finishes, patience)
         })
         .await
     }

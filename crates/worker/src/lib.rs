@@ -7,6 +7,7 @@ mod offsets;
 mod retention;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -18,7 +19,7 @@ use zapflow_actions::{ActionError, Completed, Executor, Next, StepRef};
 use zapflow_bus::{Event, EventKind};
 use zapflow_core::retry::RetryPolicy;
 use zapflow_store::{
-    ClaimedStep, Finish, GroupCommit, StepClaim, StepOutcome, Store, StoreError, answers,
+    ClaimedStep, Finish, GroupCommit, Patience, StepClaim, StepOutcome, Store, StoreError, answers,
 };
 
 use zapflow_telemetry::metrics::{
@@ -97,6 +98,24 @@ pub struct Worker {
     claims: GroupCommit<(Uuid, u32), Result<StepClaim, StoreError>>,
     /// ...and so do the outcomes of attempts that end together.
     recordings: GroupCommit<Recording, Result<bool, StoreError>>,
+    /// Events being handled now.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// One event being handled, counted while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Worker {
@@ -116,14 +135,24 @@ impl Worker {
                 },
             )
         };
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let recordings = {
             let store = store.clone();
+            let in_flight = in_flight.clone();
+            // A worker with steps to spare lets outcomes wait for a write
+            // to share their commit (see [`Patience`]); a busy one needs
+            // their permits back at once.
+            let spare = (settings.concurrency / 4).max(1);
             GroupCommit::spawn(
                 "step_outcomes",
                 COMMITTERS,
                 MAX_BATCH,
                 move |recordings: Vec<Recording>| {
                     let store = store.clone();
+                    let patience = match in_flight.load(Ordering::Relaxed) <= spare {
+                        true => Patience::CanWait,
+                        false => Patience::Urgent,
+                    };
                     async move {
                         let finishes: Vec<Finish<'_>> = recordings
                             .iter()
@@ -134,7 +163,7 @@ impl Worker {
                                 trace_parent: recording.trace_parent.clone(),
                             })
                             .collect();
-                        let recorded = store.finish_steps_isolated(&finishes).await;
+                        let recorded = store.finish_steps_isolated(&finishes, patience).await;
                         answers(recorded, finishes.len())
                     }
                 },
@@ -146,6 +175,7 @@ impl Worker {
             settings,
             claims,
             recordings,
+            in_flight,
         }
     }
 
@@ -192,6 +222,7 @@ impl Worker {
             trace_id = tracing::field::Empty,
         );
         trace::continue_trace(&span, event.trace_parent.as_deref());
+        let _counted = InFlight::new(&self.in_flight);
         self.handle_in(event, outbox_row, claim, shutdown)
             .instrument(span)
             .await

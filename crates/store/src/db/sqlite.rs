@@ -53,6 +53,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const READERS: usize = 2;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 256;
+/// How long a write that starts no work waits for another to share its
+/// commit (see [`Tx::commit_lingering`]): about the time between two
+/// webhooks sent one at a time, so that a step's outcome recorded between
+/// them shares the next one's sync instead of delaying it with its own.
+const LINGER: Duration = Duration::from_millis(2);
 
 type Shared = Arc<Mutex<Connection>>;
 type SharedWriter = Arc<Mutex<Writer>>;
@@ -252,9 +257,21 @@ impl Writer {
 /// Waits until the shared transaction `committed` answers, committing it
 /// when this caller reaches the writer first: callers queue for the writer
 /// in turn, so the ones already queued add their parts before it commits.
-async fn shared_commit(writer: SharedWriter, committed: Arc<Outcome>) -> Result<()> {
+/// A caller that `linger`s queues only after that long, unless a write
+/// that came meanwhile committed the transaction.
+async fn shared_commit(
+    writer: SharedWriter,
+    committed: Arc<Outcome>,
+    linger: Duration,
+) -> Result<()> {
     let waiting = Waiting { writer, committed };
     let mut outcome = waiting.committed.subscribe();
+    if !linger.is_zero()
+        && let Ok(answer) = tokio::time::timeout(linger, outcome.wait_for(Option::is_some)).await
+    {
+        let answer = answer.expect("the sender is held here").clone();
+        return answer.expect("waited for an answer");
+    }
     loop {
         tokio::select! {
             biased;
@@ -287,7 +304,7 @@ impl Drop for Waiting {
         let (writer, committed) = (self.writer.clone(), self.committed.clone());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = shared_commit(writer, committed).await;
+                let _ = shared_commit(writer, committed, Duration::ZERO).await;
             });
         }
     }
@@ -355,7 +372,20 @@ impl Tx {
     /// Commits; on the writer, waits until the shared transaction is
     /// committed. `announce`: this part added outbox rows, whose waiters
     /// are woken once they are committed.
-    pub(crate) async fn commit(mut self, announce: bool) -> Result<()> {
+    pub(crate) async fn commit(self, announce: bool) -> Result<()> {
+        self.commit_after(announce, Duration::ZERO).await
+    }
+
+    /// [`commit`](Self::commit) for a write that starts no work (it adds
+    /// no outbox rows) and whose caller can wait: on the writer, its part
+    /// lingers for [`LINGER`] so that a write arriving meanwhile commits it
+    /// with its own, one sync for both, and only then commits alone.
+    pub(crate) async fn commit_lingering(self, announce: bool) -> Result<()> {
+        let linger = if announce { Duration::ZERO } else { LINGER };
+        self.commit_after(announce, linger).await
+    }
+
+    async fn commit_after(mut self, announce: bool, linger: Duration) -> Result<()> {
         match std::mem::replace(&mut self.held, Held::Ended) {
             Held::Reader(connection) => execute(&connection, "COMMIT", &[])
                 .map(drop)
@@ -374,7 +404,7 @@ impl Tx {
                 let committed = open.committed.clone();
                 let shared = OwnedMutexGuard::mutex(&writer).clone();
                 drop(writer);
-                shared_commit(shared, committed).await
+                shared_commit(shared, committed, linger).await
             }
             Held::Ended => Ok(()),
         }
@@ -847,6 +877,36 @@ mod tests {
         }
         assert_eq!(rows(&file).await, [(0,), (1,), (2,), (3,)]);
         assert_eq!(file.writer.lock().await.commits - commits_before, 1);
+    }
+
+    /// A write that lingers is committed by a write that comes meanwhile,
+    /// one commit for both; alone, it commits once its moment is up.
+    #[tokio::test]
+    async fn a_lingering_write_shares_the_next_commit_or_commits_alone() {
+        let file = file_with_a_table().await;
+        let commits_before = file.writer.lock().await.commits;
+        let written = |n: i64| {
+            let file = file.clone();
+            async move {
+                let tx = file.begin(false).await.unwrap();
+                execute(tx.connection(), "INSERT INTO t VALUES ($1)", &[Arg::Int(n)]).unwrap();
+                tx
+            }
+        };
+        let first = written(1).await;
+        let lingering = tokio::spawn(first.commit_lingering(false));
+        // The lingering part is released and waits.
+        tokio::task::yield_now().await;
+        written(2).await.commit(false).await.unwrap();
+        lingering.await.unwrap().unwrap();
+        assert_eq!(rows(&file).await, [(1,), (2,)]);
+        assert_eq!(file.writer.lock().await.commits - commits_before, 1);
+
+        let alone = std::time::Instant::now();
+        written(3).await.commit_lingering(false).await.unwrap();
+        assert!(alone.elapsed() >= LINGER, "it waited for company first");
+        assert_eq!(rows(&file).await, [(1,), (2,), (3,)]);
+        assert_eq!(file.writer.lock().await.commits - commits_before, 2);
     }
 
     /// A part rolled back leaves the others of its transaction, and a part
