@@ -511,20 +511,21 @@ mod tests {
         let name = name.trim();
         let start = CpuClock::read();
         let own_at_start = cpu_seconds_of(name).expect("this process is found by its name");
-        // Busy until this process's CPU time moves on (it counts in ticks).
+        // Busy until this process's CPU time and the machine's move on:
+        // both count in ticks, and the machine's total may lag the
+        // process's own.
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut own = own_at_start;
-        while own <= own_at_start && Instant::now() < deadline {
+        let (mut own, mut machine) = (own_at_start, 0.0);
+        while (own <= own_at_start || machine <= 0.0) && Instant::now() < deadline {
             for spin in 0..100_000u64 {
                 std::hint::black_box(spin);
             }
             own = cpu_seconds_of(name).unwrap();
+            let spent = CpuClock::read().since(start);
+            machine = spent.machine_seconds.expect("/proc/stat is read");
         }
         assert!(own > own_at_start, "{own_at_start} s, then {own} s");
-        assert_eq!(cpu_seconds_of("no process is called this"), None);
-
-        let spent = CpuClock::read().since(start);
-        let machine = spent.machine_seconds.expect("/proc/stat is read");
         assert!(machine > 0.0, "{machine}");
+        assert_eq!(cpu_seconds_of("no process is called this"), None);
     }
 }
