@@ -88,7 +88,7 @@ impl Server {
         }
         // Without Kafka, a worker here is handed the runs the API here
         // starts for it.
-        let (handoff, handed) = match roles.contains(&Role::Worker) && settings.bus.is_none() {
+        let (handoff, mut handed) = match roles.contains(&Role::Worker) && settings.bus.is_none() {
             true => {
                 let (handoff, handed) = zapflow_worker::local_handoff(&settings.worker);
                 (Some(handoff), Some(handed))
@@ -118,7 +118,6 @@ impl Server {
             false => None,
         };
         let mut remote_api = None;
-        let mut handed = handed;
         for role in roles {
             match role {
                 Role::Api => {}

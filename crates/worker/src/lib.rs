@@ -80,6 +80,14 @@ const MAX_BATCH: usize = 64;
 /// Transactions of claims, or of outcomes, in flight at once.
 const COMMITTERS: usize = 2;
 
+/// The steps a worker running `concurrency` at once keeps in reserve: a
+/// quarter. A local worker leases at least that many rows at a time and
+/// ingest leaves them to its leases; a worker with no more than that many
+/// in flight has steps to spare.
+fn spare_steps(concurrency: usize) -> usize {
+    (concurrency / 4).max(1)
+}
+
 /// An attempt's outcome waiting to be recorded.
 struct Recording {
     step: Arc<ClaimedStep>,
@@ -142,7 +150,7 @@ impl Worker {
             // A worker with steps to spare lets outcomes wait for a write
             // to share their commit (see [`Patience`]); a busy one needs
             // their permits back at once.
-            let spare = (settings.concurrency / 4).max(1);
+            let spare = spare_steps(settings.concurrency);
             GroupCommit::spawn(
                 "step_outcomes",
                 COMMITTERS,

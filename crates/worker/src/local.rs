@@ -14,7 +14,7 @@ use zapflow_bus::Event;
 use zapflow_store::handoff::{Handed, HandedRun, Handoff, handoff};
 use zapflow_store::{ClaimedStep, OutboxRow, StepClaim, Store};
 
-use crate::{Handled, Worker, WorkerSettings};
+use crate::{Handled, Worker, WorkerSettings, spare_steps};
 
 /// How long a worker with steps in flight sleeps at most before it looks
 /// for due rows again.
@@ -50,15 +50,7 @@ async fn lease(worker: &Worker, store: &Store, limit: u32) -> Vec<(OutboxRow, Op
 /// ingest uses what leases leave spare (see [`run_local`]).
 pub fn local_handoff(settings: &WorkerSettings) -> (Handoff, Handed) {
     let concurrency = settings.concurrency.max(1);
-    handoff(concurrency, min_lease(concurrency), settings.lease)
-}
-
-/// With steps in flight, a worker leases for a quarter of its permits at a
-/// time: a lease costs about the same for one row as for many (the
-/// database reads past the rows in flight), so one per finished step would
-/// cost as much as the steps. An idle worker has every permit free.
-fn min_lease(concurrency: usize) -> usize {
-    (concurrency / 4).max(1)
+    handoff(concurrency, spare_steps(concurrency), settings.lease)
 }
 
 /// Takes work from the outbox, and the runs ingest hands over in `handed`,
@@ -72,7 +64,11 @@ pub async fn run_local(
     shutdown: CancellationToken,
 ) {
     let concurrency = worker.settings().concurrency.max(1);
-    let min_lease = min_lease(concurrency);
+    // With steps in flight, lease for at least the spare steps at a time:
+    // a lease costs about the same for one row as for many (the database
+    // reads past the rows in flight), so one per finished step would cost
+    // as much as the steps. An idle worker has every permit free.
+    let min_lease = spare_steps(concurrency);
     let permits = handed.permits.clone();
     let mut tasks = JoinSet::new();
     let mut wakeups = store.outbox_wakeups().await;
