@@ -130,15 +130,31 @@ const DELETE_ROWS: PlannedEachTime<crate::db::Sql> = PlannedEachTime(crate::db::
 });
 
 /// Leases up to `$1` due step rows until `$3` (see
-/// [`Store::lease_due_outbox_rows`]).
-const LEASE_DUE: PlannedEachTime<crate::db::Sql> = PlannedEachTime(sql!(
-    "UPDATE zap_run_outbox SET available_at = $3
-     WHERE id IN (SELECT id FROM zap_run_outbox
-                  WHERE kind = 'step' AND available_at <= $2
-                  ORDER BY id LIMIT $1";
-    postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
-    ") RETURNING ", outbox_columns!()
-));
+/// [`Store::lease_due_outbox_rows`]), those due longest first.
+///
+/// Both read the first rows of the due index in its order, never every due
+/// row. PostgreSQL asks for steps as `kind <> 'dead_letter'`: on an outbox
+/// without statistics (it was empty when last analyzed, as it is between
+/// bursts) its planner guesses that `kind = 'step'` matches a handful of
+/// rows, and then sorts thousands of due rows on every lease.
+const LEASE_DUE: PlannedEachTime<crate::db::Sql> = PlannedEachTime(crate::db::Sql {
+    postgres: concat!(
+        "UPDATE zap_run_outbox SET available_at = $3
+         WHERE id IN (SELECT id FROM zap_run_outbox
+                      WHERE kind <> 'dead_letter' AND available_at <= $2
+                      ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING ",
+        outbox_columns!()
+    ),
+    sqlite: concat!(
+        "UPDATE zap_run_outbox SET available_at = $3
+         WHERE id IN (SELECT id FROM zap_run_outbox
+                      WHERE kind = 'step' AND available_at <= $2
+                      ORDER BY available_at, id LIMIT $1)
+         RETURNING ",
+        outbox_columns!()
+    ),
+});
 
 fn lease_args(limit: u32, lease: Duration) -> [Arg<'static>; 3] {
     [
@@ -174,15 +190,16 @@ impl OutboxClaim {
 impl Store {
     /// Locks up to `limit` due rows, skipping rows another relay holds, so
     /// several processors share the work without relaying a row twice at once.
-    /// Oldest first, but without an "id > last seen" cursor: a row whose
-    /// transaction committed late is still found.
+    /// Those due longest first, read in the due index's order, and without
+    /// an "id > last seen" cursor: a row whose transaction committed late is
+    /// still found.
     pub async fn claim_due_outbox_rows(&self, limit: u32) -> Result<OutboxClaim> {
         let mut tx = self.db.begin().await?;
         let records: Vec<OutboxRecord> = tx
             .fetch_all(
                 PlannedEachTime(sql!(
                     "SELECT ", outbox_columns!(), " FROM zap_run_outbox WHERE available_at <= $2
-                     ORDER BY id LIMIT $1";
+                     ORDER BY available_at, id LIMIT $1";
                     postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
                 )),
                 &[limit.into(), Arg::Instant(Some(Utc::now()))],

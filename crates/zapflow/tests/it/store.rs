@@ -430,6 +430,24 @@ async fn outbox_rows_are_leased_and_come_back(store: Store) {
         "dead letters are not work"
     );
     assert_eq!(store.outbox_len().await.unwrap(), 2);
+
+    // Whatever order rows were written in, the one due longest goes first.
+    let later = Duration::from_millis(200);
+    store
+        .reschedule_step(runs[0].id, zap, 0, later)
+        .await
+        .unwrap();
+    store
+        .reschedule_step(runs[1].id, zap, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(later + Duration::from_millis(100)).await;
+    let first = store.lease_due_outbox_rows(1, LEASE).await.unwrap();
+    assert_eq!(
+        first.iter().map(|row| row.run_id).collect::<Vec<_>>(),
+        [runs[1].id],
+        "the row written later but due sooner is leased first"
+    );
 }
 
 async fn runs_started_at_ingest_are_claimed_and_leased_in_its_commit(store: Store) {
