@@ -2,8 +2,8 @@
 //!
 //! The sink stamps each message as its last line arrives; a task looks at
 //! it periodically and records the stamps of the messages new since the
-//! last look. A look copies every message kept so far, so it grows slower
-//! as they pile up; the interval grows with it (up to [`MAX_INTERVAL`]),
+//! last look, copying only those. Should looks grow slow all the same (a
+//! busy CPU), the interval grows with them (up to [`MAX_INTERVAL`]),
 //! keeping the watcher near a tenth of one CPU. The interval only delays
 //! when a phase is seen to be over, not the arrival times.
 
@@ -72,10 +72,10 @@ impl Deliveries {
                 loop {
                     tokio::time::sleep(interval).await;
                     let started = Instant::now();
-                    let mails = sink.mails();
+                    let mails = sink.mails_after(read);
                     let mut guard = seen.lock().unwrap();
                     let seen = &mut *guard;
-                    for mail in mails.get(read..).unwrap_or_default() {
+                    for mail in &mails {
                         match mail
                             .header("Subject")
                             .as_deref()
@@ -90,7 +90,7 @@ impl Deliveries {
                             None => seen.unmatched += 1,
                         }
                     }
-                    read = mails.len();
+                    read += mails.len();
                     let look = started.elapsed();
                     seen.sampling += look;
                     seen.samples += 1;
@@ -118,10 +118,18 @@ impl Deliveries {
     /// `timeout` passed; returns their arrivals.
     pub async fn wait_for(&self, sequence: &[u64], timeout: Duration) -> Vec<Option<Instant>> {
         let deadline = Instant::now() + timeout;
+        // Arrivals stay seen: each look goes on from the first one missing.
+        let mut arrived = 0;
         loop {
-            let arrivals = self.arrivals(sequence);
-            if arrivals.iter().all(Option::is_some) || Instant::now() >= deadline {
-                return arrivals;
+            arrived += {
+                let seen = self.seen.lock().unwrap();
+                sequence[arrived..]
+                    .iter()
+                    .take_while(|n| seen.arrivals.contains_key(n))
+                    .count()
+            };
+            if arrived == sequence.len() || Instant::now() >= deadline {
+                return self.arrivals(sequence);
             }
             tokio::time::sleep(MIN_INTERVAL).await;
         }

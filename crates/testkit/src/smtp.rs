@@ -127,7 +127,14 @@ impl SmtpSink {
     }
 
     pub fn mails(&self) -> Vec<Mail> {
-        self.shared.mails.lock().unwrap().clone()
+        self.mails_after(0)
+    }
+
+    /// The messages that arrived after the first `count`, in arrival order:
+    /// a watcher that keeps count copies each message once.
+    pub fn mails_after(&self, count: usize) -> Vec<Mail> {
+        let mails = self.shared.mails.lock().unwrap();
+        mails.get(count..).unwrap_or_default().to_vec()
     }
 
     /// The subjects of every message so far, sorted.
