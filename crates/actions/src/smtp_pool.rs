@@ -8,8 +8,10 @@
 //! lettre still speaks SMTP (`AsyncSmtpConnection`); only the socket and the
 //! pool are ours. TLS and authenticated servers keep lettre's transport.
 
+use std::io::ErrorKind;
+use std::os::fd::AsFd;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
@@ -22,13 +24,38 @@ use crate::action::ActionError;
 const SMTP_PORT: u16 = 25;
 /// Idle connections kept at most.
 const MAX_IDLE: usize = 64;
+/// A connection used this recently is checked by looking at its socket
+/// alone; one idle longer must answer a NOOP first.
+const FRESH: Duration = Duration::from_secs(1);
+
+/// A connection, with a second descriptor of its socket to look for a
+/// hang-up without a round trip.
+struct Connection {
+    smtp: AsyncSmtpConnection,
+    socket: std::net::TcpStream,
+}
+
+impl Connection {
+    /// Whether the server said nothing since its last answer: no hang-up,
+    /// no unasked-for reply (a 421 before closing). Sockets are
+    /// non-blocking, so the peek returns at once.
+    fn quiet(&self) -> bool {
+        matches!(self.socket.peek(&mut [0; 1]), Err(error) if error.kind() == ErrorKind::WouldBlock)
+    }
+}
+
+/// A connection waiting in the pool, since its last message.
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
 
 pub(crate) struct PlainSmtp {
     host: String,
     port: u16,
     hello: ClientId,
     timeout: Duration,
-    idle: Mutex<Vec<AsyncSmtpConnection>>,
+    idle: Mutex<Vec<Idle>>,
 }
 
 impl PlainSmtp {
@@ -64,7 +91,8 @@ impl PlainSmtp {
         message: &[u8],
     ) -> Result<(), ActionError> {
         let mut connection = self.checkout().await?;
-        match tokio::time::timeout(self.timeout, connection.send(envelope, message)).await {
+        let sent = connection.smtp.send(envelope, message);
+        match tokio::time::timeout(self.timeout, sent).await {
             Ok(Ok(_)) => {
                 self.checkin(connection);
                 Ok(())
@@ -77,33 +105,49 @@ impl PlainSmtp {
         }
     }
 
-    /// A pooled connection that still answers (a NOOP, one round trip: the
-    /// server may have closed it since, and a message must never be the
-    /// first to find out), or a new one.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, ActionError> {
+    /// A pooled connection that is still open, or a new one. The server may
+    /// have closed it since, and a message must never be the first to find
+    /// out: a hang-up shows on the socket at once, and a connection idle
+    /// longer than [`FRESH`] (which a network in between may have dropped
+    /// without a word) must also answer a NOOP, one round trip.
+    async fn checkout(&self) -> Result<Connection, ActionError> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some(mut connection) = idle else {
+            let Some(Idle {
+                mut connection,
+                since,
+            }) = idle
+            else {
                 return self.connect().await;
             };
-            let alive = tokio::time::timeout(self.timeout, connection.test_connected()).await;
-            if !connection.has_broken() && matches!(alive, Ok(true)) {
-                return Ok(connection);
+            if !connection.quiet() {
+                continue;
             }
+            if since.elapsed() >= FRESH {
+                let smtp = &mut connection.smtp;
+                let alive = tokio::time::timeout(self.timeout, smtp.test_connected()).await;
+                if smtp.has_broken() || !matches!(alive, Ok(true)) {
+                    continue;
+                }
+            }
+            return Ok(connection);
         }
     }
 
-    fn checkin(&self, connection: AsyncSmtpConnection) {
-        if connection.has_broken() {
+    fn checkin(&self, connection: Connection) {
+        if connection.smtp.has_broken() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push(connection);
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
         }
     }
 
-    async fn connect(&self) -> Result<AsyncSmtpConnection, ActionError> {
+    async fn connect(&self) -> Result<Connection, ActionError> {
         let unreachable = |error: String| {
             ActionError::Transient(format!(
                 "smtp: cannot reach {}:{}: {error}",
@@ -120,13 +164,19 @@ impl PlainSmtp {
         stream
             .set_nodelay(true)
             .map_err(|error| unreachable(error.to_string()))?;
-        tokio::time::timeout(
+        let socket = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|error| unreachable(error.to_string()))?
+            .into();
+        let smtp = tokio::time::timeout(
             self.timeout,
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello),
         )
         .await
         .map_err(|_| unreachable(format!("no greeting within {:?}", self.timeout)))?
-        .map_err(classify_smtp_error)
+        .map_err(classify_smtp_error)?;
+        Ok(Connection { smtp, socket })
     }
 }
 
