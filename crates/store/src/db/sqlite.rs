@@ -314,8 +314,12 @@ fn connect(path: &Path, access: OpenFlags, synchronous: &str) -> Result<Connecti
     let flags = access | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
     let connection = Connection::open_with_flags(path, flags).map_err(store_error)?;
     connection
+        // Temporary storage in memory: each caller sharing a commit is a
+        // savepoint, and a savepoint's journal past 64 KiB would otherwise
+        // become a temporary file, created and deleted inside the commit.
         .execute_batch(&format!(
-            "PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"
+            "PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON; \
+             PRAGMA temp_store = MEMORY;"
         ))
         .map_err(store_error)?;
     connection
@@ -748,6 +752,22 @@ mod tests {
                 connection.query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0))
             };
             assert_eq!(file.run(false, synchronous).await.unwrap(), level);
+        }
+    }
+
+    /// Savepoint journals (one per caller sharing a commit) and temporary
+    /// tables never become files of their own, created and deleted on disk
+    /// in the middle of a commit.
+    #[tokio::test]
+    async fn temporary_storage_stays_in_memory() {
+        let file = SqliteFile::open(&temporary_file(), Durability::PowerLoss)
+            .await
+            .unwrap();
+        let temp_store = |connection: &Connection| {
+            connection.query_row("PRAGMA temp_store", [], |row| row.get::<_, i64>(0))
+        };
+        for read_only in [false, true] {
+            assert_eq!(file.run(read_only, temp_store).await.unwrap(), 2, "MEMORY");
         }
     }
 
