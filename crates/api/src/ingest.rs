@@ -23,8 +23,12 @@ use crate::error::ApiError;
 
 /// Most runs written in one transaction.
 const MAX_BATCH: usize = 256;
-/// Transactions in flight at once.
-const COMMITTERS: usize = 4;
+/// Transactions in flight at once: one commits while the next batch forms,
+/// or goes on while the other retries a refused delivery's batch one by
+/// one. More make smaller batches, each costing the database a statement
+/// and a commit of its own (with four, PostgreSQL-only took about 10% more
+/// database CPU per run and accepted about 8% fewer webhooks at c=64).
+const COMMITTERS: usize = 2;
 
 #[derive(Clone)]
 pub struct IngestApi {
