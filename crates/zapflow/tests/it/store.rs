@@ -9,7 +9,8 @@ use zapflow_core::retry::RetryPolicy;
 use zapflow_core::secret::ApiKey;
 use zapflow_core::{ActionSpec, RunStatus, StepStatus, ZapStatus};
 use zapflow_store::{
-    Delivery, Finish, NewRun, RecordedRun, StepClaim, StepOutcome, Store, StoreError, TimeWindow,
+    Delivery, Finish, NewRun, OutboxKind, RecordedRun, StepClaim, StepOutcome, Store, StoreError,
+    TimeWindow,
 };
 
 /// A worker's policy of five attempts.
@@ -603,6 +604,14 @@ async fn outcomes_finished_together_are_each_recorded_once(store: Store) {
     let (owner, zap) = user_and_zap(&store, 1).await;
     let runs: Vec<NewRun> = (0..3).map(|_| new_run(zap, owner, 1, None)).collect();
     store.insert_runs(&runs).await.unwrap();
+    let leased = store
+        .lease_due_outbox_rows(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let row = |i: usize| {
+        let row = leased.iter().find(|row| row.run_id == runs[i].id);
+        Some(row.expect("each run's outbox row").id)
+    };
     let steps: Vec<(Uuid, u32)> = runs.iter().map(|run| (run.id, 0)).collect();
     let claimed: Vec<_> = store
         .claim_steps(&steps, Duration::from_secs(60), &RETRY)
@@ -618,22 +627,44 @@ async fn outcomes_finished_together_are_each_recorded_once(store: Store) {
     };
     let failed = StepOutcome::Failed("refused".into());
     let again = StepOutcome::Succeeded(json!({"twice": true}));
-    let finish = |step, outcome| zapflow_store::Finish {
+    let finish = |step, outcome, outbox_row| zapflow_store::Finish {
         step,
         outcome,
-        outbox_row: None,
+        outbox_row,
         trace_parent: None,
     };
     let recorded = store
         .finish_steps(&[
-            finish(&claimed[0], &null),
-            finish(&claimed[1], &stopped),
-            finish(&claimed[2], &failed),
-            finish(&claimed[0], &again),
+            finish(&claimed[0], &null, row(0)),
+            finish(&claimed[1], &stopped, row(1)),
+            finish(&claimed[2], &failed, row(2)),
+            finish(&claimed[0], &again, row(0)),
         ])
         .await
         .unwrap();
     assert_eq!(recorded, vec![true, true, true, false]);
+    // Recorded outcomes take their outbox rows with them; the failed run
+    // announced its dead letter.
+    let left = store.claim_due_outbox_rows(10).await.unwrap();
+    let kinds: Vec<_> = left.rows.iter().map(|row| (row.run_id, row.kind)).collect();
+    left.finish(&[]).await.unwrap();
+    assert_eq!(kinds, [(runs[2].id, OutboxKind::DeadLetter)]);
+    // An outcome not recorded leaves its row.
+    store
+        .reschedule_step(runs[2].id, zap, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    let again_row = store
+        .lease_due_outbox_rows(10, Duration::from_secs(60))
+        .await
+        .unwrap()[0]
+        .id;
+    let late = store
+        .finish_steps(&[finish(&claimed[2], &failed, Some(again_row))])
+        .await
+        .unwrap();
+    assert_eq!(late, vec![false]);
+    assert_eq!(store.outbox_len().await.unwrap(), 2);
 
     let first = store.run(runs[0].id).await.unwrap().unwrap();
     assert_eq!(first.status, RunStatus::Succeeded);
