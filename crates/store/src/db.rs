@@ -101,13 +101,20 @@ impl Statement for Sql {
     }
 }
 
-/// A statement the same in both dialects but for one fragment:
+/// A statement the same in both dialects but for one fragment, or two:
 /// `sql!("SELECT ... FROM t" ; postgres: " FOR UPDATE", sqlite: "" ; " LIMIT 1")`.
 macro_rules! sql {
     ($($before:expr),* ; postgres: $postgres:expr, sqlite: $sqlite:expr ; $($after:expr),*) => {
         $crate::db::Sql {
             postgres: concat!($($before,)* $postgres $(, $after)*),
             sqlite: concat!($($before,)* $sqlite $(, $after)*),
+        }
+    };
+    ($($before:expr),* ; postgres: $postgres:expr, sqlite: $sqlite:expr ;
+     $($between:expr),* ; postgres: $postgres2:expr, sqlite: $sqlite2:expr ; $($after:expr),*) => {
+        $crate::db::Sql {
+            postgres: concat!($($before,)* $postgres, $($between,)* $postgres2 $(, $after)*),
+            sqlite: concat!($($before,)* $sqlite, $($between,)* $sqlite2 $(, $after)*),
         }
     };
 }

@@ -137,24 +137,14 @@ const DELETE_ROWS: PlannedEachTime<crate::db::Sql> = PlannedEachTime(crate::db::
 /// without statistics (it was empty when last analyzed, as it is between
 /// bursts) its planner guesses that `kind = 'step'` matches a handful of
 /// rows, and then sorts thousands of due rows on every lease.
-const LEASE_DUE: PlannedEachTime<crate::db::Sql> = PlannedEachTime(crate::db::Sql {
-    postgres: concat!(
-        "UPDATE zap_run_outbox SET available_at = $3
-         WHERE id IN (SELECT id FROM zap_run_outbox
-                      WHERE kind <> 'dead_letter' AND available_at <= $2
-                      ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING ",
-        outbox_columns!()
-    ),
-    sqlite: concat!(
-        "UPDATE zap_run_outbox SET available_at = $3
-         WHERE id IN (SELECT id FROM zap_run_outbox
-                      WHERE kind = 'step' AND available_at <= $2
-                      ORDER BY available_at, id LIMIT $1)
-         RETURNING ",
-        outbox_columns!()
-    ),
-});
+const LEASE_DUE: PlannedEachTime<crate::db::Sql> = PlannedEachTime(sql!(
+    "UPDATE zap_run_outbox SET available_at = $3
+     WHERE id IN (SELECT id FROM zap_run_outbox WHERE ";
+    postgres: "kind <> 'dead_letter'", sqlite: "kind = 'step'";
+    " AND available_at <= $2 ORDER BY available_at, id LIMIT $1";
+    postgres: " FOR UPDATE SKIP LOCKED", sqlite: "";
+    ") RETURNING ", outbox_columns!()
+));
 
 fn lease_args(limit: u32, lease: Duration) -> [Arg<'static>; 3] {
     [
