@@ -426,14 +426,19 @@ pub struct CpuClock {
     pub broker_seconds: Option<f64>,
     /// Every process of the machine, from `/proc/stat`.
     pub machine_seconds: Option<f64>,
+    /// Time the hypervisor gave the machine's CPUs to other guests (steal):
+    /// on a shared host, the figures measured meanwhile drop with it.
+    pub stolen_seconds: Option<f64>,
 }
 
 impl CpuClock {
     pub fn read() -> Self {
+        let machine = machine_cpu_seconds();
         Self {
             postgres_seconds: cpu_seconds_of("postgres"),
             broker_seconds: cpu_seconds_of("tansu"),
-            machine_seconds: machine_cpu_seconds(),
+            machine_seconds: machine.map(|machine| machine.busy),
+            stolen_seconds: machine.map(|machine| machine.stolen),
         }
     }
 
@@ -444,6 +449,7 @@ impl CpuClock {
             postgres_seconds: spent(self.postgres_seconds, start.postgres_seconds),
             broker_seconds: spent(self.broker_seconds, start.broker_seconds),
             machine_seconds: spent(self.machine_seconds, start.machine_seconds),
+            stolen_seconds: spent(self.stolen_seconds, start.stolen_seconds),
         }
     }
 }
@@ -476,9 +482,16 @@ fn cpu_seconds_of(name: &str) -> Option<f64> {
     ticks.map(|ticks| ticks as f64 / TICKS_PER_SECOND)
 }
 
-/// Time every CPU of the machine spent busy (user, nice, system, irq,
-/// softirq, steal), from the first line of `/proc/stat`.
-fn machine_cpu_seconds() -> Option<f64> {
+/// Time all CPUs of the machine spent, from the first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+struct MachineTime {
+    /// Running this machine's work: user, nice, system, irq and softirq.
+    busy: f64,
+    /// Waiting for the hypervisor, which ran another guest (steal).
+    stolen: f64,
+}
+
+fn machine_cpu_seconds() -> Option<MachineTime> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
         .lines()
@@ -487,11 +500,15 @@ fn machine_cpu_seconds() -> Option<f64> {
         .split_whitespace()
         .map(|field| field.parse().ok())
         .collect::<Option<_>>()?;
-    let busy: u64 = [0, 1, 2, 5, 6, 7]
+    let busy: u64 = [0, 1, 2, 5, 6]
         .iter()
         .filter_map(|&index| fields.get(index))
         .sum();
-    Some(busy as f64 / TICKS_PER_SECOND)
+    let stolen = fields.get(7).copied().unwrap_or(0);
+    Some(MachineTime {
+        busy: busy as f64 / TICKS_PER_SECOND,
+        stolen: stolen as f64 / TICKS_PER_SECOND,
+    })
 }
 
 /// The last `lines` lines of a log file.
@@ -524,6 +541,8 @@ mod tests {
             let spent = CpuClock::read().since(start);
             machine = spent.machine_seconds.expect("/proc/stat is read");
         }
+        let stolen = CpuClock::read().since(start).stolen_seconds;
+        assert!(stolen.is_some_and(|stolen| stolen >= 0.0), "{stolen:?}");
         assert!(own > own_at_start, "{own_at_start} s, then {own} s");
         assert!(machine > 0.0, "{machine}");
         assert_eq!(cpu_seconds_of("no process is called this"), None);

@@ -387,6 +387,12 @@ fn print_other_cpu(deployment: Deployment, cpu: &CpuClock, measured_for: Duratio
             "machine (every process)"
         );
     }
+    if let Some(seconds) = cpu.stolen_seconds {
+        println!(
+            "{:<52} {seconds:>10.1}",
+            "stolen by the hypervisor for other guests (steal)"
+        );
+    }
     println!();
 }
 
