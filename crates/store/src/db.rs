@@ -342,6 +342,13 @@ impl Db {
         Self::sqlite_file(options.get_filename(), Durability::default()).await
     }
 
+    pub(crate) fn dialect(&self) -> Dialect {
+        match self {
+            Self::Postgres(_) => Dialect::Postgres,
+            Self::Sqlite { .. } => Dialect::Sqlite,
+        }
+    }
+
     /// The same database for statements that only read: on SQLite, its
     /// read-only connections (a write there fails).
     pub(crate) fn reader(&self) -> Self {

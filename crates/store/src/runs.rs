@@ -330,21 +330,33 @@ impl Store {
     /// order, with the first step of each new run that started.
     async fn record(&self, runs: &[Inserting<'_>]) -> Result<Vec<(RecordedRun, Option<Started>)>> {
         let now = Utc::now();
+        if self.db.dialect() == Dialect::Postgres && runs.iter().all(Inserting::keyless) {
+            // No run can lose to an earlier delivery, so the one statement
+            // that writes them all is the whole write: atomic alone, it
+            // needs no transaction around it (two round trips fewer).
+            let mut inserted = first_rows(
+                self.db
+                    .fetch_all(INSERT_RUNS_AT_ONCE, &insert_at_once_args(runs, now)?)
+                    .await?,
+            );
+            return runs
+                .iter()
+                .map(|inserting| {
+                    // Every run is inserted, or the statement fails.
+                    let first_row = inserted
+                        .remove(&inserting.run.id)
+                        .ok_or(StoreError::NotFound)?;
+                    inserting.recorded(first_row, now)
+                })
+                .collect();
+        }
         let mut tx = self.db.begin().await?;
         let mut inserted = insert_runs_starting(&mut tx, runs, now).await?;
         let mut recorded = Vec::with_capacity(runs.len());
         for inserting in runs {
             let run = inserting.run;
             if let Some(first_row) = inserted.remove(&run.id) {
-                let started = inserting
-                    .lease_until
-                    .map(|_| inserting.started(first_row, now))
-                    .transpose()?;
-                let new = RecordedRun {
-                    id: run.id,
-                    repeated: false,
-                };
-                recorded.push((new, started));
+                recorded.push(inserting.recorded(first_row, now)?);
                 continue;
             }
             // Lost to an earlier delivery with the same key (committed, or
@@ -581,6 +593,30 @@ impl<'a> Inserting<'a> {
         }
     }
 
+    /// Whether the run has no idempotency key, so that no earlier delivery
+    /// can stand in for it.
+    fn keyless(&self) -> bool {
+        self.run.idempotency_key.is_none()
+    }
+
+    /// How the run was recorded, inserted at `now` with `first_row`: new,
+    /// and started if it starts at once.
+    fn recorded(
+        &self,
+        first_row: FirstRow,
+        now: DateTime<Utc>,
+    ) -> Result<(RecordedRun, Option<Started>)> {
+        let started = self
+            .lease_until
+            .map(|_| self.started(first_row, now))
+            .transpose()?;
+        let new = RecordedRun {
+            id: self.run.id,
+            repeated: false,
+        };
+        Ok((new, started))
+    }
+
     /// The run's first step and outbox row, as the insert at `now` left
     /// them: what a worker reads and claims from the outbox otherwise.
     fn started(&self, (id, event_id): FirstRow, now: DateTime<Utc>) -> Result<Started> {
@@ -646,53 +682,64 @@ async fn insert_runs_starting(
     }
 }
 
-/// Inserts runs with one statement (PostgreSQL): the runs, the outbox rows
-/// of their first steps, and the first steps of those that start at once.
+/// Inserts runs with one statement (PostgreSQL) inside the caller's
+/// transaction: see [`INSERT_RUNS_AT_ONCE`].
 async fn insert_runs_at_once(
     tx: &mut Tx,
     runs: &[Inserting<'_>],
     now: DateTime<Utc>,
 ) -> Result<HashMap<Uuid, FirstRow>> {
-    let inserted: Vec<(Uuid, i64, Uuid)> = tx
-        .fetch_all(
-            "WITH input AS (
-                 SELECT * FROM jsonb_to_recordset($1) AS r(
-                     id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
-                     query jsonb, actions jsonb, idempotency_key text, trace_parent text,
-                     scheduled_time timestamptz, lease_until timestamptz)
-             ), inserted AS (
-                 INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
-                                       actions, idempotency_key, created_at, updated_at,
-                                       scheduled_time)
-                 SELECT id, zap_id, owner_id,
-                        CASE WHEN lease_until IS NULL THEN 'pending' ELSE 'running' END,
-                        trigger, headers, query, actions, idempotency_key, $2, $2, scheduled_time
-                 FROM input
-                 ON CONFLICT (zap_id, idempotency_key) DO NOTHING
-                 RETURNING id, zap_id
-             ), outbox AS (
-                 INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, available_at,
-                                             created_at, trace_parent)
-                 SELECT gen_random_uuid(), inserted.id, inserted.zap_id, 0, 'step',
-                        coalesce(input.lease_until, $2), $2, input.trace_parent
-                 FROM inserted JOIN input ON input.id = inserted.id
-                 RETURNING run_id, id, event_id
-             ), first_steps AS (
-                 INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts,
-                                            lease_until, started_at)
-                 SELECT input.id, 0, input.actions -> 0 ->> 'type', 'running', 1,
-                        input.lease_until, $2
-                 FROM inserted JOIN input ON input.id = inserted.id
-                 WHERE input.lease_until IS NOT NULL
-             )
-             SELECT run_id, id, event_id FROM outbox",
-            &[Arg::json(&runs)?, now.into()],
-        )
+    let rows = tx
+        .fetch_all(INSERT_RUNS_AT_ONCE, &insert_at_once_args(runs, now)?)
         .await?;
-    Ok(inserted
-        .into_iter()
+    Ok(first_rows(rows))
+}
+
+/// Inserts runs ([`insert_at_once_args`]) with one statement (PostgreSQL):
+/// the runs, the outbox rows of their first steps, and the first steps of
+/// those that start at once; a run repeating an idempotency key already
+/// recorded is left out. Returns each run inserted with its outbox row.
+const INSERT_RUNS_AT_ONCE: &str = "WITH input AS (
+        SELECT * FROM jsonb_to_recordset($1) AS r(
+            id uuid, zap_id uuid, owner_id uuid, trigger jsonb, headers jsonb,
+            query jsonb, actions jsonb, idempotency_key text, trace_parent text,
+            scheduled_time timestamptz, lease_until timestamptz)
+    ), inserted AS (
+        INSERT INTO zap_runs (id, zap_id, owner_id, status, trigger, headers, query,
+                              actions, idempotency_key, created_at, updated_at,
+                              scheduled_time)
+        SELECT id, zap_id, owner_id,
+               CASE WHEN lease_until IS NULL THEN 'pending' ELSE 'running' END,
+               trigger, headers, query, actions, idempotency_key, $2, $2, scheduled_time
+        FROM input
+        ON CONFLICT (zap_id, idempotency_key) DO NOTHING
+        RETURNING id, zap_id
+    ), outbox AS (
+        INSERT INTO zap_run_outbox (event_id, run_id, zap_id, stage, kind, available_at,
+                                    created_at, trace_parent)
+        SELECT gen_random_uuid(), inserted.id, inserted.zap_id, 0, 'step',
+               coalesce(input.lease_until, $2), $2, input.trace_parent
+        FROM inserted JOIN input ON input.id = inserted.id
+        RETURNING run_id, id, event_id
+    ), first_steps AS (
+        INSERT INTO zap_run_steps (run_id, step, action_type, status, attempts,
+                                   lease_until, started_at)
+        SELECT input.id, 0, input.actions -> 0 ->> 'type', 'running', 1,
+               input.lease_until, $2
+        FROM inserted JOIN input ON input.id = inserted.id
+        WHERE input.lease_until IS NOT NULL
+    )
+    SELECT run_id, id, event_id FROM outbox";
+
+fn insert_at_once_args<'a>(runs: &[Inserting<'_>], now: DateTime<Utc>) -> Result<[Arg<'a>; 2]> {
+    Ok([Arg::json(&runs)?, now.into()])
+}
+
+/// The first outbox row of each run inserted, by run id.
+fn first_rows(rows: Vec<(Uuid, i64, Uuid)>) -> HashMap<Uuid, FirstRow> {
+    rows.into_iter()
         .map(|(run_id, id, event_id)| (run_id, (id, event_id)))
-        .collect())
+        .collect()
 }
 
 /// Inserts runs one statement each (SQLite, where each is a function call,

@@ -196,21 +196,46 @@ impl Store {
         patience: Patience,
     ) -> Result<Vec<bool>> {
         let now = Utc::now();
+        let last_steps = match self.db.dialect() {
+            Dialect::Postgres => LastSteps::among(finishes, now)?,
+            Dialect::Sqlite => LastSteps::default(),
+        };
+        if !finishes.is_empty() && last_steps.len() == finishes.len() {
+            // One statement records every outcome, their outbox rows
+            // included: atomic alone, it needs no transaction around it.
+            let ended = self
+                .db
+                .fetch_all(RECORD_LAST_STEPS, &last_steps.args(now)?)
+                .await?;
+            return Ok(last_steps
+                .answers(finishes, ended)
+                .into_iter()
+                .flatten()
+                .collect());
+        }
         let mut tx = self.db.begin().await?;
-        let last_steps = match tx.dialect() {
-            Dialect::Postgres => record_last_steps(&mut tx, finishes, now).await?,
-            Dialect::Sqlite => finishes.iter().map(|_| None).collect(),
+        let answers = match last_steps.len() {
+            0 => finishes.iter().map(|_| None).collect(),
+            _ => {
+                let ended = tx
+                    .fetch_all(RECORD_LAST_STEPS, &last_steps.args(now)?)
+                    .await?;
+                last_steps.answers(finishes, ended)
+            }
         };
         let mut recorded = Vec::with_capacity(finishes.len());
         let mut handled_rows = Vec::new();
-        for (finish, done) in finishes.iter().zip(last_steps) {
-            let done = match done {
+        for (finish, answer) in finishes.iter().zip(answers) {
+            let done = match answer {
                 Some(done) => done,
-                None => record(&mut tx, finish, now).await?,
+                None => {
+                    let done = record(&mut tx, finish, now).await?;
+                    if done {
+                        handled_rows.extend(finish.outbox_row);
+                    }
+                    done
+                }
             };
-            if done {
-                handled_rows.extend(finish.outbox_row);
-            }
             recorded.push(done);
         }
         if !handled_rows.is_empty() {
@@ -466,94 +491,113 @@ async fn start_run(tx: &mut Tx, run: &Run, now: DateTime<Utc>) -> Result<()> {
     Ok(())
 }
 
-/// Records, with one statement for all of them, the outcomes among
-/// `finishes` that end their runs (PostgreSQL): the steps' rows and the
-/// runs', as [`record`] does one by one. Each answer is whether the outcome
-/// was recorded, or `None` where [`record`] records it alone: an outcome
-/// followed by another step, a retry or a dead letter, or a second one for
-/// the same step.
-async fn record_last_steps(
-    tx: &mut Tx,
-    finishes: &[Finish<'_>],
-    now: DateTime<Utc>,
-) -> Result<Vec<Option<bool>>> {
-    let mut answers: Vec<Option<bool>> = finishes.iter().map(|_| None).collect();
-    let mut seen = HashSet::new();
-    let mut last_steps = Vec::new();
-    for (index, finish) in finishes.iter().enumerate() {
-        let step = finish.step;
-        let outcome = finish.outcome.storable();
-        let next = step.next(&outcome);
-        if !seen.insert((step.run.id, step.stage)) || next.announce.is_some() {
-            continue;
-        }
-        let recorded = outcome.recorded();
-        let (stop_reason, resume_at) = outcome.run_change();
-        // The output as JSON text, so that a JSON null stays one.
-        let output = recorded.output.map(Value::to_string);
-        last_steps.push((
-            index,
-            json!({
-                "run_id": step.run.id,
-                "step": step.stage,
-                "attempt": step.attempt,
-                "status": recorded.status.as_str(),
-                "output": output,
-                "error": recorded.error,
-                "entry": step.attempt_record(&outcome, now),
-                "run_status": next.run_status.as_str(),
-                "stop_reason": stop_reason,
-                "resume_at": resume_at,
-            }),
-        ));
-    }
-    if last_steps.is_empty() {
-        return Ok(answers);
-    }
-    // In one order whoever records them (see [`claim_first_attempts`]).
-    last_steps.sort_by_key(|(index, _)| finishes[*index].step.run.id);
-    let rows: Vec<&Value> = last_steps.iter().map(|(_, row)| row).collect();
-    // The LIMIT tells the planner the batch's size (see
-    // [`claim_first_attempts`]).
-    let ended: Vec<(Uuid,)> = tx
-        .fetch_all(
-            PlannedEachTime(
-                "WITH finished AS (
-                     SELECT * FROM jsonb_to_recordset($1) AS finished(
-                         run_id uuid, step int, attempt int, status text, output text,
-                         error text, entry jsonb, run_status text, stop_reason text,
-                         resume_at timestamptz)
-                     LIMIT $3
-                 ), recorded AS (
-                     UPDATE zap_run_steps
-                     SET status = finished.status, output = finished.output::jsonb,
-                         error = finished.error, lease_until = NULL, finished_at = $2,
-                         retry_at = NULL, history = history || jsonb_build_array(finished.entry)
-                     FROM finished
-                     WHERE zap_run_steps.run_id = finished.run_id
-                       AND zap_run_steps.step = finished.step
-                       AND zap_run_steps.attempts = finished.attempt
-                       AND zap_run_steps.status = 'running'
-                     RETURNING zap_run_steps.run_id
-                 )
-                 UPDATE zap_runs
-                 SET status = finished.run_status, updated_at = $2,
-                     finished_at = CASE WHEN finished.run_status IN ('succeeded', 'failed')
-                                        THEN $2 END,
-                     stop_reason = finished.stop_reason, resume_at = finished.resume_at
-                 FROM recorded JOIN finished USING (run_id)
-                 WHERE zap_runs.id = recorded.run_id
-                 RETURNING zap_runs.id",
-            ),
-            &[Arg::json(&rows)?, now.into(), (rows.len() as i64).into()],
-        )
-        .await?;
-    let ended: HashSet<Uuid> = ended.into_iter().map(|(id,)| id).collect();
-    for (index, _) in last_steps {
-        answers[index] = Some(ended.contains(&finishes[index].step.run.id));
-    }
-    Ok(answers)
+/// The outcomes among a batch that end their runs (PostgreSQL), recorded
+/// with one statement for all of them: [`RECORD_LAST_STEPS`]. The others
+/// (an outcome followed by another step, a retry or a dead letter, or a
+/// second one for the same step) [`record`] records one by one.
+#[derive(Default)]
+struct LastSteps {
+    /// Each one's index in the batch, and its row for the statement.
+    rows: Vec<(usize, Value)>,
 }
+
+impl LastSteps {
+    fn among(finishes: &[Finish<'_>], now: DateTime<Utc>) -> Result<Self> {
+        let mut seen = HashSet::new();
+        let mut rows = Vec::new();
+        for (index, finish) in finishes.iter().enumerate() {
+            let step = finish.step;
+            let outcome = finish.outcome.storable();
+            let next = step.next(&outcome);
+            if !seen.insert((step.run.id, step.stage)) || next.announce.is_some() {
+                continue;
+            }
+            let recorded = outcome.recorded();
+            let (stop_reason, resume_at) = outcome.run_change();
+            // The output as JSON text, so that a JSON null stays one.
+            let output = recorded.output.map(Value::to_string);
+            rows.push((
+                index,
+                json!({
+                    "run_id": step.run.id,
+                    "step": step.stage,
+                    "attempt": step.attempt,
+                    "status": recorded.status.as_str(),
+                    "output": output,
+                    "error": recorded.error,
+                    "entry": step.attempt_record(&outcome, now),
+                    "run_status": next.run_status.as_str(),
+                    "stop_reason": stop_reason,
+                    "resume_at": resume_at,
+                    "outbox_row": finish.outbox_row,
+                }),
+            ));
+        }
+        // In one order whoever records them (see [`claim_first_attempts`]).
+        rows.sort_by_key(|(index, _)| finishes[*index].step.run.id);
+        Ok(Self { rows })
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The statement's parameters.
+    fn args(&self, now: DateTime<Utc>) -> Result<[Arg<'static>; 3]> {
+        let rows: Vec<&Value> = self.rows.iter().map(|(_, row)| row).collect();
+        Ok([Arg::json(&rows)?, now.into(), (rows.len() as i64).into()])
+    }
+
+    /// For each outcome of the batch, whether it was recorded, given the
+    /// runs the statement ended; `None` where [`record`] records it.
+    fn answers(&self, finishes: &[Finish<'_>], ended: Vec<(Uuid,)>) -> Vec<Option<bool>> {
+        let ended: HashSet<Uuid> = ended.into_iter().map(|(id,)| id).collect();
+        let mut answers: Vec<Option<bool>> = finishes.iter().map(|_| None).collect();
+        for (index, _) in &self.rows {
+            answers[*index] = Some(ended.contains(&finishes[*index].step.run.id));
+        }
+        answers
+    }
+}
+
+/// Records the outcomes that end their runs ([`LastSteps`]): the steps'
+/// rows and the runs', as [`record`] does one by one, and deletes the
+/// outbox rows that announced them. Returns the runs ended. The LIMIT
+/// tells the planner the batch's size (see [`claim_first_attempts`]).
+const RECORD_LAST_STEPS: PlannedEachTime<&str> = PlannedEachTime(
+    "WITH finished AS (
+         SELECT * FROM jsonb_to_recordset($1) AS finished(
+             run_id uuid, step int, attempt int, status text, output text,
+             error text, entry jsonb, run_status text, stop_reason text,
+             resume_at timestamptz, outbox_row bigint)
+         LIMIT $3
+     ), recorded AS (
+         UPDATE zap_run_steps
+         SET status = finished.status, output = finished.output::jsonb,
+             error = finished.error, lease_until = NULL, finished_at = $2,
+             retry_at = NULL, history = history || jsonb_build_array(finished.entry)
+         FROM finished
+         WHERE zap_run_steps.run_id = finished.run_id
+           AND zap_run_steps.step = finished.step
+           AND zap_run_steps.attempts = finished.attempt
+           AND zap_run_steps.status = 'running'
+         RETURNING zap_run_steps.run_id
+     ), ended AS (
+         UPDATE zap_runs
+         SET status = finished.run_status, updated_at = $2,
+             finished_at = CASE WHEN finished.run_status IN ('succeeded', 'failed')
+                                THEN $2 END,
+             stop_reason = finished.stop_reason, resume_at = finished.resume_at
+         FROM recorded JOIN finished USING (run_id)
+         WHERE zap_runs.id = recorded.run_id
+         RETURNING zap_runs.id
+     ), handled AS (
+         DELETE FROM zap_run_outbox
+         USING ended JOIN finished ON finished.run_id = ended.id
+         WHERE zap_run_outbox.id = finished.outbox_row
+     )
+     SELECT id FROM ended",
+);
 
 /// Records one attempt's outcome inside the caller's transaction (see
 /// [`Store::finish_step`]), but for deleting its outbox row, which the
