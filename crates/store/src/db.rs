@@ -10,9 +10,10 @@
 //! - statement text, where the dialects disagree ([`Sql`], written with
 //!   [`sql!`]): row locks (`FOR UPDATE [SKIP LOCKED]`; SQLite has one writer
 //!   and locks nothing), appending to a JSON array, lists of ids;
-//! - wake-ups: on PostgreSQL a trigger NOTIFYs every outbox insert; on SQLite
-//!   a committed transaction that added outbox rows marks a watch channel
-//!   ([`Tx::announce`]), since only this process writes the file;
+//! - wake-ups: a committed transaction that added outbox rows
+//!   ([`Tx::announce`]) marks a watch channel for this process's loops (on
+//!   SQLite the only writer); on PostgreSQL it also NOTIFYs other processes,
+//!   after the commit (see [`Announcer`]);
 //! - drivers: PostgreSQL through sqlx's pool; the SQLite file through
 //!   `rusqlite`, each statement run on the task that asks for it (see
 //!   [`sqlite`]), reading rows with [`FromSqlite`] beside sqlx's `FromRow`.
@@ -41,6 +42,7 @@ use uuid::Uuid;
 
 use self::sqlite::SqliteFile;
 pub(crate) use self::sqlite::{Column, FromSqlite, SqliteFailure, from_sqlite};
+use crate::wakeups::Announcer;
 use crate::{Result, StoreError};
 
 mod sqlite;
@@ -303,7 +305,10 @@ pub(crate) enum Rows {
 /// A connection pool to either database.
 #[derive(Debug, Clone)]
 pub(crate) enum Db {
-    Postgres(PgPool),
+    Postgres {
+        pool: PgPool,
+        announcer: Arc<Announcer>,
+    },
     Sqlite {
         file: Arc<SqliteFile>,
         /// Whether statements go to the file's read-only connections.
@@ -319,7 +324,8 @@ impl Db {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy(url)?;
-        Ok(Self::Postgres(pool))
+        let announcer = Announcer::spawn(&pool);
+        Ok(Self::Postgres { pool, announcer })
     }
 
     /// Opens (creating if missing) the SQLite file at `path`, in WAL mode.
@@ -344,8 +350,19 @@ impl Db {
 
     pub(crate) fn dialect(&self) -> Dialect {
         match self {
-            Self::Postgres(_) => Dialect::Postgres,
+            Self::Postgres { .. } => Dialect::Postgres,
             Self::Sqlite { .. } => Dialect::Sqlite,
+        }
+    }
+
+    /// Wakes whoever waits for outbox rows: a statement run alone
+    /// committed some.
+    pub(crate) fn announce(&self) {
+        match self {
+            Self::Postgres { announcer, .. } => announcer.announce(),
+            Self::Sqlite { file, .. } => {
+                file.outbox_written.send_replace(());
+            }
         }
     }
 
@@ -353,7 +370,7 @@ impl Db {
     /// read-only connections (a write there fails).
     pub(crate) fn reader(&self) -> Self {
         match self {
-            Self::Postgres(_) => self.clone(),
+            Self::Postgres { .. } => self.clone(),
             Self::Sqlite { file, .. } => Self::Sqlite {
                 file: file.clone(),
                 read_only: true,
@@ -363,7 +380,11 @@ impl Db {
 
     pub(crate) async fn begin(&self) -> Result<Tx> {
         Ok(match self {
-            Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Self::Postgres { pool, announcer } => Tx::Postgres {
+                tx: pool.begin().await?,
+                announcer: announcer.clone(),
+                announced: false,
+            },
             Self::Sqlite { file, read_only } => Tx::Sqlite {
                 tx: file.begin(*read_only).await?,
                 announced: false,
@@ -374,7 +395,9 @@ impl Db {
     /// Runs a statement; returns how many rows it changed.
     pub(crate) async fn execute(&self, sql: impl Statement, args: &[Arg<'_>]) -> Result<u64> {
         match self {
-            Self::Postgres(pool) => postgres_execute(&mut *pool.acquire().await?, sql, args).await,
+            Self::Postgres { pool, .. } => {
+                postgres_execute(&mut *pool.acquire().await?, sql, args).await
+            }
             Self::Sqlite { file, read_only } => {
                 let sql = sql.text(Dialect::Sqlite);
                 file.run(*read_only, |connection| {
@@ -408,7 +431,7 @@ impl Db {
         wanted: Rows,
     ) -> Result<Vec<T>> {
         match self {
-            Self::Postgres(pool) => {
+            Self::Postgres { pool, .. } => {
                 postgres_fetch(&mut *pool.acquire().await?, sql, args, wanted).await
             }
             Self::Sqlite { file, read_only } => {
@@ -435,7 +458,12 @@ impl Db {
 
 /// A transaction on either database; rolled back when dropped uncommitted.
 pub(crate) enum Tx {
-    Postgres(Transaction<'static, Postgres>),
+    Postgres {
+        tx: Transaction<'static, Postgres>,
+        announcer: Arc<Announcer>,
+        /// Whether this transaction added outbox rows.
+        announced: bool,
+    },
     Sqlite {
         tx: sqlite::Tx,
         /// Whether this transaction added outbox rows.
@@ -446,7 +474,7 @@ pub(crate) enum Tx {
 impl Tx {
     pub(crate) fn dialect(&self) -> Dialect {
         match self {
-            Self::Postgres(_) => Dialect::Postgres,
+            Self::Postgres { .. } => Dialect::Postgres,
             Self::Sqlite { .. } => Dialect::Sqlite,
         }
     }
@@ -454,14 +482,23 @@ impl Tx {
     /// Notes that this transaction added outbox rows: committing it wakes
     /// whoever waits for them.
     pub(crate) fn announce(&mut self) {
-        if let Self::Sqlite { announced, .. } = self {
-            *announced = true;
+        match self {
+            Self::Postgres { announced, .. } | Self::Sqlite { announced, .. } => *announced = true,
         }
     }
 
     pub(crate) async fn commit(self) -> Result<()> {
         match self {
-            Self::Postgres(tx) => tx.commit().await?,
+            Self::Postgres {
+                tx,
+                announcer,
+                announced,
+            } => {
+                tx.commit().await?;
+                if announced {
+                    announcer.announce();
+                }
+            }
             Self::Sqlite { tx, announced } => tx.commit(announced).await?,
         }
         Ok(())
@@ -472,7 +509,7 @@ impl Tx {
     /// moment for another write to share its commit and sync.
     pub(crate) async fn commit_lingering(self) -> Result<()> {
         match self {
-            Self::Postgres(tx) => tx.commit().await?,
+            Self::Postgres { .. } => self.commit().await?,
             Self::Sqlite { tx, announced } => tx.commit_lingering(announced).await?,
         }
         Ok(())
@@ -480,7 +517,7 @@ impl Tx {
 
     pub(crate) async fn rollback(self) -> Result<()> {
         match self {
-            Self::Postgres(tx) => tx.rollback().await?,
+            Self::Postgres { tx, .. } => tx.rollback().await?,
             Self::Sqlite { tx, .. } => tx.rollback()?,
         }
         Ok(())
@@ -488,7 +525,7 @@ impl Tx {
 
     pub(crate) async fn execute(&mut self, sql: impl Statement, args: &[Arg<'_>]) -> Result<u64> {
         match self {
-            Self::Postgres(tx) => postgres_execute(tx, sql, args).await,
+            Self::Postgres { tx, .. } => postgres_execute(tx, sql, args).await,
             Self::Sqlite { tx, .. } => {
                 sqlite::execute(tx.connection(), sql.text(Dialect::Sqlite), args)
                     .map_err(sqlite::store_error)
@@ -519,7 +556,7 @@ impl Tx {
         wanted: Rows,
     ) -> Result<Vec<T>> {
         match self {
-            Self::Postgres(tx) => postgres_fetch(tx, sql, args, wanted).await,
+            Self::Postgres { tx, .. } => postgres_fetch(tx, sql, args, wanted).await,
             Self::Sqlite { tx, .. } => {
                 sqlite::fetch(tx.connection(), sql.text(Dialect::Sqlite), args, wanted)
                     .map_err(sqlite::store_error)

@@ -189,7 +189,7 @@ impl Store {
     /// The PostgreSQL pool, when this is PostgreSQL.
     pub fn postgres(&self) -> Option<&PgPool> {
         match &self.db {
-            Db::Postgres(pool) => Some(pool),
+            Db::Postgres { pool, .. } => Some(pool),
             Db::Sqlite { .. } => None,
         }
     }
@@ -199,13 +199,13 @@ impl Store {
     pub fn sqlite(&self) -> Option<&SqlitePool> {
         match &self.db {
             Db::Sqlite { file, .. } => Some(&file.pool),
-            Db::Postgres(_) => None,
+            Db::Postgres { .. } => None,
         }
     }
 
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         match &self.db {
-            Db::Postgres(pool) => MIGRATOR.run(pool).await,
+            Db::Postgres { pool, .. } => MIGRATOR.run(pool).await,
             Db::Sqlite { file, .. } => SQLITE_MIGRATOR.run(&file.pool).await,
         }
     }

@@ -339,6 +339,9 @@ impl Store {
                     .fetch_all(INSERT_RUNS_AT_ONCE, &insert_at_once_args(runs, now)?)
                     .await?,
             );
+            if runs.iter().any(Inserting::waits) {
+                self.db.announce();
+            }
             return runs
                 .iter()
                 .map(|inserting| {
@@ -593,6 +596,12 @@ impl<'a> Inserting<'a> {
         }
     }
 
+    /// Whether the run's first step waits in the outbox for a worker (it
+    /// does not start at once).
+    fn waits(&self) -> bool {
+        self.lease_until.is_none()
+    }
+
     /// Whether the run has no idempotency key, so that no earlier delivery
     /// can stand in for it.
     fn keyless(&self) -> bool {
@@ -692,6 +701,9 @@ async fn insert_runs_at_once(
     let rows = tx
         .fetch_all(INSERT_RUNS_AT_ONCE, &insert_at_once_args(runs, now)?)
         .await?;
+    if runs.iter().any(Inserting::waits) {
+        tx.announce();
+    }
     Ok(first_rows(rows))
 }
 

@@ -396,7 +396,7 @@ impl Store {
     /// A live zap by id alone: the webhook token is the caller's credential.
     /// Served from memory once read (see `zap_cache`).
     pub async fn zap_for_ingest(&self, id: Uuid) -> Result<Option<Arc<ZapForIngest>>> {
-        if let Db::Postgres(pool) = &self.db {
+        if let Db::Postgres { pool, .. } = &self.db {
             self.zaps.listen(pool);
         }
         if let Some(zap) = self.zaps.get(id) {

@@ -881,3 +881,30 @@ async fn a_run_has_one_replay_and_failed_runs_are_selected_by_window(store: Stor
 fn recorded(id: Uuid, repeated: bool) -> RecordedRun {
     RecordedRun { id, repeated }
 }
+
+/// Outbox rows committed on PostgreSQL wake the loops of the process that
+/// wrote them at once, and those of every other process (here, a second
+/// store on the database) with a notification sent after the commit:
+/// whether the rows were written by a statement alone (a run without a
+/// key) or in a transaction (a run with one).
+#[tokio::test]
+async fn postgres_outbox_rows_wake_the_loops_of_every_process() {
+    let url = zapflow_testkit::test_database_url().await;
+    let writer = Store::open(&url, 4).await.unwrap();
+    writer.migrate().await.unwrap();
+    let other = Store::open(&url, 4).await.unwrap();
+    let (owner, zap) = user_and_zap(&writer, 1).await;
+    for key in [None, Some("k1")] {
+        let mut ours = writer.outbox_wakeups().await;
+        let mut theirs = other.outbox_wakeups().await;
+        writer
+            .insert_runs(&[new_run(zap, owner, 1, key)])
+            .await
+            .unwrap();
+        for (wakeups, whose) in [(&mut ours, "its own"), (&mut theirs, "another's")] {
+            tokio::time::timeout(Duration::from_secs(5), wakeups.wait())
+                .await
+                .unwrap_or_else(|_| panic!("{whose} loops were not woken (key {key:?})"));
+        }
+    }
+}
