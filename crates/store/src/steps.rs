@@ -197,7 +197,7 @@ impl Store {
     ) -> Result<Vec<bool>> {
         let now = Utc::now();
         let last_steps = match self.db.dialect() {
-            Dialect::Postgres => LastSteps::among(finishes, now)?,
+            Dialect::Postgres => LastSteps::among(finishes, now),
             Dialect::Sqlite => LastSteps::default(),
         };
         if !finishes.is_empty() && last_steps.len() == finishes.len() {
@@ -502,7 +502,7 @@ struct LastSteps {
 }
 
 impl LastSteps {
-    fn among(finishes: &[Finish<'_>], now: DateTime<Utc>) -> Result<Self> {
+    fn among(finishes: &[Finish<'_>], now: DateTime<Utc>) -> Self {
         let mut seen = HashSet::new();
         let mut rows = Vec::new();
         for (index, finish) in finishes.iter().enumerate() {
@@ -535,7 +535,7 @@ impl LastSteps {
         }
         // In one order whoever records them (see [`claim_first_attempts`]).
         rows.sort_by_key(|(index, _)| finishes[*index].step.run.id);
-        Ok(Self { rows })
+        Self { rows }
     }
 
     fn len(&self) -> usize {
