@@ -12,8 +12,8 @@ use crate::db::from_sqlite;
 use crate::db::{Arg, PlannedEachTime, Stamp, Tx, instant_after, sql};
 use crate::{Result, Store, StoreError};
 
-/// The channel on which every outbox insert is announced (see the
-/// statement trigger in the PostgreSQL migrations).
+/// The PostgreSQL channel on which writers announce the outbox rows they
+/// committed, after the commit (see `wakeups::Announcer`).
 pub const OUTBOX_CHANNEL: &str = "zap_run_outbox";
 
 /// What an outbox row announces.
