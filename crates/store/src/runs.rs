@@ -771,7 +771,8 @@ async fn insert_runs_one_by_one(
                                        actions, idempotency_key, created_at, updated_at,
                                        scheduled_time)
                  VALUES ($1, $2, $3, $11, $4, $5, $6, $7, $8, $9, $9, $10)
-                 ON CONFLICT (zap_id, idempotency_key) DO NOTHING",
+                 ON CONFLICT (zap_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+                 DO NOTHING",
                 &[
                     run.id.into(),
                     run.zap_id.into(),

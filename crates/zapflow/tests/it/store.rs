@@ -908,3 +908,138 @@ async fn postgres_outbox_rows_wake_the_loops_of_every_process() {
         }
     }
 }
+
+/// Migration 0012 rebuilds SQLite's run and step tables: every row, step
+/// output and replay link written before it reads back the same after, and
+/// the rules the tables kept hold (one run per idempotency key, one replay
+/// per run, steps deleted with their run, the database consistent).
+#[tokio::test]
+async fn sqlite_tables_rebuilt_by_a_migration_keep_their_rows_and_rules() {
+    use sqlx::migrate::Migrator;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
+
+    const REBUILD: i64 = 12;
+    let path = std::env::temp_dir().join(format!("{}.db", zapflow_testkit::unique("rebuild")));
+    let pool = SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal),
+    )
+    .await
+    .unwrap();
+    let before_rebuild = Migrator {
+        migrations: zapflow_store::SQLITE_MIGRATOR
+            .migrations
+            .iter()
+            .filter(|migration| migration.version < REBUILD)
+            .cloned()
+            .collect(),
+        ..Migrator::DEFAULT
+    };
+    before_rebuild.run(&pool).await.unwrap();
+
+    let store = Store::open_file(&path).await.unwrap();
+    let (owner, zap) = user_and_zap(&store, 2).await;
+    let keyed = new_run(zap, owner, 2, Some("k1"));
+    let keyless = new_run(zap, owner, 2, None);
+    store
+        .insert_runs(&[keyed.clone(), keyless.clone()])
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let step = claimed(store.claim_step(keyed.id, 0, lease, &RETRY).await.unwrap());
+    let sent = StepOutcome::Succeeded(json!({"message_id": "m1"}));
+    assert!(store.finish_step(&step, &sent).await.unwrap());
+    claimed(
+        store
+            .claim_step(keyless.id, 0, lease, &RETRY)
+            .await
+            .unwrap(),
+    );
+    let keyed_run = store.run(keyed.id).await.unwrap().unwrap();
+    let zapflow_store::Replay::Created(replay) = store
+        .insert_replay(&keyed_run, Uuid::now_v7(), 1)
+        .await
+        .unwrap()
+    else {
+        panic!("the first replay is created");
+    };
+    let ids = [keyed.id, keyless.id, replay];
+    let mut written = Vec::new();
+    for id in ids {
+        written.push(store.run(id).await.unwrap().unwrap());
+    }
+    let outbox = store.outbox_len().await.unwrap();
+
+    store.migrate().await.unwrap();
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(applied.last(), Some(&REBUILD), "the rebuild ran");
+
+    let mut read = Vec::new();
+    for id in ids {
+        read.push(store.run(id).await.unwrap().unwrap());
+    }
+    assert_eq!(read, written, "runs and their steps read back the same");
+    assert_eq!(read[2].replay_of, Some(keyed.id));
+    assert_eq!(store.outbox_len().await.unwrap(), outbox);
+    assert_eq!(
+        store
+            .insert_runs(&[
+                new_run(zap, owner, 1, Some("k1")),
+                new_run(zap, owner, 1, None)
+            ])
+            .await
+            .unwrap()[0],
+        recorded(keyed.id, true),
+        "a key recorded before the rebuild is still taken"
+    );
+    assert_eq!(
+        store
+            .insert_replay(&keyed_run, Uuid::now_v7(), 0)
+            .await
+            .unwrap(),
+        zapflow_store::Replay::Existing(replay),
+        "a run replayed before the rebuild has its one replay"
+    );
+
+    let without_rowid: i64 =
+        sqlx::query_scalar("SELECT wr FROM pragma_table_list WHERE name = 'zap_run_steps'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(without_rowid, 1, "steps are keyed by (run_id, step) alone");
+    let dangling: Vec<(String,)> = sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(
+        dangling.is_empty(),
+        "references left dangling in {dangling:?}"
+    );
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    sqlx::query("DELETE FROM zap_runs WHERE id = $1")
+        .bind(keyless.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let steps: i64 = sqlx::query_scalar("SELECT count(*) FROM zap_run_steps WHERE run_id = $1")
+        .bind(keyless.id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(steps, 0, "a run's steps go with it");
+    pool.close().await;
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
