@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -174,9 +174,14 @@ impl Drop for SmtpSink {
 }
 
 async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
-    let (reader, mut writer) = stream.into_split();
+    stream.set_nodelay(true)?;
+    let (reader, writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
+    // Replies to commands that came together go out together, once the
+    // commands read are all answered (RFC 2920, 3.2).
+    let mut writer = BufWriter::new(writer);
     writer.write_all(b"220 zapflow-test-sink ESMTP\r\n").await?;
+    writer.flush().await?;
     let (mut from, mut recipients) = (String::new(), Vec::new());
     let mut line = String::new();
     loop {
@@ -191,7 +196,9 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
             .unwrap_or_default()
             .to_ascii_uppercase();
         let reply: String = match verb.as_str() {
-            "EHLO" => "250-zapflow-test-sink\r\n250-8BITMIME\r\n250 SMTPUTF8".into(),
+            "EHLO" => {
+                "250-zapflow-test-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8".into()
+            }
             "HELO" => "250 zapflow-test-sink".into(),
             "MAIL" => {
                 from = address_of(&command);
@@ -209,11 +216,15 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
                     }
                 }
             }
+            // As real servers do, and what a client that pipelines
+            // relies on: no message without a recipient.
+            "DATA" if recipients.is_empty() => "554 5.5.1 no valid recipients".into(),
             "DATA" => {
                 shared
                     .data_started
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 writer.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await?;
+                writer.flush().await?;
                 let mut data = String::new();
                 loop {
                     line.clear();
@@ -251,11 +262,15 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
             "NOOP" => "250 OK".into(),
             "QUIT" => {
                 writer.write_all(b"221 bye\r\n").await?;
+                writer.flush().await?;
                 return Ok(());
             }
             _ => "502 command not implemented".into(),
         };
         writer.write_all(format!("{reply}\r\n").as_bytes()).await?;
+        if reader.buffer().is_empty() {
+            writer.flush().await?;
+        }
     }
 }
 
