@@ -13,6 +13,7 @@ mod load;
 mod mail;
 mod report;
 mod sink_check;
+mod sync_check;
 mod zap;
 
 use std::path::PathBuf;
@@ -118,6 +119,14 @@ async fn main() -> Result<()> {
     let sink = Arc::new(SmtpSink::start().await);
     let sink_capacity =
         sink_check::messages_per_second(&sink, SINK_CHECK_SENDERS, SINK_CHECK_MESSAGES).await?;
+    let store_commits = match &database_url {
+        Some(url) => sync_check::postgres(url, sync_check::COMMITS).await?,
+        None => {
+            let dir = work_dir.clone();
+            tokio::task::spawn_blocking(move || sync_check::sqlite(&dir, sync_check::COMMITS))
+                .await??
+        }
+    };
     let settings = Settings {
         binary,
         deployment: args.deployment,
@@ -129,7 +138,7 @@ async fn main() -> Result<()> {
         consumer_group: unique("bench-workers"),
         work_dir,
     };
-    report::print_setup(&settings, sink_capacity, SINK_CHECK_SENDERS);
+    report::print_setup(&settings, sink_capacity, SINK_CHECK_SENDERS, store_commits);
 
     let mut cluster = tokio::select! {
         cluster = Cluster::start(&settings) => cluster.context("starting the deployment")?,

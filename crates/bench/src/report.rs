@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{CpuClock, Deployment, Settings, Stopped, Usage};
 use crate::load::{Phase, Sent};
 use crate::mail::{Anomalies, MIN_INTERVAL};
+use crate::sync_check::CommitRate;
 
 /// The ~rate at which the test broker consumes on the reference machine;
 /// quoted, not measured here.
@@ -154,8 +155,14 @@ pub struct Report {
 }
 
 /// `sink_capacity`: messages per second the sink took alone from
-/// `sink_senders` connections.
-pub fn print_setup(settings: &Settings, sink_capacity: f64, sink_senders: usize) {
+/// `sink_senders` connections; `store_commits`: how fast the deployment's
+/// store took one-row commits alone.
+pub fn print_setup(
+    settings: &Settings,
+    sink_capacity: f64,
+    sink_senders: usize,
+    store_commits: CommitRate,
+) {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let deployment = settings.deployment;
     println!("zapflow {} benchmark", deployment.name());
@@ -180,6 +187,13 @@ pub fn print_setup(settings: &Settings, sink_capacity: f64, sink_senders: usize)
     );
     println!(
         "  gateway   rate limits off (ZAPFLOW_ZAP_RATE_LIMIT=0, ZAPFLOW_IP_RATE_LIMIT=0); other settings default"
+    );
+    println!(
+        "  disk      {:.0} one-row commits/s to {}, each synced before the next ({:.0} µs each): \
+         a ceiling for accepted/s at concurrency 1",
+        store_commits.per_second(),
+        store_commits.store,
+        store_commits.each().as_secs_f64() * 1e6,
     );
     println!("  logs      {}", settings.work_dir.display());
     println!(
