@@ -3,10 +3,9 @@
 //! one process per role (distributed).
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +13,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use zapflow_testkit::free_address;
 
 /// The deployments zapflow runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -104,12 +104,12 @@ impl Cluster {
     /// Migrates, creates the `bench` user, starts every role and waits until
     /// the API reports SERVING and the gateway answers `/healthz`.
     pub async fn start(settings: &Settings) -> Result<Self> {
-        let grpc_address = free_port()?;
-        let http_address = free_port()?;
+        let grpc_address = free_address();
+        let http_address = free_address();
         let env = Environment {
             settings: settings.clone(),
             grpc_address,
-            ingest_address: free_port()?,
+            ingest_address: free_address(),
             http_address,
         };
 
@@ -349,33 +349,6 @@ impl Environment {
     }
 }
 
-/// A loopback port nothing listens on right now, below the range the kernel
-/// gives outgoing connections (`ip_local_port_range`): a port from that
-/// range, let go until its role binds it, may meanwhile become the local end
-/// of a connection to PostgreSQL or the broker. Another program could still
-/// take it; the role would then fail to start, loudly.
-fn free_port() -> Result<SocketAddr> {
-    const FIRST: u32 = 10_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let span = ephemeral.saturating_sub(FIRST);
-    // Where this process starts looking, so that benchmarks started together
-    // look in different places; then one port after the other.
-    let seed = std::process::id().wrapping_mul(7_919);
-    for _ in 0..span {
-        let port = FIRST + seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let Ok(port) = u16::try_from(port) else { break };
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            return Ok(listener.local_addr()?);
-        }
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(listener.local_addr()?)
-}
-
 async fn health(url: &str) -> Result<ServingStatus> {
     let channel = Channel::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(2))
@@ -542,18 +515,6 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn free_ports_differ_and_lie_below_the_range_of_outgoing_connections() {
-        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-        let ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
-        let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap().port()).collect();
-        assert!(ports.iter().all(|&port| port < ephemeral), "{ports:?}");
-        assert!(ports[0] != ports[1] && ports[1] != ports[2], "{ports:?}");
-        for port in ports {
-            TcpListener::bind(("127.0.0.1", port)).expect("still free");
-        }
-    }
 
     #[test]
     fn cpu_time_is_read_per_command_name_and_for_the_machine() {

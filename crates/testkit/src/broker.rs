@@ -30,10 +30,7 @@ fn tansu() -> PathBuf {
 
 impl PrivateBroker {
     pub async fn start() -> Self {
-        let address = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let address = crate::free_address();
         let dir = std::env::temp_dir().join(crate::unique("zapflow-broker"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut broker = Self {

@@ -12,7 +12,9 @@ mod broker;
 mod smtp;
 mod stack;
 
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::Connection;
@@ -25,6 +27,35 @@ pub use stack::{Stack, StackOptions, with_key};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A loopback address nothing listens on right now, for a process started
+/// next to bind. Its port lies below the range the kernel gives outgoing
+/// connections (`ip_local_port_range`): a port from that range, let go until
+/// the process binds it, may meanwhile become the local end of a connection
+/// to PostgreSQL or the broker. Another program could still take it; the
+/// process would then fail to start, loudly.
+pub fn free_address() -> SocketAddr {
+    const FIRST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(FIRST);
+    // Where this process starts looking, so that processes running at once
+    // look in different places; then one port after the other.
+    let seed = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let port = FIRST + seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(port) else { break };
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("a bound listener's address");
+        }
+    }
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("finding a free loopback port")
 }
 
 /// A short random suffix for names that must not collide across tests.
@@ -123,5 +154,22 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_addresses_differ_and_lie_below_the_range_of_outgoing_connections() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_address().port()).collect();
+        assert!(ports.iter().all(|&port| port < ephemeral), "{ports:?}");
+        assert!(ports[0] != ports[1] && ports[1] != ports[2], "{ports:?}");
+        for port in ports {
+            TcpListener::bind(("127.0.0.1", port)).expect("still free");
+        }
     }
 }

@@ -15,16 +15,9 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
-use zapflow_testkit::{SmtpSink, eventually, unique, with_key};
+use zapflow_testkit::{SmtpSink, eventually, free_address, unique, with_key};
 
 use crate::support::{email_action, to_struct};
-
-pub(crate) fn free_address() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 struct Zapflow {
     child: Child,

@@ -15,9 +15,11 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
-use zapflow_testkit::{SmtpSink, eventually, test_bus, test_database_url, unique, with_key};
+use zapflow_testkit::{
+    SmtpSink, eventually, free_address, test_bus, test_database_url, unique, with_key,
+};
 
-use crate::crash::{deliver, free_address, signal};
+use crate::crash::{deliver, signal};
 use crate::support::{email_action, to_struct};
 
 const WEBHOOKS: usize = 300;

@@ -24,10 +24,10 @@ use tokio::process::{Child, Command};
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
 use zapflow_testkit::{
-    PrivateBroker, SmtpSink, eventually, test_bus, test_database_url, unique, with_key,
+    PrivateBroker, SmtpSink, eventually, free_address, test_bus, test_database_url, unique,
+    with_key,
 };
 
-use crate::crash::free_address;
 use crate::support::{email_action, http_action};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);

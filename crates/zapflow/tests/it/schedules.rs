@@ -12,10 +12,9 @@ use tokio::process::{Child, Command};
 use tonic::Code;
 use zapflow_proto::v1 as pb;
 use zapflow_proto::v1::zap_service_client::ZapServiceClient;
-use zapflow_testkit::{SmtpSink, Stack, StackOptions, eventually, unique, with_key};
+use zapflow_testkit::{SmtpSink, Stack, StackOptions, eventually, free_address, unique, with_key};
 
 use crate::cli::{Cli, path};
-use crate::crash::free_address;
 use crate::support::{
     Deployment, WAIT, email_action, new_user, post_json, stack_of, stack_with_smtp,
 };

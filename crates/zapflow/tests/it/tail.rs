@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use zapflow_testkit::{Stack, StackOptions, eventually};
+use zapflow_testkit::{Stack, StackOptions, eventually, free_address};
 
 use crate::cli::{Cli, email_zap, path, send, webhook_url};
 use crate::support::{Deployment, WAIT, new_user, stack_of};
@@ -149,16 +149,11 @@ fn spawn_server(data_dir: &Path, grpc: &str, http: &str) -> Child {
         .expect("starting zapflow")
 }
 
-fn free_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tail_reconnects_after_a_server_restart() {
     let cli = Cli::new();
     let data_dir = cli.dir.join("data");
-    let (grpc, http) = (free_port(), free_port());
+    let (grpc, http) = (free_address().to_string(), free_address().to_string());
     let mut server = spawn_server(&data_dir, &grpc, &http);
     // The client finds the admin key in the data directory.
     let cli = cli.with("ZAPFLOW_SERVER", &format!("http://{grpc}"));
