@@ -563,7 +563,9 @@ impl LastSteps {
 /// Records the outcomes that end their runs ([`LastSteps`]): the steps'
 /// rows and the runs', as [`record`] does one by one, and deletes the
 /// outbox rows that announced them. Returns the runs ended. The LIMIT
-/// tells the planner the batch's size (see [`claim_first_attempts`]).
+/// tells the planner the batch's size (see [`claim_first_attempts`]); each
+/// write returns what the next needs, so the batch is joined once, to the
+/// steps, and the planner weighs no join of it with the rows written.
 const RECORD_LAST_STEPS: PlannedEachTime<&str> = PlannedEachTime(
     "WITH finished AS (
          SELECT * FROM jsonb_to_recordset($1) AS finished(
@@ -581,20 +583,21 @@ const RECORD_LAST_STEPS: PlannedEachTime<&str> = PlannedEachTime(
            AND zap_run_steps.step = finished.step
            AND zap_run_steps.attempts = finished.attempt
            AND zap_run_steps.status = 'running'
-         RETURNING zap_run_steps.run_id
+         RETURNING zap_run_steps.run_id, finished.run_status, finished.stop_reason,
+                   finished.resume_at, finished.outbox_row
      ), ended AS (
          UPDATE zap_runs
-         SET status = finished.run_status, updated_at = $2,
-             finished_at = CASE WHEN finished.run_status IN ('succeeded', 'failed')
+         SET status = recorded.run_status, updated_at = $2,
+             finished_at = CASE WHEN recorded.run_status IN ('succeeded', 'failed')
                                 THEN $2 END,
-             stop_reason = finished.stop_reason, resume_at = finished.resume_at
-         FROM recorded JOIN finished USING (run_id)
+             stop_reason = recorded.stop_reason, resume_at = recorded.resume_at
+         FROM recorded
          WHERE zap_runs.id = recorded.run_id
-         RETURNING zap_runs.id
+         RETURNING zap_runs.id, recorded.outbox_row
      ), handled AS (
          DELETE FROM zap_run_outbox
-         USING ended JOIN finished ON finished.run_id = ended.id
-         WHERE zap_run_outbox.id = finished.outbox_row
+         USING ended
+         WHERE zap_run_outbox.id = ended.outbox_row
      )
      SELECT id FROM ended",
 );
